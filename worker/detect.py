@@ -1,0 +1,64 @@
+"""Face detection: one small interface and a factory over the two detectors."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+from numpy.typing import NDArray
+
+from worker.types import Detections
+
+if TYPE_CHECKING:
+    from worker.models import RemoteFetcher
+    from worker.settings import PipelineSettings
+    from worker.types import ModelInfo
+
+
+class FaceDetector(Protocol):
+    """Finds faces in an RGB image (H, W, 3 uint8) and returns them in its pixels."""
+
+    name: str
+    models: list[ModelInfo]
+
+    def detect(self, image: NDArray[np.uint8]) -> Detections:
+        """Faces in `image`, best score first."""
+        ...
+
+
+def nms(boxes: NDArray[np.float32], scores: NDArray[np.float32], iou: float, mode: str = "union") -> NDArray[np.intp]:
+    """Indices of boxes kept by greedy non-maximum suppression, best score first.
+
+    mode "union" divides the overlap by the union (IoU); "min" by the smaller box (MTCNN's
+    last stage uses it to drop a box that sits inside another).
+    """
+    if boxes.shape[0] == 0:
+        return np.zeros((0,), np.intp)
+    x1, y1, x2, y2 = boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3]
+    areas = np.maximum(x2 - x1, 0) * np.maximum(y2 - y1, 0)
+    order = np.argsort(-scores, kind="stable")
+    keep: list[int] = []
+    while order.size:
+        i = int(order[0])
+        keep.append(i)
+        rest = order[1:]
+        w = np.maximum(0.0, np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]))
+        h = np.maximum(0.0, np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]))
+        inter = w * h
+        if mode == "min":
+            overlap = inter / np.maximum(np.minimum(areas[i], areas[rest]), 1e-9)
+        else:
+            overlap = inter / np.maximum(areas[i] + areas[rest] - inter, 1e-9)
+        order = rest[overlap <= iou]
+    return np.asarray(keep, np.intp)
+
+
+def load_detector(settings: PipelineSettings, *, fetch: RemoteFetcher | None = None) -> FaceDetector:
+    """The detector the settings name, with its weights resolved and verified."""
+    if settings.detector == "scrfd":
+        from worker.scrfd import SCRFDDetector
+
+        return SCRFDDetector.load(settings, fetch=fetch)
+    from worker.mtcnn import MTCNNDetector
+
+    return MTCNNDetector.load(settings)

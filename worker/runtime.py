@@ -1,0 +1,65 @@
+"""Execution providers and thread counts, chosen in one place for ONNX Runtime and torch."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import TYPE_CHECKING
+
+import onnxruntime as ort
+
+if TYPE_CHECKING:
+    from worker.settings import PipelineSettings
+
+logger = logging.getLogger(__name__)
+
+
+def cpu_threads(settings: PipelineSettings) -> int:
+    """Threads for CPU inference: the setting, or every core this process may use."""
+    if settings.threads > 0:
+        return settings.threads
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def onnx_providers(settings: PipelineSettings) -> list[str]:
+    """ONNX Runtime providers: CUDA first when asked for or available, then CPU."""
+    available = ort.get_available_providers()
+    if settings.device == "cpu":
+        return ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if settings.device == "cuda":
+        raise RuntimeError(
+            "AFTERTRIP_DEVICE=cuda, but this onnxruntime has no CUDA provider: "
+            "install the `gpu` extra (onnxruntime-gpu) or set AFTERTRIP_DEVICE=auto"
+        )
+    return ["CPUExecutionProvider"]
+
+
+def onnx_session(path: str, settings: PipelineSettings) -> ort.InferenceSession:
+    """An inference session for one model file with the project's providers and threads."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = cpu_threads(settings)
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3  # the models declare batch 1 outputs; ORT warns on every call
+    session = ort.InferenceSession(path, sess_options=options, providers=onnx_providers(settings))
+    logger.info("loaded %s on %s", path, session.get_providers()[0])
+    return session
+
+
+def torch_device(settings: PipelineSettings) -> str:
+    """The torch device for torch models (MTCNN)."""
+    import torch
+
+    torch.set_num_threads(cpu_threads(settings))
+    if settings.device == "cpu":
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    if settings.device == "cuda":
+        raise RuntimeError("AFTERTRIP_DEVICE=cuda, but torch sees no CUDA device")
+    return "cpu"

@@ -1,0 +1,72 @@
+"""The pipeline's one settings object, read from `AFTERTRIP_*` environment variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DetectorName = Literal["mtcnn", "scrfd"]
+Device = Literal["auto", "cpu", "cuda"]
+
+
+def _default_cache_dir() -> Path:
+    return Path.home() / ".cache" / "aftertrip-faces"
+
+
+class PipelineSettings(BaseSettings):
+    """How photos are decoded, faces found, embedded and grouped.
+
+    Every field can be set from the environment as `AFTERTRIP_<FIELD>` (upper case).
+    """
+
+    model_config = SettingsConfigDict(env_prefix="AFTERTRIP_", extra="ignore", frozen=True)
+
+    # decoding
+    max_image_pixels: int = Field(
+        150_000_000, description="Refuse images with more pixels than this (decompression bombs)."
+    )
+    working_pixels: int = Field(
+        4_200_000,
+        description="Decode and detect at about this many pixels; larger photos are scaled down.",
+    )
+
+    # detection
+    detector: DetectorName = Field("mtcnn", description="Face detector: mtcnn or scrfd.")
+    min_face_size: int = Field(20, description="Smallest face to find, in working-image pixels.")
+    detection_threshold: float | None = Field(
+        None, description="Minimum detector score; empty = the detector's own default."
+    )
+    scrfd_input_size: int = Field(640, description="SCRFD's square input size in pixels.")
+
+    # models
+    embedder: str = Field("w600k_mbf", description="Registry name of the ArcFace model.")
+    embedder_path: str | None = Field(
+        None, description="Use this ArcFace ONNX file instead (local path or s3:// URI)."
+    )
+    embedder_sha256: str | None = Field(
+        None, description="Expected sha256 of AFTERTRIP_EMBEDDER_PATH (checked at load)."
+    )
+    scrfd_path: str | None = Field(
+        None, description="Use this SCRFD ONNX file instead (local path or s3:// URI)."
+    )
+    scrfd_sha256: str | None = Field(None, description="Expected sha256 of AFTERTRIP_SCRFD_PATH.")
+    model_cache_dir: Path = Field(
+        default_factory=_default_cache_dir,
+        description="Where models given as s3:// URIs are downloaded and verified once.",
+    )
+
+    # execution
+    device: Device = Field("auto", description="auto (CUDA when available), cpu or cuda.")
+    threads: int = Field(0, description="CPU threads for ONNX Runtime and torch; 0 = all cores.")
+    embed_batch_size: int = Field(64, description="Face chips per embedder call.")
+    decode_workers: int = Field(2, description="Threads reading and decoding photos ahead.")
+    prefetch: int = Field(4, description="Photos decoded ahead of detection (bounds memory).")
+
+    # grouping
+    grouping: str = Field("default", description="Grouping method: default or seed.")
+    similarity_threshold: float | None = Field(
+        None, description="Cosine threshold; empty = the value calibrated for the embedder."
+    )
