@@ -26,7 +26,9 @@ class FaceDetector(Protocol):
         ...
 
 
-def nms(boxes: NDArray[np.float32], scores: NDArray[np.float32], iou: float, mode: str = "union") -> NDArray[np.intp]:
+def nms(
+    boxes: NDArray[np.float32], scores: NDArray[np.float32], iou: float, mode: str = "union"
+) -> NDArray[np.intp]:
     """Indices of boxes kept by greedy non-maximum suppression, best score first.
 
     mode "union" divides the overlap by the union (IoU); "min" by the smaller box (MTCNN's
@@ -53,7 +55,9 @@ def nms(boxes: NDArray[np.float32], scores: NDArray[np.float32], iou: float, mod
     return np.asarray(keep, np.intp)
 
 
-def load_detector(settings: PipelineSettings, *, fetch: RemoteFetcher | None = None) -> FaceDetector:
+def load_detector(
+    settings: PipelineSettings, *, fetch: RemoteFetcher | None = None
+) -> FaceDetector:
     """The detector the settings name, with its weights resolved and verified."""
     if settings.detector == "scrfd":
         from worker.scrfd import SCRFDDetector
@@ -62,3 +66,20 @@ def load_detector(settings: PipelineSettings, *, fetch: RemoteFetcher | None = N
     from worker.mtcnn import MTCNNDetector
 
     return MTCNNDetector.load(settings)
+
+
+def face_size(boxes: NDArray[np.float32]) -> NDArray[np.float32]:
+    """Each face's size in pixels: the longer side of its box (what `min_face_size` limits)."""
+    return np.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
+
+
+def finish_detections(
+    found: Detections, *, width: int, height: int, min_face_size: int
+) -> Detections:
+    """Boxes clipped to the image, faces smaller than `min_face_size` dropped, best score first."""
+    boxes = found.boxes.astype(np.float32, copy=True)
+    boxes[:, [0, 2]] = np.clip(boxes[:, [0, 2]], 0, width)
+    boxes[:, [1, 3]] = np.clip(boxes[:, [1, 3]], 0, height)
+    clipped = Detections(boxes, found.scores.astype(np.float32), found.landmarks.astype(np.float32))
+    clipped = clipped.select(face_size(clipped.boxes) >= min_face_size)
+    return clipped.select(np.argsort(-clipped.scores, kind="stable"))

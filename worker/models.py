@@ -124,7 +124,9 @@ def _verify(path: Path, expected: str | None, what: str, remedy: str) -> str:
     return actual
 
 
-def _fetch_remote(uri: str, sha256: str | None, cache_dir: Path, fetch: RemoteFetcher | None) -> Path:
+def _fetch_remote(
+    uri: str, sha256: str | None, cache_dir: Path, fetch: RemoteFetcher | None
+) -> Path:
     if fetch is None:
         raise ModelNotFound(
             f"model {uri} is remote, but no downloader was given: run it through the "
@@ -158,9 +160,7 @@ def resolve_model(
     spec = REGISTRY.get(name)
     if override:
         if "://" in override:
-            path = _fetch_remote(
-                override, override_sha256, cache_dir or Path(".cache"), fetch
-            )
+            path = _fetch_remote(override, override_sha256, cache_dir or Path(".cache"), fetch)
             remedy = f"delete {path} and run again to download it anew"
         else:
             path = Path(override).expanduser()
@@ -168,7 +168,9 @@ def resolve_model(
         if not path.is_file():
             raise ModelNotFound(f"model file {path} for {name} does not exist")
         digest = _verify(path, override_sha256, name, remedy)
-        return ModelInfo(name=path.stem, role=spec.role if spec else "custom", path=str(path), sha256=digest)
+        return ModelInfo(
+            name=path.stem, role=spec.role if spec else "custom", path=str(path), sha256=digest
+        )
     if spec is None:
         known = ", ".join(sorted(REGISTRY))
         raise ModelNotFound(f"unknown model {name!r}; known models: {known}")
