@@ -1,0 +1,435 @@
+"""The streaming pipeline: photos in, grouped faces out, with bounded memory.
+
+Photos are read and decoded ahead on a small thread pool (reading may be network I/O;
+decoding releases the GIL), detected and aligned in order, and their chips embedded in
+batches across photos. Decoded pixels are dropped as soon as a photo's chips are cut, so
+memory depends on the prefetch window and batch size, not on the album's size.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+from numpy.typing import NDArray
+
+from worker.align import align_faces
+from worker.cluster import Clustering, cluster_faces
+from worker.detect import FaceDetector, load_detector
+from worker.embed import ArcFaceEmbedder
+from worker.errors import PhotoError
+from worker.images import decode_image, encode_jpeg
+from worker.models import RemoteFetcher
+from worker.settings import PipelineSettings
+from worker.types import (
+    NO_FACE_GROUP,
+    SINGLE_FACE_GROUP,
+    AlbumResult,
+    DecodedImage,
+    Detections,
+    FaceResult,
+    ModelInfo,
+    PersonGroup,
+    PhotoResult,
+    PhotoSource,
+    PhotoStatus,
+)
+
+logger = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[str, int, int], None]
+"""Called as (stage, done, total) while an album is processed."""
+
+FACE_THUMBNAIL_SIDE = 160
+PHOTO_PREVIEW_SIDE = 320
+
+
+class StageTimer:
+    """Seconds spent per stage, summed over photos (decode time is summed over threads)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def add(self, stage: str, seconds: float) -> None:
+        """Account `seconds` to `stage`."""
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Time the block as stage `name`."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(name, time.perf_counter() - start)
+
+
+@dataclass
+class AnalyzedPhoto:
+    """One photo after decode, detect, align and embed; no pixels are kept."""
+
+    photo_id: str
+    name: str
+    status: PhotoStatus
+    error: str | None
+    width: int | None
+    height: int | None
+    detections: Detections
+    embeddings: NDArray[np.float32]
+    thumbnails: list[bytes] = field(default_factory=list)
+    preview: bytes | None = None
+    chips: NDArray[np.uint8] | None = None
+
+
+@dataclass
+class _Decoded:
+    source: PhotoSource
+    image: DecodedImage | None
+    error: PhotoError | None
+    seconds: float
+
+
+@dataclass
+class _Pending:
+    photo: AnalyzedPhoto
+    chips: NDArray[np.uint8]
+
+
+class FacePipeline:
+    """Detector and embedder loaded once; `analyze` streams photos through them."""
+
+    def __init__(self, settings: PipelineSettings, *, fetch: RemoteFetcher | None = None) -> None:
+        self.settings = settings
+        self._fetch = fetch
+        self._detector: FaceDetector | None = None
+        self._embedder: ArcFaceEmbedder | None = None
+
+    @property
+    def detector(self) -> FaceDetector:
+        """The face detector, loaded on first use."""
+        if self._detector is None:
+            self._detector = load_detector(self.settings, fetch=self._fetch)
+        return self._detector
+
+    @property
+    def arcface(self) -> ArcFaceEmbedder:
+        """The ArcFace embedder, loaded on first use."""
+        if self._embedder is None:
+            self._embedder = ArcFaceEmbedder.load(self.settings, fetch=self._fetch)
+        return self._embedder
+
+    @property
+    def embedder(self) -> ModelInfo:
+        """The embedder's model file (name and sha256 identify stored embeddings)."""
+        return self.arcface.model
+
+    @property
+    def models(self) -> list[ModelInfo]:
+        """Every model file in use: the detector's, then the embedder's."""
+        return [*self.detector.models, self.embedder]
+
+    def _decode(self, source: PhotoSource) -> _Decoded:
+        start = time.perf_counter()
+        try:
+            data = source.read()
+            image = decode_image(
+                data,
+                name=source.name,
+                working_pixels=self.settings.working_pixels,
+                max_image_pixels=self.settings.max_image_pixels,
+            )
+            return _Decoded(source, image, None, time.perf_counter() - start)
+        except PhotoError as exc:
+            return _Decoded(source, None, exc, time.perf_counter() - start)
+
+    def _decoded_in_order(
+        self, photos: Iterable[PhotoSource], timer: StageTimer
+    ) -> Iterator[_Decoded]:
+        window = max(1, self.settings.prefetch)
+        with ThreadPoolExecutor(max(1, self.settings.decode_workers), "decode") as pool:
+            queue: deque[Future[_Decoded]] = deque()
+            for source in photos:
+                queue.append(pool.submit(self._decode, source))
+                if len(queue) >= window:
+                    yield self._collect(queue.popleft(), timer)
+            while queue:
+                yield self._collect(queue.popleft(), timer)
+
+    @staticmethod
+    def _collect(future: Future[_Decoded], timer: StageTimer) -> _Decoded:
+        decoded = future.result()
+        timer.add("decode", decoded.seconds)
+        return decoded
+
+    def analyze(
+        self,
+        photos: Iterable[PhotoSource],
+        *,
+        face_thumbnails: bool = False,
+        previews: bool = False,
+        keep_chips: bool = False,
+        timer: StageTimer | None = None,
+    ) -> Iterator[AnalyzedPhoto]:
+        """Decode, detect, align and embed each photo; results come out in input order.
+
+        A photo that cannot be read or decoded, or that breaks a stage, comes out with its
+        status and error instead of failing the album.
+        """
+        timer = timer or StageTimer()
+        detector, embedder = self.detector, self.arcface
+        pending: list[_Pending] = []
+        queued_chips = 0
+        for decoded in self._decoded_in_order(photos, timer):
+            entry = self._detect_and_align(decoded, detector, timer, face_thumbnails, previews)
+            pending.append(entry)
+            queued_chips += len(entry.chips)
+            if queued_chips >= embedder.batch_size:
+                yield from self._flush(pending, embedder, timer, keep_chips)
+                pending, queued_chips = [], 0
+        yield from self._flush(pending, embedder, timer, keep_chips)
+
+    def _detect_and_align(
+        self,
+        decoded: _Decoded,
+        detector: FaceDetector,
+        timer: StageTimer,
+        face_thumbnails: bool,
+        previews: bool,
+    ) -> _Pending:
+        source, image = decoded.source, decoded.image
+        no_chips = np.zeros((0, 112, 112, 3), np.uint8)
+        if image is None:
+            error = decoded.error
+            status = error.status if error else PhotoStatus.ERROR
+            reason = error.reason if error else "unknown error"
+            logger.warning("photo skipped: %s: %s", source.name, reason)
+            return _Pending(_failed(source, status, reason), no_chips)
+        try:
+            with timer.stage("detect"):
+                found = detector.detect(image.pixels)
+            with timer.stage("align"):
+                chips = align_faces(image.pixels, found.landmarks)
+                thumbs = _face_thumbnails(image.pixels, found) if face_thumbnails else []
+                preview = (
+                    encode_jpeg(image.pixels, max_side=PHOTO_PREVIEW_SIDE) if previews else None
+                )
+        except Exception as exc:  # one photo must never fail the album
+            logger.exception("photo failed: %s", source.name)
+            return _Pending(
+                _failed(source, PhotoStatus.ERROR, f"{type(exc).__name__}: {exc}"), no_chips
+            )
+        photo = AnalyzedPhoto(
+            photo_id=source.id,
+            name=source.name,
+            status=PhotoStatus.OK,
+            error=None,
+            width=image.original_width,
+            height=image.original_height,
+            detections=found.scaled(1.0 / image.scale),
+            embeddings=np.zeros((0, 512), np.float32),
+            thumbnails=thumbs,
+            preview=preview,
+        )
+        return _Pending(photo, chips)
+
+    @staticmethod
+    def _flush(
+        pending: list[_Pending], embedder: ArcFaceEmbedder, timer: StageTimer, keep_chips: bool
+    ) -> Iterator[AnalyzedPhoto]:
+        if not pending:
+            return
+        chips = np.concatenate([p.chips for p in pending])
+        with timer.stage("embed"):
+            vectors = embedder.embed(chips)
+        offset = 0
+        for entry in pending:
+            count = len(entry.chips)
+            entry.photo.embeddings = vectors[offset : offset + count]
+            if keep_chips:
+                entry.photo.chips = entry.chips
+            offset += count
+            yield entry.photo
+
+
+def _failed(source: PhotoSource, status: PhotoStatus, reason: str) -> AnalyzedPhoto:
+    return AnalyzedPhoto(
+        photo_id=source.id,
+        name=source.name,
+        status=status,
+        error=reason,
+        width=None,
+        height=None,
+        detections=Detections.empty(),
+        embeddings=np.zeros((0, 512), np.float32),
+    )
+
+
+def _face_thumbnails(pixels: NDArray[np.uint8], found: Detections) -> list[bytes]:
+    """A square JPEG around each face box, with some margin, for folders' cover faces."""
+    height, width = pixels.shape[:2]
+    thumbs = []
+    for x1, y1, x2, y2 in found.boxes:
+        side = max(x2 - x1, y2 - y1) * 1.4
+        cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+        left, top = int(max(0, cx - side / 2)), int(max(0, cy - side / 2))
+        right, bottom = int(min(width, cx + side / 2)), int(min(height, cy + side / 2))
+        crop = pixels[top:bottom, left:right]
+        thumbs.append(encode_jpeg(np.ascontiguousarray(crop), max_side=FACE_THUMBNAIL_SIDE))
+    return thumbs
+
+
+def face_quality(detections: Detections) -> NDArray[np.float32]:
+    """Detector score times face size: which face shows a person best (folder covers)."""
+    sides = np.sqrt(
+        np.maximum(detections.boxes[:, 2] - detections.boxes[:, 0], 1)
+        * np.maximum(detections.boxes[:, 3] - detections.boxes[:, 1], 1)
+    )
+    return (detections.scores * sides).astype(np.float32)
+
+
+def assemble_album(
+    analyzed: list[AnalyzedPhoto],
+    settings: PipelineSettings,
+    *,
+    models: list[ModelInfo],
+    timer: StageTimer,
+    embedder: str,
+) -> AlbumResult:
+    """Group the faces of analysed photos and build the album's typed result."""
+    faces: list[FaceResult] = []
+    photo_index: list[int] = []
+    quality: list[NDArray[np.float32]] = []
+    for p_idx, photo in enumerate(analyzed):
+        for i in range(len(photo.detections)):
+            faces.append(
+                FaceResult(
+                    id=len(faces),
+                    photo_id=photo.photo_id,
+                    box=[round(float(v), 1) for v in photo.detections.boxes[i]],
+                    landmarks=[
+                        [round(float(v), 1) for v in pt] for pt in photo.detections.landmarks[i]
+                    ],
+                    score=round(float(photo.detections.scores[i]), 4),
+                )
+            )
+            photo_index.append(p_idx)
+        quality.append(face_quality(photo.detections))
+    embeddings = (
+        np.concatenate([p.embeddings for p in analyzed]).astype(np.float32)
+        if faces
+        else np.zeros((0, 512), np.float32)
+    )
+    with timer.stage("group"):
+        clustering = cluster_faces(
+            embeddings,
+            np.asarray(photo_index, np.int64),
+            method=settings.grouping,
+            threshold=settings.similarity_threshold,
+            embedder=embedder,
+        )
+    _apply_clustering(faces, clustering)
+    face_quality_all = np.concatenate(quality) if quality else np.zeros(0, np.float32)
+    groups = _person_groups(faces, face_quality_all)
+    photos = [_photo_result(photo, faces) for photo in analyzed]
+    return AlbumResult(
+        photos=photos,
+        faces=faces,
+        embeddings=embeddings,
+        groups=groups,
+        group_idx_list=[g.idx for g in groups],
+        models=models,
+        settings=settings.model_dump(mode="json"),
+        timings={k: round(v, 4) for k, v in timer.seconds.items()},
+    )
+
+
+def _apply_clustering(faces: list[FaceResult], clustering: Clustering) -> None:
+    for face in faces:
+        label = int(clustering.labels[face.id])
+        face.group = label if label >= 0 else SINGLE_FACE_GROUP
+        match = int(clustering.matched_face[face.id])
+        if match >= 0:
+            face.matched_face = match
+            face.similarity = round(float(clustering.similarity[face.id]), 4)
+
+
+def _person_groups(faces: list[FaceResult], quality: NDArray[np.float32]) -> list[PersonGroup]:
+    members: dict[int, list[int]] = {}
+    for face in faces:
+        if face.group >= 0:
+            members.setdefault(face.group, []).append(face.id)
+    groups = []
+    for idx in sorted(members):
+        ids = members[idx]
+        photo_ids = list(dict.fromkeys(faces[i].photo_id for i in ids))
+        cover = max(ids, key=lambda i: float(quality[i]))
+        groups.append(PersonGroup(idx=idx, face_ids=ids, photo_ids=photo_ids, cover_face_id=cover))
+    return groups
+
+
+def _photo_result(photo: AnalyzedPhoto, faces: list[FaceResult]) -> PhotoResult:
+    mine = [f for f in faces if f.photo_id == photo.photo_id]
+    if photo.status is not PhotoStatus.OK:
+        group_idx: list[int] = []
+    elif not mine:
+        group_idx = [NO_FACE_GROUP]
+    else:
+        group_idx = sorted({f.group for f in mine if f.group >= 0})
+        if any(f.group == SINGLE_FACE_GROUP for f in mine):
+            group_idx.append(SINGLE_FACE_GROUP)
+    return PhotoResult(
+        id=photo.photo_id,
+        path=photo.name,
+        status=photo.status,
+        error=photo.error,
+        width=photo.width,
+        height=photo.height,
+        face_ids=[f.id for f in mine],
+        group_idx=group_idx,
+    )
+
+
+def group_album(
+    photos: Iterable[PhotoSource],
+    settings: PipelineSettings,
+    *,
+    pipeline: FacePipeline | None = None,
+    on_progress: ProgressCallback | None = None,
+    on_photo: Callable[[AnalyzedPhoto], None] | None = None,
+    previews: bool = False,
+) -> AlbumResult:
+    """Find, embed and group every face of an album; one bad photo never fails it.
+
+    `on_photo` sees each analysed photo as it streams by (e.g. to save thumbnails), so the
+    caller need not keep pixels or thumbnails in memory.
+    """
+    pipeline = pipeline or FacePipeline(settings)
+    sources = list(photos)
+    timer = StageTimer()
+    analyzed: list[AnalyzedPhoto] = []
+    start = time.perf_counter()
+    for done, photo in enumerate(
+        pipeline.analyze(
+            sources, face_thumbnails=on_photo is not None, previews=previews, timer=timer
+        ),
+        start=1,
+    ):
+        if on_photo is not None:
+            on_photo(photo)
+        photo.thumbnails, photo.preview = [], None
+        analyzed.append(photo)
+        if on_progress is not None:
+            on_progress("analyze", done, len(sources))
+    result = assemble_album(
+        analyzed, settings, models=pipeline.models, timer=timer, embedder=pipeline.embedder.name
+    )
+    result.timings["total"] = round(time.perf_counter() - start, 4)
+    if on_progress is not None:
+        on_progress("group", 1, 1)
+    return result
