@@ -1,0 +1,238 @@
+"""A photo store over one S3 bucket (AWS, MinIO, or any S3-compatible endpoint).
+
+Credentials come from boto3's standard chain (environment, shared config, instance or
+task role); nothing here takes a key or secret. Photos are read from the configured
+bucket by key only: a key that looks like a URL is refused, never fetched.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
+from urllib.parse import urlparse
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    HTTPClientError,
+    IncompleteReadError,
+    NoCredentialsError,
+    ResponseStreamingError,
+)
+from botocore.exceptions import (
+    ConnectionError as BotoConnectionError,
+)
+
+from storage.errors import StorageConfigError, StorageError, TransientStorageError
+from worker.errors import ImageTooLarge, ModelNotFound, PhotoUnreadable
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+else:
+    S3Client = Any
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_OBJECT_BYTES = 256 * 1024 * 1024
+"""Photos larger than this are refused before download (no camera writes such JPEGs)."""
+
+_MISSING_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
+_DENIED_CODES = frozenset({"AccessDenied", "403", "Forbidden", "InvalidObjectState"})
+_TRANSIENT_CODES = frozenset(
+    {
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "RequestThrottled",
+        "TooManyRequestsException",
+        "RequestLimitExceeded",
+        "RequestTimeout",
+        "InternalError",
+        "ServiceUnavailable",
+        "503",
+        "500",
+        "502",
+        "504",
+    }
+)
+# Network-level failures after botocore's own retries: the endpoint is there but did not answer.
+_TRANSIENT_EXCEPTIONS: tuple[type[Exception], ...] = (
+    BotoConnectionError,
+    HTTPClientError,
+    IncompleteReadError,
+    ResponseStreamingError,
+)
+
+
+def client_config(max_pool_connections: int = 16) -> Config:
+    """botocore settings: standard retry mode (backoff with jitter, up to 5 retries), pool size."""
+    return Config(
+        retries={"mode": "standard", "max_attempts": 5},
+        max_pool_connections=max_pool_connections,
+        connect_timeout=10,
+        read_timeout=60,
+    )
+
+
+def make_client(endpoint_url: str | None = None, max_pool_connections: int = 16) -> S3Client:
+    """An S3 client from boto3's standard credential chain.
+
+    A new boto3 Session per client: the default session is not safe to share across threads,
+    and a client must not cross a fork (each worker process makes its own).
+    """
+    session = boto3.session.Session()
+    return session.client(
+        "s3", endpoint_url=endpoint_url, config=client_config(max_pool_connections)
+    )
+
+
+def parse_s3_uri(uri: str) -> tuple[str, str]:
+    """`s3://bucket/some/prefix` -> `("bucket", "some/prefix")`."""
+    parsed = urlparse(uri)
+    if parsed.scheme != "s3" or not parsed.netloc:
+        raise StorageConfigError(f"{uri!r} is not an s3://bucket/key URI")
+    return parsed.netloc, parsed.path.lstrip("/")
+
+
+def _error_code(exc: ClientError) -> tuple[str, int]:
+    error = exc.response.get("Error", {})
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+    return str(error.get("Code", "")), int(status or 0)
+
+
+def _is_transient(exc: Exception) -> bool:
+    if isinstance(exc, _TRANSIENT_EXCEPTIONS):
+        return True
+    if isinstance(exc, ClientError):
+        code, status = _error_code(exc)
+        return code in _TRANSIENT_CODES or status >= 500 or status == 429
+    return False
+
+
+class S3Store:
+    """Photos and thumbnails in one bucket; keys are the web app's storage names."""
+
+    def __init__(
+        self,
+        bucket: str,
+        *,
+        endpoint_url: str | None = None,
+        client: S3Client | None = None,
+        max_pool_connections: int = 16,
+        max_object_bytes: int = DEFAULT_MAX_OBJECT_BYTES,
+    ) -> None:
+        if not bucket:
+            raise StorageConfigError("no S3 bucket given: set AFTERTRIP_S3_BUCKET")
+        self.bucket = bucket
+        self.max_object_bytes = max_object_bytes
+        self.client = client or make_client(endpoint_url, max_pool_connections)
+
+    def __repr__(self) -> str:
+        return f"S3Store({self.bucket!r}, endpoint_url={self.client.meta.endpoint_url!r})"
+
+    def _check_key(self, key: str) -> None:
+        if not key or "://" in key:
+            raise PhotoUnreadable(
+                key, f"not a key in bucket {self.bucket} (URLs are never fetched)"
+            )
+
+    def _raise(self, key: str, exc: Exception, action: str) -> NoReturn:
+        """Turn a boto error into the project's error: photo, transient or configuration."""
+        if _is_transient(exc):
+            raise TransientStorageError(
+                key, f"{action} in s3://{self.bucket} failed: {exc}"
+            ) from exc
+        if isinstance(exc, NoCredentialsError):
+            raise StorageConfigError(
+                "no AWS credentials found: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+                "a profile, or an instance/task role"
+            ) from exc
+        if isinstance(exc, ClientError):
+            code, _status = _error_code(exc)
+            if code == "NoSuchBucket":
+                raise StorageConfigError(
+                    f"bucket {self.bucket} does not exist: check AFTERTRIP_S3_BUCKET"
+                ) from exc
+        raise StorageError(f"{action} s3://{self.bucket}/{key} failed: {exc}") from exc
+
+    def read(self, key: str) -> bytes:
+        """The object's bytes.
+
+        Missing or forbidden -> `PhotoUnreadable`; over `max_object_bytes` -> `ImageTooLarge`;
+        throttled, 5xx or network trouble (after botocore's retries) -> `TransientStorageError`.
+        """
+        self._check_key(key)
+        try:
+            response = self.client.get_object(Bucket=self.bucket, Key=key)
+            size = int(response.get("ContentLength", 0) or 0)
+            if size > self.max_object_bytes:
+                response["Body"].close()
+                raise ImageTooLarge(
+                    key, f"object is {size} bytes, over the {self.max_object_bytes} byte limit"
+                )
+            return response["Body"].read()
+        except ClientError as exc:
+            code, status = _error_code(exc)
+            if code == "NoSuchBucket":
+                self._raise(key, exc, "reading")
+            if code in _MISSING_CODES or status == 404:
+                raise PhotoUnreadable(key, f"no such object in bucket {self.bucket}") from exc
+            if code in _DENIED_CODES or status == 403:
+                raise PhotoUnreadable(
+                    key, f"access denied ({code}) in bucket {self.bucket}"
+                ) from exc
+            self._raise(key, exc, "reading")
+        except BotoCoreError as exc:
+            self._raise(key, exc, "reading")
+
+    def list(self, prefix: str = "") -> list[str]:
+        """Every key under `prefix`, sorted; folder markers (keys ending in `/`) left out."""
+        keys: list[str] = []
+        try:
+            paginator = self.client.get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+                keys.extend(
+                    obj["Key"] for obj in page.get("Contents", []) if not obj["Key"].endswith("/")
+                )
+        except (ClientError, BotoCoreError) as exc:
+            self._raise(prefix, exc, "listing")
+        return sorted(keys)
+
+    def write(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+        """Put one object (a single PUT is atomic: readers see the old or the new bytes)."""
+        if not key or "://" in key:
+            raise StorageError(f"{key!r} is not a key in bucket {self.bucket}")
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type)
+        except (ClientError, BotoCoreError) as exc:
+            self._raise(key, exc, "writing")
+
+
+def s3_fetch(uri: str, dest: Path, *, client: S3Client | None = None) -> None:
+    """A `worker.models.RemoteFetcher` for `s3://bucket/key` model URIs.
+
+    Without `client`, boto3's default chain decides the endpoint too (e.g. `AWS_ENDPOINT_URL_S3`);
+    the worker passes its own client so `AFTERTRIP_S3_ENDPOINT_URL` applies to models as well.
+    """
+    bucket, key = parse_s3_uri(uri)
+    if not key or key.endswith("/"):
+        raise StorageConfigError(f"{uri!r} names a bucket or folder, not a model file")
+    s3 = client or make_client()
+    try:
+        s3.download_file(bucket, key, str(dest))
+    except ClientError as exc:
+        code, status = _error_code(exc)
+        if code in _MISSING_CODES or status == 404:
+            raise ModelNotFound(
+                f"model {uri} does not exist: upload it or fix the setting"
+            ) from exc
+        if _is_transient(exc):
+            raise TransientStorageError(uri, f"downloading failed: {exc}") from exc
+        raise StorageError(f"downloading {uri} failed: {exc}") from exc
+    except BotoCoreError as exc:
+        if _is_transient(exc):
+            raise TransientStorageError(uri, f"downloading failed: {exc}") from exc
+        raise StorageError(f"downloading {uri} failed: {exc}") from exc
