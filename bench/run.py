@@ -1,0 +1,146 @@
+"""`aftertrip-faces bench`: runs the benchmarks and writes bench/RESULTS.md."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from bench.speed import speed_benchmark
+from worker.settings import PipelineSettings
+
+logger = logging.getLogger(__name__)
+
+SPEED_SETS = ("group-photos/g20", "faces-dev/celeba")
+DETECTORS = ("mtcnn", "scrfd")
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    import onnxruntime
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    return {
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": commit,
+        "cpu": cpu,
+        "cores": len(os.sched_getaffinity(0)),
+        "python": platform.python_version(),
+        "onnxruntime": onnxruntime.__version__,
+        "torch": torch.__version__,
+    }
+
+
+def _speed_table(rows: list[dict[str, Any]]) -> list[str]:
+    out = [
+        "| set | detector | photos | faces | photos/s | faces/s | decode s | detect s | "
+        "align s | embed s | group s | wall s | floor s (decode+detect+embed) | wall/floor |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        s, f = r["stages_s"], r["floor_s"]
+        out.append(
+            f"| {r['set']} | {r['detector']} | {r['photos']} | {r['faces']} | "
+            f"{r['photos_per_s']} | {r['faces_per_s']} | "
+            f"{s.get('decode', 0)} | {s.get('detect', 0)} | "
+            f"{s.get('align', 0)} | {s.get('embed', 0)} | {s.get('group', 0)} | {r['wall_s']} | "
+            f"{f['total']} ({f['decode']}+{f['detect']}+{f['embed']}) | {r['ratio_to_floor']} |"
+        )
+    return out
+
+
+def _detection_table(result: dict[str, Any]) -> list[str]:
+    return ["```json", json.dumps(result, indent=1), "```"]
+
+
+def write_results(out_dir: Path, sections: dict[str, Any]) -> Path:
+    """Merge new sections into bench/results.json and render bench/RESULTS.md."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    store = out_dir / "results.json"
+    data: dict[str, Any] = json.loads(store.read_text()) if store.exists() else {}
+    data.update(sections)
+    store.write_text(json.dumps(data, indent=1))
+    lines = ["# Benchmark results", "", "Written by `aftertrip-faces bench` (see README)."]
+    for name, section in data.items():
+        info = section.get("machine", {})
+        lines += ["", f"## {name}", ""]
+        lines.append(
+            f"Measured {info.get('date')} at commit `{info.get('commit')}` on {info.get('cpu')}, "
+            f"{info.get('cores')} cores; onnxruntime {info.get('onnxruntime')}, "
+            f"torch {info.get('torch')}, Python {info.get('python')}."
+        )
+        lines.append("")
+        if name == "speed":
+            lines += _speed_table(section["rows"])
+        else:
+            lines += _detection_table(section["result"])
+    md = out_dir / "RESULTS.md"
+    md.write_text("\n".join(lines) + "\n")
+    return md
+
+
+def run_bench(args: argparse.Namespace, settings: PipelineSettings, console: Console) -> int:
+    """Dispatch `bench speed|detection|quality|all`."""
+    data: Path = args.data
+    if not data.is_dir():
+        console.print(f"[red]error:[/red] benchmark data not found at {data} (use --data)")
+        return 2
+    sections: dict[str, Any] = {}
+    if args.what in ("speed", "all"):
+        rows = []
+        detectors = [args.detector] if args.detector else list(DETECTORS)
+        for rel in SPEED_SETS:
+            for det in detectors:
+                console.print(f"speed: {rel} with {det} …")
+                row = speed_benchmark(
+                    data / rel, settings.model_copy(update={"detector": det}), limit=args.limit
+                )
+                console.print(row)
+                rows.append(row)
+        sections["speed"] = {"machine": machine(), "limit": args.limit, "rows": rows}
+    if args.what in ("detection", "all"):
+        from bench.detection import detection_benchmark
+
+        console.print("detection: voc-faces recall and scenery false positives …")
+        result = detection_benchmark(data, settings)
+        console.print(result)
+        sections["detection"] = {"machine": machine(), "result": result}
+    if sections:
+        md = write_results(args.out, sections)
+        console.print(f"wrote {md}")
+    if args.what in ("quality", "all"):
+        from bench.quality import run_quality
+
+        summary = run_quality(
+            data,
+            settings,
+            sets=args.sets,
+            albums=args.albums,
+            cache_dir=args.cache,
+            out_dir=args.out,
+        )
+        console.print(summary)
+    return 0
+
