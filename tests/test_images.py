@@ -1,0 +1,417 @@
+"""Decode stage: formats, EXIF orientation, reduced-scale decoding and the errors users see."""
+
+from __future__ import annotations
+
+import io
+import struct
+import warnings
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFile, JpegImagePlugin
+
+from worker import images
+from worker.errors import (
+    CorruptImage,
+    ImageTooLarge,
+    ImageTooSmall,
+    PhotoError,
+    UnsupportedImage,
+)
+from worker.images import decode_image, encode_jpeg, image_size
+from worker.types import PhotoStatus
+
+# the transpose that *stores* an upright image so that orientation N shows it upright again
+STORE_FOR_ORIENTATION = {
+    1: None,
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_90,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_270,
+}
+
+
+@pytest.fixture(scope="module")
+def upright(players_jpg: bytes) -> Image.Image:
+    """A small landscape photo with faces: 240x160, clearly not symmetric."""
+    return Image.open(io.BytesIO(players_jpg)).convert("RGB").resize((240, 160))
+
+
+def save(im: Image.Image, fmt: str, **params: object) -> bytes:
+    out = io.BytesIO()
+    im.save(out, fmt, **params)
+    return out.getvalue()
+
+
+def mean_abs_diff(a: np.ndarray, b: np.ndarray | Image.Image) -> float:
+    return float(np.abs(a.astype(np.int16) - np.asarray(b).astype(np.int16)).mean())
+
+
+def png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def tiff_bytes(width: int, height: int) -> bytes:
+    """An uncompressed 1-bit TIFF claiming width x height, with almost no pixel data."""
+    tags = [
+        (256, 4, width),
+        (257, 4, height),
+        (258, 3, 1),
+        (259, 3, 1),
+        (262, 3, 1),
+        (273, 4, 0),
+        (277, 3, 1),
+        (278, 4, height),
+        (279, 4, (width + 7) // 8 * height),
+    ]
+    ifd_size = 2 + 12 * len(tags) + 4
+    tags[5] = (273, 4, 8 + ifd_size)  # pixel data right after the directory
+    ifd = struct.pack("<H", len(tags)) + b"".join(
+        struct.pack("<HHII", t, k, 1, v) for t, k, v in tags
+    )
+    return b"II*\x00" + struct.pack("<I", 8) + ifd + struct.pack("<I", 0) + b"\0" * 16
+
+
+def png_bytes(width: int, height: int, depth: int, colour: int, rows: bytes = b"") -> bytes:
+    """A PNG written by hand: any IHDR we like (bombs, 16-bit RGB), `rows` as raw scanlines."""
+    ihdr = struct.pack(">IIBBBBB", width, height, depth, colour, 0, 0, 0)
+    idat = png_chunk(b"IDAT", zlib.compress(rows)) if rows else b""
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + idat + png_chunk(b"IEND", b"")
+
+
+# --- EXIF orientation -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_is_applied(upright: Image.Image, orientation: int) -> None:
+    store = STORE_FOR_ORIENTATION[orientation]
+    stored = upright.transpose(store) if store is not None else upright
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = save(stored, "JPEG", quality=95, subsampling=0, exif=exif.tobytes())
+
+    decoded = decode_image(data, name=f"o{orientation}.jpg")
+
+    assert decoded.pixels.shape == (160, 240, 3)
+    assert decoded.pixels.dtype == np.uint8
+    assert (decoded.original_width, decoded.original_height) == (240, 160)
+    assert image_size(data, name="x.jpg") == (240, 160)
+    assert decoded.scale == 1.0
+    assert decoded.format == "JPEG"
+    assert mean_abs_diff(decoded.pixels, upright) < 5
+    if orientation in (2, 3, 4):  # same shape, so make sure the test could tell them apart
+        assert mean_abs_diff(np.asarray(stored), upright) > 20
+
+
+def test_orientation_with_reduced_decoding(upright: Image.Image) -> None:
+    """Draft size is asked for in stored (sideways) pixels; the result is upright and bounded."""
+    big = upright.resize((1200, 800))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    data = save(
+        big.transpose(Image.Transpose.ROTATE_90), "JPEG", quality=95, subsampling=0, exif=exif
+    )
+
+    decoded = decode_image(data, name="side.jpg", working_pixels=60_000)
+
+    h, w, _ = decoded.pixels.shape
+    assert w * h <= 60_000 and w > h
+    assert (decoded.original_width, decoded.original_height) == (1200, 800)
+    assert decoded.scale == pytest.approx(w / 1200)
+    assert mean_abs_diff(decoded.pixels, big.resize((w, h), Image.Resampling.BOX)) < 6
+
+
+# --- formats ----------------------------------------------------------------------------
+
+
+def test_formats_decode_to_the_same_picture(upright: Image.Image) -> None:
+    copies = {
+        "HEIF": save(upright, "HEIF", quality=90),
+        "AVIF": save(upright, "AVIF", quality=90),
+        "WEBP": save(upright, "WEBP", quality=90),
+        "GIF": save(upright, "GIF"),
+        "BMP": save(upright, "BMP"),
+        "TIFF": save(upright, "TIFF"),
+        "PNG": save(upright.convert("P", palette=Image.Palette.ADAPTIVE), "PNG"),
+        # Pillow writes CMYK JPEGs the way Adobe does: inverted, with an APP14 marker
+        "JPEG": save(upright.convert("CMYK"), "JPEG", quality=95, subsampling=0),
+    }
+    for fmt, data in copies.items():
+        decoded = decode_image(data, name=f"copy.{fmt.lower()}")
+        assert decoded.format == fmt
+        assert decoded.pixels.shape == (160, 240, 3), fmt
+        assert mean_abs_diff(decoded.pixels, upright) < 10, fmt
+
+
+def test_cmyk_jpeg_is_stored_as_cmyk(upright: Image.Image) -> None:
+    data = save(upright.convert("CMYK"), "JPEG", quality=95, subsampling=0)
+    with Image.open(io.BytesIO(data)) as im:
+        assert im.mode == "CMYK" and "adobe" in im.info
+    assert mean_abs_diff(decode_image(data, name="cmyk.jpg").pixels, upright) < 6
+
+
+def test_png_alpha_is_composited_on_white(upright: Image.Image) -> None:
+    rgba = upright.convert("RGBA")
+    alpha = np.full((160, 240), 255, np.uint8)
+    alpha[:, 120:] = 0  # right half fully transparent
+    rgba.putalpha(Image.fromarray(alpha))
+    for mode in ("RGBA", "LA"):
+        im = rgba if mode == "RGBA" else rgba.convert(mode)
+        pixels = decode_image(save(im, "PNG"), name=f"{mode}.png").pixels
+        assert (pixels[:, 120:] == 255).all(), mode
+        expected = np.asarray(upright.convert("RGB" if mode == "RGBA" else "L").convert("RGB"))
+        assert mean_abs_diff(pixels[:, :120], expected[:, :120]) < 8, mode
+
+
+def test_palette_png_with_transparency(upright: Image.Image) -> None:
+    pal = upright.convert("P", palette=Image.Palette.ADAPTIVE, colors=64)
+    pal.info["transparency"] = pal.getpixel((0, 0))
+    data = save(pal, "PNG", transparency=pal.getpixel((0, 0)))
+    pixels = decode_image(data, name="pal.png").pixels
+    assert (pixels[0, 0] == 255).all()
+    assert mean_abs_diff(pixels, upright) < 20
+
+
+def test_greyscale_and_wide_modes(upright: Image.Image) -> None:
+    grey = np.asarray(upright.convert("L"))
+    as_rgb = np.repeat(grey[:, :, None], 3, axis=2)
+    grey16 = grey.astype(np.uint16) * 257
+    rgb16 = np.asarray(upright).astype(">u2") * 257
+    samples = {
+        "L.jpg": save(Image.fromarray(grey), "JPEG", quality=95, subsampling=0),
+        "1.png": save(Image.fromarray(grey).convert("1", dither=Image.Dither.NONE), "PNG"),
+        "I16.png": save(Image.fromarray(grey16), "PNG"),
+        "F.tif": save(Image.fromarray(grey.astype(np.float32) / 255), "TIFF"),
+        "rgb16.png": png_bytes(240, 160, 16, 2, b"".join(b"\0" + row.tobytes() for row in rgb16)),
+    }
+    for name, data in samples.items():
+        pixels = decode_image(data, name=name).pixels
+        assert pixels.shape == (160, 240, 3), name
+        expected = np.asarray(upright) if name == "rgb16.png" else as_rgb
+        if name == "1.png":  # only black and white survive
+            expected = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+        assert mean_abs_diff(pixels, expected) < 2, name
+
+
+def test_gif_gives_the_first_frame(upright: Image.Image) -> None:
+    second = Image.new("RGB", upright.size, (255, 0, 0))
+    data = save(upright, "GIF", save_all=True, append_images=[second])
+    assert mean_abs_diff(decode_image(data, name="anim.gif").pixels, upright) < 10
+
+
+# --- reduced-scale decoding -------------------------------------------------------------
+
+
+def test_working_pixels_bound_aspect_and_scale(upright: Image.Image) -> None:
+    big = upright.resize((3000, 2000))
+    for fmt in ("JPEG", "PNG"):
+        decoded = decode_image(save(big, fmt), name=f"big.{fmt}", working_pixels=400_000)
+        h, w, _ = decoded.pixels.shape
+        assert w * h <= 400_000
+        assert w * h > 0.99 * 400_000
+        assert w / h == pytest.approx(1.5, rel=0.01)
+        assert decoded.scale == pytest.approx(w / 3000)
+        assert (decoded.original_width, decoded.original_height) == (3000, 2000)
+        assert mean_abs_diff(decoded.pixels, upright.resize((w, h))) < 8, fmt
+
+
+def test_jpeg_reduction_uses_dct_scaling(
+    upright: Image.Image, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[tuple[str | None, object, tuple[int, int]]] = []
+    real_draft = JpegImagePlugin.JpegImageFile.draft
+
+    def spy(self: JpegImagePlugin.JpegImageFile, mode: str | None, size: object) -> object:
+        result = real_draft(self, mode, size)  # type: ignore[arg-type]
+        calls.append((mode, size, self.size))
+        return result
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
+    data = save(upright.resize((2400, 1600)), "JPEG", quality=90, subsampling=0)
+    decoded = decode_image(data, name="big.jpg", working_pixels=100_000)
+
+    assert len(calls) == 1
+    _, asked, decoded_at = calls[0]
+    assert asked == (decoded.pixels.shape[1], decoded.pixels.shape[0])
+    assert decoded_at == (600, 400)  # 1/4 of the stored pixels per side, not the full 2400x1600
+
+
+def test_no_reduction_below_the_budget(upright: Image.Image) -> None:
+    decoded = decode_image(save(upright, "JPEG"), name="s.jpg", working_pixels=4_200_000)
+    assert decoded.pixels.shape == (160, 240, 3) and decoded.scale == 1.0
+
+
+def test_panorama_decodes_whole() -> None:
+    ramp = np.linspace(0, 255, 20000, dtype=np.float32).astype(np.uint8)
+    pano = np.repeat(np.repeat(ramp[None, :, None], 200, axis=0), 3, axis=2)
+    data = save(Image.fromarray(pano), "JPEG", quality=90, subsampling=0)
+    decoded = decode_image(data, name="pano.jpg", working_pixels=4_200_000)
+    assert decoded.pixels.shape == (200, 20000, 3)
+    assert decoded.scale == 1.0
+    assert mean_abs_diff(decoded.pixels, pano) < 3
+
+
+# --- errors -----------------------------------------------------------------------------
+
+
+def test_truncated_jpeg_is_corrupt_not_grey(upright: Image.Image) -> None:
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False
+    data = save(upright.resize((960, 640)), "JPEG")
+    with pytest.raises(CorruptImage, match="cut.jpg: .*truncated") as err:
+        decode_image(data[: len(data) // 2], name="cut.jpg")
+    assert err.value.status is PhotoStatus.CORRUPT
+    assert err.value.photo == "cut.jpg"
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "HEIF", "AVIF", "WEBP", "GIF", "TIFF"])
+def test_truncated_files_are_corrupt(upright: Image.Image, fmt: str) -> None:
+    # HEIF in tiles like an iPhone's: libheif paints missing tiles green instead of failing
+    params = {"tile_size": 128} if fmt == "HEIF" else {}
+    data = save(upright.resize((480, 320)), fmt, **params)
+    for cut in (len(data) // 2, len(data) * 4 // 5):
+        with pytest.raises(CorruptImage, match="cut: "):
+            decode_image(data[:cut], name="cut")
+
+
+def test_empty_file() -> None:
+    with pytest.raises(CorruptImage, match="empty.jpg: empty file") as err:
+        decode_image(b"", name="empty.jpg")
+    assert err.value.status is PhotoStatus.CORRUPT
+    with pytest.raises(CorruptImage):
+        image_size(b"", name="empty.jpg")
+
+
+def test_text_named_jpg_is_not_an_image() -> None:
+    with pytest.raises(UnsupportedImage, match="notes.jpg: not an image") as err:
+        decode_image(b"hello, these are my trip notes\n" * 10, name="notes.jpg")
+    assert err.value.status is PhotoStatus.UNSUPPORTED
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"\xff\xd8\xff\xe0" + bytes(range(256)) * 4,
+        b"\x89PNG\r\n\x1a\n" + b"\x00" * 100,
+        b"RIFF\x00\x10\x00\x00WEBPVP8 " + b"\x01" * 100,
+        b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + b"\x02" * 100,
+        b"GIF89a" + b"\xff" * 50,
+        b"II*\x00" + b"\x07" * 60,
+        b"\x00\x01\x02\x03",
+    ],
+)
+def test_garbage_never_escapes_as_a_raw_error(data: bytes) -> None:
+    with pytest.raises(PhotoError) as err:
+        decode_image(data, name="junk")
+    assert type(err.value) in (CorruptImage, UnsupportedImage)
+
+
+def test_decompression_bomb_refused_before_decoding() -> None:
+    bomb = png_bytes(50000, 50000, 1, 0, b"\0" * 6251 * 4)  # 2500 Mpx claimed, ~100 bytes
+    assert len(bomb) < 200
+    limit_before = Image.MAX_IMAGE_PIXELS
+    with pytest.raises(ImageTooLarge) as err:
+        decode_image(bomb, name="bomb.png")
+    assert err.value.status is PhotoStatus.TOO_LARGE
+    assert str(err.value) == (
+        "bomb.png: 50000x50000 = 2500 Mpx, over the 150 Mpx cap (AFTERTRIP_MAX_IMAGE_PIXELS)"
+    )
+    assert image_size(bomb, name="bomb.png") == (50000, 50000)
+    assert Image.MAX_IMAGE_PIXELS == limit_before
+
+
+def test_our_cap_decides_not_pillows(players_jpg: bytes) -> None:
+    with pytest.raises(ImageTooLarge, match="over the 1,000 px cap"):
+        decode_image(players_jpg, name="players.jpg", max_image_pixels=1000)
+    # 200 Mpx: over Pillow's own error limit, under a cap raised to 300 Mpx. Pillow must not
+    # refuse it (nor warn); with no pixel data in the file the answer is "corrupt".
+    header_only = png_bytes(20000, 10000, 1, 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with pytest.raises(CorruptImage):
+            decode_image(header_only, name="big.png", max_image_pixels=300_000_000)
+        with pytest.raises(ImageTooLarge, match="20000x10000 = 200 Mpx"):
+            decode_image(header_only, name="big.png")
+
+
+def test_pillow_does_not_refuse_what_our_cap_accepts(monkeypatch: pytest.MonkeyPatch) -> None:
+    # TIFF re-runs Pillow's check when pixels are loaded: a 100 Mpx TIFF is over Pillow's
+    # default warning limit but under our 150 Mpx cap, so only "truncated" may be said about it
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 89_478_485)  # Pillow's default
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with pytest.raises(CorruptImage, match="truncated") as err:
+            decode_image(tiff_bytes(10000, 10000), name="scan.tif")
+    assert "exceeds limit" not in str(err.value)
+
+
+def test_too_small_images(upright: Image.Image) -> None:
+    with pytest.raises(ImageTooSmall, match="dot.png: 1x1") as err:
+        decode_image(save(Image.new("RGB", (1, 1)), "PNG"), name="dot.png")
+    assert err.value.status is PhotoStatus.TOO_SMALL
+    with pytest.raises(ImageTooSmall):
+        decode_image(save(Image.new("RGB", (500, 1)), "PNG"), name="line.png")
+    with pytest.raises(ImageTooSmall):
+        decode_image(save(upright, "PNG"), name="small.png", min_side=200)
+    assert decode_image(save(Image.new("RGB", (2, 2)), "PNG"), name="ok.png").pixels.shape == (
+        2,
+        2,
+        3,
+    )
+
+
+# --- thumbnails -------------------------------------------------------------------------
+
+
+def test_encode_jpeg(upright: Image.Image) -> None:
+    pixels = np.asarray(upright)
+    full = decode_image(encode_jpeg(pixels, quality=95), name="t.jpg")
+    assert full.pixels.shape == (160, 240, 3)
+    assert mean_abs_diff(full.pixels, pixels) < 8
+    thumb = decode_image(encode_jpeg(pixels, max_side=120), name="t.jpg")
+    assert thumb.pixels.shape == (80, 120, 3)
+    assert encode_jpeg(pixels, max_side=1000)[:3] == b"\xff\xd8\xff"
+    with pytest.raises(ValueError, match="HxWx3"):
+        encode_jpeg(pixels[:, :, 0])
+
+
+# --- the team's real files --------------------------------------------------------------
+
+
+@pytest.mark.shared
+def test_real_phone_formats(shared_data: Path) -> None:
+    files = sorted((shared_data / "formats").iterdir())
+    assert len(files) >= 7
+    for path in files:
+        data = path.read_bytes()
+        if path.suffix == ".jxl" and not images.HAS_JXL:
+            with pytest.raises(UnsupportedImage, match="JPEG XL"):
+                decode_image(data, name=path.name)
+            continue
+        decoded = decode_image(data, name=path.name, working_pixels=2_000_000)
+        h, w, _ = decoded.pixels.shape
+        assert w * h <= 2_000_000, path.name
+        assert image_size(data, name=path.name) == (
+            decoded.original_width,
+            decoded.original_height,
+        ), path.name
+        assert w == round(decoded.original_width * decoded.scale), path.name
+        assert abs(h - decoded.original_height * decoded.scale) <= 1, path.name
+        assert decoded.pixels.std() > 10, path.name  # a picture, not a flat fill
+
+
+@pytest.mark.shared
+def test_real_exif_orientation(shared_data: Path) -> None:
+    plain = decode_image((shared_data / "exif" / "portrait.jpg").read_bytes(), name="p.jpg")
+    path = shared_data / "exif" / "portrait-orientation-6.jpg"
+    with Image.open(path) as stored:
+        assert stored.getexif()[0x0112] == 6
+        assert stored.size[::-1] == plain.pixels.shape[1::-1]
+    rotated = decode_image(path.read_bytes(), name=path.name)
+    assert rotated.pixels.shape == plain.pixels.shape
+    grey = plain.pixels.astype(np.float32).mean(axis=2)
+    assert mean_abs_diff(rotated.pixels.mean(axis=2), grey) < 8
