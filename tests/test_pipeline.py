@@ -1,0 +1,251 @@
+"""The whole pipeline on real photos with real weights: grouping, orientation, formats, bad input."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pillow_heif
+import pytest
+from PIL import Image
+
+from worker.pipeline import FacePipeline, group_album
+from worker.settings import PipelineSettings
+from worker.types import NO_FACE_GROUP, AlbumResult, PhotoSource, PhotoStatus
+
+pillow_heif.register_heif_opener()
+
+SETTINGS = PipelineSettings(max_image_pixels=50_000_000)
+
+
+@pytest.fixture(scope="module")
+def pipeline() -> FacePipeline:
+    return FacePipeline(SETTINGS)
+
+
+def source(name: str, data: bytes) -> PhotoSource:
+    return PhotoSource(id=name, name=name, read=lambda: data)
+
+
+def jpeg(image: Image.Image, **params: object) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, "JPEG", quality=95, **params)
+    return buf.getvalue()
+
+
+def encoded(image: Image.Image, fmt: str, **params: object) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, fmt, **params)
+    return buf.getvalue()
+
+
+def largest_face(result: AlbumResult, photo_id: str) -> int:
+    faces = [f for f in result.faces if f.photo_id == photo_id]
+    assert faces, f"no face found in {photo_id}"
+    return max(faces, key=lambda f: (f.box[2] - f.box[0]) * (f.box[3] - f.box[1])).id
+
+
+def iou(a: list[float], b: list[float]) -> float:
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = w * h
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union
+
+
+def photo(result: AlbumResult, photo_id: str):
+    return next(p for p in result.photos if p.id == photo_id)
+
+
+def test_demo_album_groups_yao_ming_and_keeps_strangers_apart(
+    pipeline: FacePipeline, players_jpg: bytes, yaoming_jpg: bytes, gdp_jpg: bytes
+) -> None:
+    blank = jpeg(Image.new("RGB", (400, 300), (120, 160, 200)))
+    result = group_album(
+        [
+            source("players.jpg", players_jpg),
+            source("yaoming.jpg", yaoming_jpg),
+            source("gdp.jpg", gdp_jpg),
+            source("sky.jpg", blank),
+        ],
+        SETTINGS,
+        pipeline=pipeline,
+    )
+    yao = result.faces[largest_face(result, "yaoming.jpg")]
+    assert yao.group >= 0, "Yao Ming's portrait found no match in the team photo"
+    group = next(g for g in result.groups if g.idx == yao.group)
+    assert group.photo_ids == ["players.jpg", "yaoming.jpg"]
+    assert photo(result, "yaoming.jpg").group_idx == [yao.group]
+    # The three Spurs players are three people: no two of them share a folder.
+    gdp_faces = sorted(
+        (f for f in result.faces if f.photo_id == "gdp.jpg"),
+        key=lambda f: -(f.box[2] - f.box[0]) * (f.box[3] - f.box[1]),
+    )[:3]
+    assert len(gdp_faces) == 3
+    labels = [f.group for f in gdp_faces if f.group >= 0]
+    assert len(labels) == len(set(labels))
+    assert photo(result, "sky.jpg").group_idx == [NO_FACE_GROUP]
+    # Explainability: every grouped face names the face it matched and how similar they were.
+    for face in result.faces:
+        if face.group >= 0:
+            assert face.matched_face is not None and face.similarity is not None
+            assert result.faces[face.matched_face].group == face.group
+    assert result.group_idx_list == [g.idx for g in result.groups]
+    assert {m.role for m in result.models} == {"detector", "embedder"}
+
+
+# EXIF orientation tag -> the transpose that stores an upright image so that applying the
+# tag shows it upright again.
+STORE_TRANSPOSE = {
+    1: None,
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_90,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_270,
+}
+
+
+def test_every_exif_orientation_gives_the_same_face_and_group(
+    pipeline: FacePipeline, players_jpg: bytes, yaoming_jpg: bytes
+) -> None:
+    upright = Image.open(io.BytesIO(yaoming_jpg)).convert("RGB")
+    sources = [source("players.jpg", players_jpg)]
+    for tag, op in STORE_TRANSPOSE.items():
+        stored = upright if op is None else upright.transpose(op)
+        exif = Image.Exif()
+        exif[0x0112] = tag
+        sources.append(source(f"yao-{tag}.jpg", jpeg(stored, exif=exif.tobytes())))
+    result = group_album(sources, SETTINGS, pipeline=pipeline)
+    boxes = []
+    groups = set()
+    for tag in STORE_TRANSPOSE:
+        p = photo(result, f"yao-{tag}.jpg")
+        assert (p.width, p.height) == upright.size, tag
+        face = result.faces[largest_face(result, p.id)]
+        boxes.append(face.box)
+        groups.add(face.group)
+    spread = np.ptp(np.array(boxes), axis=0)
+    assert spread.max() < 6, f"face boxes differ across orientations by {spread} px"
+    assert len(groups) == 1 and groups.pop() >= 0
+
+
+def test_phone_formats_decode_and_group_like_the_original(
+    pipeline: FacePipeline, players_jpg: bytes, yaoming_jpg: bytes
+) -> None:
+    original = Image.open(io.BytesIO(yaoming_jpg)).convert("RGB")
+    rgba = original.convert("RGBA")
+    copies = {
+        "yao.heic": encoded(original, "HEIF", quality=90),
+        "yao.avif": encoded(original, "AVIF", quality=90),
+        "yao.webp": encoded(original, "WEBP", quality=90),
+        "yao-rgba.png": encoded(rgba, "PNG"),
+        "yao-cmyk.jpg": encoded(original.convert("CMYK"), "JPEG", quality=95),
+        "yao-gray.jpg": encoded(original.convert("L"), "JPEG", quality=95),
+    }
+    sources = [source("players.jpg", players_jpg), source("yao.jpg", yaoming_jpg)]
+    sources += [source(name, data) for name, data in copies.items()]
+    result = group_album(sources, SETTINGS, pipeline=pipeline)
+    reference = result.faces[largest_face(result, "yao.jpg")]
+    assert reference.group >= 0
+    for name in copies:
+        p = photo(result, name)
+        assert p.status is PhotoStatus.OK, (name, p.error)
+        assert (p.width, p.height) == original.size
+        face = result.faces[largest_face(result, name)]
+        assert face.group == reference.group, name
+        # Colour changes (grey, CMYK) move the detector a little; the face stays put.
+        assert iou(face.box, reference.box) > 0.85, name
+
+
+def test_each_bad_photo_gets_its_own_status_and_the_album_still_groups(
+    pipeline: FacePipeline, players_jpg: bytes, yaoming_jpg: bytes
+) -> None:
+    bomb = encoded(Image.new("1", (10_000, 10_000)), "PNG")  # 100 Mpx in a few KB
+    panorama = np.tile(np.linspace(0, 255, 20_000, dtype=np.uint8)[None, :, None], (200, 1, 3))
+
+    def missing() -> bytes:
+        from worker.errors import PhotoUnreadable
+
+        raise PhotoUnreadable("gone.jpg", "no such object")
+
+    sources = [
+        source("players.jpg", players_jpg),
+        source("truncated.jpg", yaoming_jpg[: len(yaoming_jpg) // 2]),
+        source("empty.jpg", b""),
+        source("notes.jpg", b"these are my trip notes, not a photo\n"),
+        source("bomb.png", bomb),
+        source("dot.png", encoded(Image.new("RGB", (1, 1)), "PNG")),
+        source("panorama.jpg", jpeg(Image.fromarray(panorama))),
+        PhotoSource(id="gone.jpg", name="gone.jpg", read=missing),
+        source("yaoming.jpg", yaoming_jpg),
+    ]
+    result = group_album(sources, SETTINGS, pipeline=pipeline)
+    expected = {
+        "truncated.jpg": PhotoStatus.CORRUPT,
+        "empty.jpg": PhotoStatus.CORRUPT,
+        "notes.jpg": PhotoStatus.UNSUPPORTED,
+        "bomb.png": PhotoStatus.TOO_LARGE,
+        "dot.png": PhotoStatus.TOO_SMALL,
+        "gone.jpg": PhotoStatus.MISSING,
+    }
+    for name, status in expected.items():
+        p = photo(result, name)
+        assert p.status is status, (name, p.status, p.error)
+        assert p.error and len(p.error) > 5
+        assert p.group_idx == []
+    pano = photo(result, "panorama.jpg")
+    assert pano.status is PhotoStatus.OK and (pano.width, pano.height) == (20_000, 200)
+    assert pano.group_idx == [NO_FACE_GROUP]
+    yao = result.faces[largest_face(result, "yaoming.jpg")]
+    assert yao.group >= 0
+    assert "players.jpg" in next(g for g in result.groups if g.idx == yao.group).photo_ids
+
+
+def test_streaming_keeps_input_order_across_embedding_batches(
+    players_jpg: bytes, yaoming_jpg: bytes
+) -> None:
+    settings = SETTINGS.model_copy(update={"embed_batch_size": 4, "prefetch": 2})
+    small = FacePipeline(settings)
+    names = [f"p{i}.jpg" for i in range(5)]
+    data = [players_jpg, yaoming_jpg, b"", yaoming_jpg, players_jpg]
+    out = list(small.analyze([source(n, d) for n, d in zip(names, data, strict=True)]))
+    assert [p.photo_id for p in out] == names
+    assert [len(p.detections) for p in out][0] == len(out[4].detections) > 4
+    for p in out:
+        assert p.embeddings.shape == (len(p.detections), 512)
+        if len(p.embeddings):
+            assert np.allclose(np.linalg.norm(p.embeddings, axis=1), 1.0, atol=1e-4)
+    np.testing.assert_allclose(out[0].embeddings, out[4].embeddings, atol=1e-5)
+
+
+def test_seed_album_from_the_prototype(pipeline: FacePipeline, shared_data) -> None:
+    album = sorted((shared_data / "albums" / "seed-glory").rglob("*.jpg"))
+    assert album, "albums/seed-glory is empty"
+    result = group_album(
+        [source(p.name, p.read_bytes()) for p in album], SETTINGS, pipeline=pipeline
+    )
+
+    def groups_of(name: str) -> list[int]:
+        return photo(result, name).group_idx
+
+    for name in ("apple.jpg", "cat.jpg", "dog.jpg"):
+        assert groups_of(name) == [NO_FACE_GROUP], name
+    kyo = result.faces[largest_face(result, "kyo.jpg")].group
+    assert kyo >= 0 and result.faces[largest_face(result, "kyo2.jpg")].group == kyo
+    yeon = [p.name for p in album if p.name.startswith("yeon")]
+    yeon_groups = {result.faces[largest_face(result, n)].group for n in yeon}
+    assert len(yeon_groups) == 1 and yeon_groups.pop() >= 0
+
+
+def test_exif_rotated_portrait_gives_the_same_face(pipeline: FacePipeline, shared_data) -> None:
+    folder = shared_data / "exif"
+    names = ["portrait.jpg", "portrait-orientation-6.jpg"]
+    result = group_album(
+        [source(n, (folder / n).read_bytes()) for n in names], SETTINGS, pipeline=pipeline
+    )
+    a, b = (result.faces[largest_face(result, n)] for n in names)
+    assert iou(a.box, b.box) > 0.9
+    assert a.group == b.group >= 0
