@@ -1,4 +1,4 @@
-"""The whole pipeline on real photos with real weights: grouping, orientation, formats, bad input."""
+"""The whole pipeline on real photos and weights: grouping, orientation, formats, bad input."""
 
 from __future__ import annotations
 
