@@ -1,0 +1,895 @@
+"""Keyword-only data functions over a Session: jobs, photos to analyse, and trip results.
+
+Transactions: the job functions (`create_job`, `start_job`, `finish_job`, `fail_job`) commit
+what they did. `write_trip_result` runs its own transaction from start to commit: pass it a
+Session with none open (commit or roll back after earlier reads; sessions from
+`db.session.make_sessionmaker` keep the loaded attributes so that reading them does not
+open one again). The read functions leave their transaction to the caller.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Literal, TypeVar
+
+import numpy as np
+from numpy.typing import NDArray
+from scipy.optimize import linear_sum_assignment
+from sqlalchemy import Select, delete, exists, func, insert, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from db.models import Face, Job, JobMode, JobStatus, PhotoAnalysis
+from db.schemas import (
+    FaceOutcome,
+    JobView,
+    PhotoOutcome,
+    PhotoProblem,
+    TripStatus,
+    TripWriteSummary,
+)
+from db.types import utcnow
+from db.webapp import (
+    NO_FACE_TAG_ID,
+    OTHERS_TAG_ID,
+    SHARED_TAG_IDS,
+    Photo,
+    PhotoTagFace,
+    TagFace,
+    Trip,
+)
+from worker.cluster import cluster_faces, default_threshold
+from worker.settings import PipelineSettings
+from worker.types import ModelInfo, PhotoStatus
+
+__all__ = [
+    "FaceOutcome",
+    "PhotoOutcome",
+    "TripNotFound",
+    "TripStatus",
+    "TripWriteSummary",
+    "create_job",
+    "fail_job",
+    "find_queued_or_running_job",
+    "finish_job",
+    "get_job",
+    "photos_to_analyze",
+    "start_job",
+    "trip_photos",
+    "trip_status",
+    "write_trip_result",
+]
+
+logger = logging.getLogger(__name__)
+
+BOX_MATCH_IOU = 0.5
+"""A re-detected face inherits the folder of the old face it overlaps at least this much."""
+
+UNNAMED = ""
+"""custom_name of a folder the worker creates: Django's CharField(blank=True) is NOT NULL."""
+
+MAX_ERROR_CHARS = 10_000
+_CHUNK = 500
+
+
+class TripNotFound(LookupError):
+    """No trips_trip row has this id."""
+
+    def __init__(self, trip_id: int) -> None:
+        super().__init__(f"trip {trip_id} does not exist")
+        self.trip_id = trip_id
+
+
+# ---------------------------------------------------------------------------- reads
+
+
+def trip_photos(*, session: Session, trip_id: int) -> list[Photo]:
+    """The trip's photos that are not deleted, ordered by id."""
+    stmt = (
+        select(Photo).where(Photo.trip_id == trip_id, Photo.deleted_at.is_(None)).order_by(Photo.id)
+    )
+    return list(session.scalars(stmt))
+
+
+def photos_to_analyze(
+    *,
+    session: Session,
+    trip_id: int,
+    embedder_sha256: str,
+    mode: Literal["missing", "all"],
+) -> list[Photo]:
+    """Photos a job must analyse, ordered by id.
+
+    "missing": not deleted and without a successful analysis for this embedder (new
+    photos, and photos whose last analysis failed); "all": every photo not deleted.
+    """
+    if JobMode(mode) is JobMode.ALL:
+        return trip_photos(session=session, trip_id=trip_id)
+    done = exists().where(
+        PhotoAnalysis.photo_id == Photo.id,
+        PhotoAnalysis.embedder_sha256 == embedder_sha256,
+        PhotoAnalysis.status == PhotoStatus.OK.value,
+    )
+    stmt = (
+        select(Photo)
+        .where(Photo.trip_id == trip_id, Photo.deleted_at.is_(None), ~done)
+        .order_by(Photo.id)
+    )
+    return list(session.scalars(stmt))
+
+
+def get_job(*, session: Session, job_id: int) -> Job | None:
+    """The job with this id, or None."""
+    return session.get(Job, job_id)
+
+
+def find_queued_or_running_job(*, session: Session, trip_id: int) -> Job | None:
+    """The trip's oldest job still queued or running (to avoid enqueueing a second one)."""
+    stmt = (
+        select(Job)
+        .where(Job.trip_id == trip_id, Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]))
+        .order_by(Job.id)
+        .limit(1)
+    )
+    return session.scalars(stmt).first()
+
+
+# ---------------------------------------------------------------------------- jobs
+
+
+def create_job(*, session: Session, trip_id: int, mode: str, task_id: str | None = None) -> Job:
+    """Record a queued job for a trip and commit (call before enqueueing the task)."""
+    job = Job(
+        trip_id=trip_id,
+        mode=JobMode(mode).value,
+        status=JobStatus.QUEUED.value,
+        celery_task_id=task_id,
+        attempts=0,
+        created_at=utcnow(),
+    )
+    session.add(job)
+    session.commit()
+    return job
+
+
+def _model_fields(models: Sequence[ModelInfo]) -> dict[str, object]:
+    detectors = [m for m in models if m.role == "detector"]
+    embedders = [m for m in models if m.role == "embedder"] or [
+        m for m in models if m.role != "detector"
+    ]
+
+    def name_and_sha(files: list[ModelInfo]) -> tuple[str | None, str | None]:
+        if not files:
+            return None, None
+        if len(files) == 1:
+            return files[0].name, files[0].sha256
+        # Several files make one model (MTCNN's three nets): one digest over all of them.
+        joined = "".join(m.sha256 for m in files)
+        return "+".join(m.name for m in files), hashlib.sha256(joined.encode()).hexdigest()
+
+    detector_name, detector_sha = name_and_sha(detectors)
+    embedder_name, embedder_sha = name_and_sha(embedders)
+    return {
+        "detector_name": detector_name,
+        "detector_sha256": detector_sha,
+        "embedder_name": embedder_name,
+        "embedder_sha256": embedder_sha,
+        "models": [{"name": m.name, "role": m.role, "sha256": m.sha256} for m in models],
+    }
+
+
+def start_job(
+    *,
+    session: Session,
+    trip_id: int,
+    mode: str,
+    task_id: str | None,
+    models: Sequence[ModelInfo],
+) -> Job:
+    """Mark a job running and commit; a redelivered task (same task id) reuses its row.
+
+    `attempts` counts deliveries. A job created earlier by `create_job` with this task id
+    is the one started.
+    """
+    fields = _model_fields(models)
+    mode_value = JobMode(mode).value
+    for attempt in range(2):
+        job = None
+        if task_id is not None:
+            job = session.scalars(select(Job).where(Job.celery_task_id == task_id)).first()
+        if job is not None and job.trip_id != trip_id:
+            raise ValueError(f"task {task_id} belongs to trip {job.trip_id}, not {trip_id}")
+        if job is None:
+            job = Job(trip_id=trip_id, celery_task_id=task_id, attempts=0, created_at=utcnow())
+            session.add(job)
+        job.mode = mode_value
+        job.status = JobStatus.RUNNING.value
+        job.attempts += 1
+        job.started_at = utcnow()
+        job.finished_at = None
+        job.error = None
+        for key, value in fields.items():
+            setattr(job, key, value)
+        try:
+            session.commit()
+        except IntegrityError:
+            # The same task delivered twice at once: the other delivery inserted the row.
+            session.rollback()
+            if attempt or task_id is None:
+                raise
+            continue
+        logger.info(
+            "job started",
+            extra={"job_id": job.id, "trip_id": trip_id, "attempt": job.attempts, "mode": mode},
+        )
+        return job
+    raise AssertionError("unreachable")
+
+
+def finish_job(*, session: Session, job_id: int, counts: dict[str, int]) -> None:
+    """Mark a job succeeded with its counts, and commit."""
+    job = _job_or_raise(session, job_id)
+    job.status = JobStatus.SUCCEEDED.value
+    job.finished_at = utcnow()
+    job.counts = {str(k): int(v) for k, v in counts.items()}
+    job.error = None
+    session.commit()
+    logger.info("job succeeded", extra={"job_id": job_id, "trip_id": job.trip_id})
+
+
+def fail_job(*, session: Session, job_id: int, error: str) -> None:
+    """Mark a job failed with its error, and commit.
+
+    Whatever the session had open is rolled back first: this is called after something
+    went wrong, and the failure must be recorded even if that left the transaction broken.
+    """
+    session.rollback()
+    job = _job_or_raise(session, job_id)
+    job.status = JobStatus.FAILED.value
+    job.finished_at = utcnow()
+    job.error = error[:MAX_ERROR_CHARS]
+    session.commit()
+    logger.warning("job failed", extra={"job_id": job_id, "trip_id": job.trip_id})
+
+
+def _job_or_raise(session: Session, job_id: int) -> Job:
+    job = session.get(Job, job_id)
+    if job is None:
+        raise LookupError(f"job {job_id} does not exist")
+    return job
+
+
+# ---------------------------------------------------------------------------- status
+
+
+def trip_status(
+    *, session: Session, trip_id: int, limit: int = 5, embedder_sha256: str | None = None
+) -> TripStatus:
+    """The trip's recent jobs (newest first), photo and face counts, and failed photos."""
+    if session.get(Trip, trip_id) is None:
+        raise TripNotFound(trip_id)
+    jobs = list(
+        session.scalars(
+            select(Job).where(Job.trip_id == trip_id).order_by(Job.id.desc()).limit(limit)
+        )
+    )
+    sha = embedder_sha256
+    if sha is None:
+        sha = next((j.embedder_sha256 for j in jobs if j.embedder_sha256), None)
+    live = select(Photo.id).where(Photo.trip_id == trip_id, Photo.deleted_at.is_(None))
+    photos = session.scalar(select(func.count()).select_from(live.subquery())) or 0
+    analyzed = faces = people = 0
+    errors: list[PhotoProblem] = []
+    if sha is not None:
+        analyzed = (
+            session.scalar(
+                select(func.count())
+                .select_from(PhotoAnalysis)
+                .where(
+                    PhotoAnalysis.photo_id.in_(live),
+                    PhotoAnalysis.embedder_sha256 == sha,
+                    PhotoAnalysis.analyzed_at.is_not(None),
+                )
+            )
+            or 0
+        )
+        faces = (
+            session.scalar(
+                select(func.count())
+                .select_from(Face)
+                .where(Face.photo_id.in_(live), Face.embedder_sha256 == sha)
+            )
+            or 0
+        )
+        failed = session.execute(
+            select(Photo.id, Photo.file_name, PhotoAnalysis.status, PhotoAnalysis.error)
+            .join(PhotoAnalysis, PhotoAnalysis.photo_id == Photo.id)
+            .where(
+                Photo.id.in_(live),
+                PhotoAnalysis.embedder_sha256 == sha,
+                PhotoAnalysis.status != PhotoStatus.OK.value,
+            )
+            .order_by(Photo.id)
+        )
+        errors = [PhotoProblem(pid, name, status, err) for pid, name, status, err in failed]
+    people = (
+        session.scalar(
+            select(func.count(func.distinct(PhotoTagFace.tagface_id))).where(
+                PhotoTagFace.photo_id.in_(live), PhotoTagFace.tagface_id.not_in(SHARED_TAG_IDS)
+            )
+        )
+        or 0
+    )
+    return TripStatus(
+        trip_id=trip_id,
+        embedder_sha256=sha,
+        photos=photos,
+        analyzed=analyzed,
+        faces=faces,
+        people=people,
+        jobs=[
+            JobView(
+                id=j.id,
+                mode=j.mode,
+                status=j.status,
+                celery_task_id=j.celery_task_id,
+                attempts=j.attempts,
+                created_at=j.created_at,
+                started_at=j.started_at,
+                finished_at=j.finished_at,
+                counts=j.counts,
+                error=j.error,
+                embedder_name=j.embedder_name,
+            )
+            for j in jobs
+        ],
+        errors=errors,
+    )
+
+
+# ---------------------------------------------------------------------------- the write
+
+
+def write_trip_result(
+    *,
+    session: Session,
+    trip_id: int,
+    analyzed: Sequence[PhotoOutcome],
+    embedder: ModelInfo,
+    settings: PipelineSettings,
+    job_id: int | None = None,
+) -> TripWriteSummary:
+    """Store new faces, regroup the whole trip and replace its folders, in one transaction.
+
+    Commits on success; on any exception everything is rolled back and the previous faces,
+    folders and links stay as they were. The session must have no transaction open.
+
+    - An outcome with status ok replaces that photo's faces for this embedder; a re-detected
+      face keeps the folder of the old face its box overlaps (IoU >= 0.5). Any other status
+      records the error and keeps the photo's previous faces.
+    - All stored faces of the trip's photos that are not deleted are grouped with
+      `worker.cluster.cluster_faces`, in (photo_id, face_index) order.
+    - Groups are matched one-to-one to the trip's existing folders, first by the folders
+      their faces were in, then by mean-embedding similarity (>= the grouping threshold):
+      a matched folder keeps its id and custom_name. Other groups get new folders.
+    - Links: a face in a group -> its folder; a photo with no face -> folder 1; a photo
+      whose faces were each seen once -> folder 2. Deleted photos lose their links.
+      Unchanged links keep their rows; unnamed folders left empty are deleted.
+
+    Same inputs give identical rows, so a redelivered job changes nothing the second time.
+    """
+    if session.in_transaction():
+        raise ValueError(
+            "write_trip_result runs its own transaction: pass a Session with none open "
+            "(call session.commit() after earlier reads)"
+        )
+    threshold = (
+        settings.similarity_threshold
+        if settings.similarity_threshold is not None
+        else default_threshold(settings.grouping, embedder.name)
+    )
+    with session.begin():
+        return _TripWrite(session, trip_id, embedder, settings, threshold, job_id).run(analyzed)
+
+
+@dataclass
+class _Grouped:
+    faces: list[Face]
+    labels: NDArray[np.int64]
+    matched: NDArray[np.int64]
+    similarity: NDArray[np.float32]
+    vectors: NDArray[np.float32]
+
+
+class _TripWrite:
+    """One `write_trip_result` call, split into steps that share the trip's state."""
+
+    def __init__(
+        self,
+        session: Session,
+        trip_id: int,
+        embedder: ModelInfo,
+        settings: PipelineSettings,
+        threshold: float,
+        job_id: int | None,
+    ) -> None:
+        self.session = session
+        self.trip_id = trip_id
+        self.embedder = embedder
+        self.settings = settings
+        self.threshold = threshold
+        self.job_id = job_id
+        self.now = utcnow()
+
+    def run(self, analyzed: Sequence[PhotoOutcome]) -> TripWriteSummary:
+        session = self.session
+        # Lock the trip row first: two jobs of one trip then write one after the other,
+        # and (on MySQL) the snapshot starts after the other's commit.
+        trip = session.scalars(
+            select(Trip).where(Trip.id == self.trip_id).with_for_update()
+        ).first()
+        if trip is None:
+            raise TripNotFound(self.trip_id)
+
+        deleted_by_photo = dict(
+            session.execute(
+                select(Photo.id, Photo.deleted_at).where(Photo.trip_id == trip.id)
+            ).all()
+        )
+        old_faces = list(
+            session.scalars(
+                select(Face)
+                .where(
+                    Face.photo_id.in_(self._trip_photo_ids()),
+                    Face.embedder_sha256 == self.embedder.sha256,
+                )
+                .order_by(Face.photo_id, Face.face_index)
+            )
+        )
+        old_tag_vectors = _tag_vectors(old_faces)
+
+        errors = self._store_outcomes(analyzed, deleted_by_photo, old_faces)
+        session.flush()
+
+        live_photo_ids = sorted(p for p, deleted in deleted_by_photo.items() if deleted is None)
+        grouped = self._group(live_photo_ids)
+        trip_tags = self._trip_tags(old_faces)
+        group_tags, created = self._assign_tags(grouped, trip_tags, old_tag_vectors)
+        self._update_faces(grouped, group_tags, old_faces, deleted_by_photo)
+        session.flush()
+
+        analysed_photos = self._analysed_photos(live_photo_ids)
+        desired = _desired_links(analysed_photos, grouped, group_tags)
+        added, removed = _replace_links(session, trip_id=self.trip_id, desired=desired)
+        tags_deleted = self._delete_empty_tags(trip_tags, set(group_tags.values()))
+
+        summary = TripWriteSummary(
+            photos=len(analysed_photos),
+            faces=len(grouped.faces),
+            people=len(group_tags),
+            others=sum(1 for _, tag in desired if tag == OTHERS_TAG_ID),
+            no_face=sum(1 for _, tag in desired if tag == NO_FACE_TAG_ID),
+            errors=errors,
+            tags_created=created,
+            tags_deleted=tags_deleted,
+            links_added=added,
+            links_removed=removed,
+        )
+        logger.info(
+            "trip result written",
+            extra={"trip_id": self.trip_id, "job_id": self.job_id, **summary.__dict__},
+        )
+        return summary
+
+    def _trip_photo_ids(self) -> Select[tuple[int]]:
+        return select(Photo.id).where(Photo.trip_id == self.trip_id)
+
+    # -- step 1: faces and per-photo status
+
+    def _store_outcomes(
+        self,
+        analyzed: Sequence[PhotoOutcome],
+        deleted_by_photo: dict[int, object],
+        old_faces: list[Face],
+    ) -> int:
+        """Write each outcome's faces and status; returns how many photos failed."""
+        ids = [o.photo_id for o in analyzed]
+        if len(set(ids)) != len(ids):
+            raise ValueError("an outcome appears twice for the same photo")
+        foreign = [pid for pid in ids if pid not in deleted_by_photo]
+        if foreign:
+            elsewhere = dict(
+                self.session.execute(
+                    select(Photo.id, Photo.trip_id).where(Photo.id.in_(foreign))
+                ).all()
+            )
+            if elsewhere:
+                raise ValueError(
+                    f"photos {sorted(elsewhere)} belong to other trips, not {self.trip_id}"
+                )
+            # Deleted from the web app while the job ran: nothing left to write to.
+            logger.warning(
+                "photos vanished during the job",
+                extra={"trip_id": self.trip_id, "photo_ids": sorted(foreign)},
+            )
+        old_by_photo: dict[int, list[Face]] = defaultdict(list)
+        for face in old_faces:
+            old_by_photo[face.photo_id].append(face)
+        analyses = {
+            a.photo_id: a
+            for a in self.session.scalars(
+                select(PhotoAnalysis).where(
+                    PhotoAnalysis.photo_id.in_(ids),
+                    PhotoAnalysis.embedder_sha256 == self.embedder.sha256,
+                )
+            )
+        }
+        errors = 0
+        for outcome in sorted(analyzed, key=lambda o: o.photo_id):
+            if outcome.photo_id not in deleted_by_photo:
+                continue
+            ok = PhotoStatus(outcome.status) is PhotoStatus.OK
+            analysis = analyses.get(outcome.photo_id)
+            if analysis is None:
+                analysis = PhotoAnalysis(
+                    photo_id=outcome.photo_id, embedder_sha256=self.embedder.sha256
+                )
+                self.session.add(analysis)
+            analysis.embedder_name = self.embedder.name
+            analysis.status = PhotoStatus(outcome.status).value
+            analysis.updated_at = self.now
+            analysis.job_id = self.job_id
+            if outcome.width is not None or ok:
+                analysis.width, analysis.height = outcome.width, outcome.height
+            if ok:
+                analysis.error = None
+                analysis.face_count = len(outcome.faces)
+                analysis.analyzed_at = self.now
+                self._replace_faces(outcome, old_by_photo.get(outcome.photo_id, []))
+            else:
+                errors += 1
+                analysis.error = (outcome.error or outcome.status)[:MAX_ERROR_CHARS]
+        return errors
+
+    def _replace_faces(self, outcome: PhotoOutcome, old: list[Face]) -> None:
+        """Rewrite a photo's face rows in place by face_index (ids stay, no duplicates)."""
+        votes = _carry_tags(old, outcome.faces)
+        by_index = {face.face_index: face for face in old}
+        for index, found in enumerate(outcome.faces):
+            row = by_index.pop(index, None)
+            if row is None:
+                row = Face(
+                    photo_id=outcome.photo_id,
+                    face_index=index,
+                    embedder_sha256=self.embedder.sha256,
+                    created_at=self.now,
+                )
+                self.session.add(row)
+            _fill_face(row, found, self.embedder.name)
+            # The folder of the old face at the same place: a vote for matching groups later.
+            row.tagface_id = votes[index]
+            row.group_label = None
+            row.matched_face_id = None
+            row.similarity = None
+            row.is_cover = False
+        for leftover in by_index.values():
+            self.session.delete(leftover)
+
+    # -- step 2: grouping
+
+    def _group(self, live_photo_ids: list[int]) -> _Grouped:
+        faces = list(
+            self.session.scalars(
+                select(Face)
+                .join(Photo, Photo.id == Face.photo_id)
+                .where(
+                    Photo.trip_id == self.trip_id,
+                    Photo.deleted_at.is_(None),
+                    Face.embedder_sha256 == self.embedder.sha256,
+                )
+                .order_by(Face.photo_id, Face.face_index)
+            )
+        )
+        if not faces:
+            empty = np.zeros(0, np.int64)
+            return _Grouped([], empty, empty, np.zeros(0, np.float32), np.zeros((0, 0), np.float32))
+        vectors = _stack_vectors(faces)
+        dense = {pid: i for i, pid in enumerate(live_photo_ids)}
+        photo_index = np.asarray([dense[f.photo_id] for f in faces], np.int64)
+        clustering = cluster_faces(
+            vectors,
+            photo_index,
+            method=self.settings.grouping,
+            threshold=self.settings.similarity_threshold,
+            embedder=self.embedder.name,
+        )
+        return _Grouped(
+            faces, clustering.labels, clustering.matched_face, clustering.similarity, vectors
+        )
+
+    # -- step 3: which folder each group is
+
+    def _trip_tags(self, old_faces: list[Face]) -> dict[int, TagFace]:
+        """The trip's person folders: linked to its photos or holding its faces."""
+        linked = select(PhotoTagFace.tagface_id).where(
+            PhotoTagFace.photo_id.in_(self._trip_photo_ids())
+        )
+        ids = set(self.session.scalars(linked))
+        ids |= {f.tagface_id for f in old_faces if f.tagface_id is not None}
+        ids -= SHARED_TAG_IDS
+        if not ids:
+            return {}
+        tags = self.session.scalars(select(TagFace).where(TagFace.id.in_(sorted(ids))))
+        return {tag.id: tag for tag in tags}
+
+    def _assign_tags(
+        self,
+        grouped: _Grouped,
+        trip_tags: dict[int, TagFace],
+        old_tag_vectors: dict[int, NDArray[np.float32]],
+    ) -> tuple[dict[int, int], int]:
+        """Folder id for each group label; creates folders for new people."""
+        labels = sorted({int(x) for x in grouped.labels if x >= 0})
+        if not labels:
+            return {}, 0
+        tag_ids = sorted(trip_tags)
+        assigned: dict[int, int] = {}
+
+        # 1) Votes: faces that were already in a folder (kept, or re-detected in place).
+        if tag_ids:
+            col = {t: j for j, t in enumerate(tag_ids)}
+            row = {g: i for i, g in enumerate(labels)}
+            votes = np.zeros((len(labels), len(tag_ids)), np.int64)
+            for face, label in zip(grouped.faces, grouped.labels, strict=True):
+                if label >= 0 and face.tagface_id in col:
+                    votes[row[int(label)], col[face.tagface_id]] += 1
+            # Equal votes (two folders merged into one group): the named folder wins.
+            named = np.asarray([trip_tags[t].is_named for t in tag_ids])
+            score = 2 * votes + ((votes > 0) & named[None, :])
+            for i, j in zip(*linear_sum_assignment(score, maximize=True), strict=True):
+                if votes[i, j] > 0:
+                    assigned[labels[i]] = tag_ids[j]
+
+        # 2) Similarity of mean embeddings, for groups no face voted for.
+        free_groups = [g for g in labels if g not in assigned]
+        taken = set(assigned.values())
+        free_tags = [t for t in tag_ids if t not in taken and t in old_tag_vectors]
+        if free_groups and free_tags:
+            means = np.stack(
+                [_mean_direction(grouped.vectors[grouped.labels == g]) for g in free_groups]
+            )
+            olds = np.stack([old_tag_vectors[t] for t in free_tags])
+            if means.shape[1] == olds.shape[1]:
+                sim = means @ olds.T
+                for i, j in zip(*linear_sum_assignment(sim, maximize=True), strict=True):
+                    if sim[i, j] >= self.threshold:
+                        assigned[free_groups[i]] = free_tags[j]
+
+        # 3) New people: new folders, numbered after the trip's existing ones.
+        used_nums = {tag.tag_num for tag in trip_tags.values()}
+        created = 0
+        for label in labels:
+            if label in assigned:
+                continue
+            tag_num = next(n for n in range(len(used_nums) + 1) if n not in used_nums)
+            used_nums.add(tag_num)
+            tag = TagFace(tag_num=tag_num, custom_name=UNNAMED)
+            self.session.add(tag)
+            self.session.flush()
+            assigned[label] = tag.id
+            created += 1
+        return assigned, created
+
+    # -- step 4: faces get their folder, match and cover
+
+    def _update_faces(
+        self,
+        grouped: _Grouped,
+        group_tags: dict[int, int],
+        old_faces: list[Face],
+        deleted_by_photo: dict[int, object],
+    ) -> None:
+        cover: dict[int, int] = {}
+        best: dict[int, float] = {}
+        for i, (face, label) in enumerate(zip(grouped.faces, grouped.labels, strict=True)):
+            if label < 0:
+                continue
+            # The face that shows the person best: confident and large.
+            area = max(face.x2 - face.x1, 0.0) * max(face.y2 - face.y1, 0.0)
+            value = face.score * area
+            if int(label) not in best or value > best[int(label)]:
+                best[int(label)], cover[int(label)] = value, i
+        for i, face in enumerate(grouped.faces):
+            label = int(grouped.labels[i])
+            match = int(grouped.matched[i])
+            sim = float(grouped.similarity[i])
+            _set_if_changed(face, "group_label", label)
+            _set_if_changed(face, "tagface_id", group_tags[label] if label >= 0 else OTHERS_TAG_ID)
+            _set_if_changed(
+                face, "matched_face_id", grouped.faces[match].id if match >= 0 else None
+            )
+            _set_if_changed(face, "similarity", sim if np.isfinite(sim) else None)
+            _set_if_changed(face, "is_cover", label >= 0 and cover[label] == i)
+        for face in old_faces:
+            # Faces of deleted photos keep their folder (it remembers the person) but never
+            # stand for it.
+            if deleted_by_photo.get(face.photo_id) is not None and face.is_cover:
+                face.is_cover = False
+
+    # -- step 5: links and empty folders
+
+    def _analysed_photos(self, live_photo_ids: list[int]) -> list[int]:
+        """Live photos with a successful analysis for this embedder (ordered by id)."""
+        rows = self.session.scalars(
+            select(PhotoAnalysis.photo_id)
+            .join(Photo, Photo.id == PhotoAnalysis.photo_id)
+            .where(
+                Photo.trip_id == self.trip_id,
+                Photo.deleted_at.is_(None),
+                PhotoAnalysis.embedder_sha256 == self.embedder.sha256,
+                PhotoAnalysis.analyzed_at.is_not(None),
+            )
+            .order_by(PhotoAnalysis.photo_id)
+        )
+        return list(rows)
+
+    def _delete_empty_tags(self, trip_tags: dict[int, TagFace], in_use: set[int]) -> int:
+        """Delete the trip's unnamed folders that no photo links to any more."""
+        candidates = sorted(
+            t for t, tag in trip_tags.items() if t not in in_use and not tag.is_named
+        )
+        if not candidates:
+            return 0
+        still_linked = set(
+            self.session.scalars(
+                select(PhotoTagFace.tagface_id).where(PhotoTagFace.tagface_id.in_(candidates))
+            )
+        )
+        doomed = [t for t in candidates if t not in still_linked]
+        if not doomed:
+            return 0
+        # The foreign key would set these NULL too; doing it here keeps the session in step.
+        self.session.execute(
+            update(Face).where(Face.tagface_id.in_(doomed)).values(tagface_id=None)
+        )
+        self.session.execute(delete(TagFace).where(TagFace.id.in_(doomed)))
+        logger.info("empty folders deleted", extra={"trip_id": self.trip_id, "tag_ids": doomed})
+        return len(doomed)
+
+
+def _desired_links(
+    analysed_photos: list[int], grouped: _Grouped, group_tags: dict[int, int]
+) -> set[tuple[int, int]]:
+    """(photo_id, tagface_id) pairs the trip should have."""
+    labels_by_photo: dict[int, list[int]] = defaultdict(list)
+    for face, label in zip(grouped.faces, grouped.labels, strict=True):
+        labels_by_photo[face.photo_id].append(int(label))
+    desired: set[tuple[int, int]] = set()
+    for photo_id in analysed_photos:
+        labels = labels_by_photo.get(photo_id, [])
+        people = {group_tags[label] for label in labels if label >= 0}
+        if not labels:
+            desired.add((photo_id, NO_FACE_TAG_ID))
+        elif not people:
+            desired.add((photo_id, OTHERS_TAG_ID))
+        else:
+            desired.update((photo_id, tag) for tag in people)
+    return desired
+
+
+def _replace_links(
+    session: Session, *, trip_id: int, desired: set[tuple[int, int]]
+) -> tuple[int, int]:
+    """Make the trip's photos_photo_tag_face rows exactly `desired`; returns (added, removed).
+
+    Only rows that must go are deleted and only missing ones inserted, so unchanged links
+    keep their ids.
+    """
+    trip_photo_ids = select(Photo.id).where(Photo.trip_id == trip_id)
+    existing = session.execute(
+        select(PhotoTagFace.id, PhotoTagFace.photo_id, PhotoTagFace.tagface_id).where(
+            PhotoTagFace.photo_id.in_(trip_photo_ids)
+        )
+    ).all()
+    have = {(photo_id, tag_id) for _, photo_id, tag_id in existing}
+    stale = sorted(
+        link_id for link_id, photo_id, tag_id in existing if (photo_id, tag_id) not in desired
+    )
+    for chunk in _chunks(stale):
+        session.execute(delete(PhotoTagFace).where(PhotoTagFace.id.in_(chunk)))
+    missing = sorted(desired - have)
+    for chunk in _chunks(missing):
+        session.execute(insert(PhotoTagFace), [{"photo_id": p, "tagface_id": t} for p, t in chunk])
+    return len(missing), len(stale)
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+_T = TypeVar("_T")
+
+
+def _chunks(items: list[_T], size: int = _CHUNK) -> Iterable[list[_T]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _set_if_changed(obj: object, name: str, value: object) -> None:
+    # Assigning an equal value still marks the row dirty for some types; skip it so a
+    # repeated write issues no UPDATE at all.
+    if getattr(obj, name) != value:
+        setattr(obj, name, value)
+
+
+def _fill_face(row: Face, found: FaceOutcome, embedder_name: str) -> None:
+    vector = np.asarray(found.embedding, dtype=np.float32).reshape(-1)
+    if vector.size == 0 or not np.all(np.isfinite(vector)):
+        raise ValueError(f"face of photo {row.photo_id} has an empty or non-finite embedding")
+    if len(found.box) != 4:
+        raise ValueError(f"face of photo {row.photo_id} has a box of {len(found.box)} values")
+    row.x1, row.y1, row.x2, row.y2 = (float(v) for v in found.box)
+    row.landmarks = [[float(x), float(y)] for x, y in found.landmarks]
+    row.score = float(found.score)
+    row.embedding = vector.astype("<f4").tobytes()
+    row.embedder_name = embedder_name
+    row.thumbnail_key = found.thumbnail_key
+
+
+def _stack_vectors(faces: list[Face]) -> NDArray[np.float32]:
+    vectors = [face.vector for face in faces]
+    dims = {v.shape[0] for v in vectors}
+    if len(dims) != 1:
+        raise ValueError(f"stored embeddings of one embedder differ in length: {sorted(dims)}")
+    return np.stack(vectors).astype(np.float32)
+
+
+def _mean_direction(vectors: NDArray[np.float32]) -> NDArray[np.float32]:
+    mean = vectors.astype(np.float64).mean(axis=0)
+    norm = np.linalg.norm(mean)
+    return (mean / norm if norm > 0 else mean).astype(np.float32)
+
+
+def _tag_vectors(faces: list[Face]) -> dict[int, NDArray[np.float32]]:
+    """Mean embedding direction of each person folder's faces before this write."""
+    by_tag: dict[int, list[NDArray[np.float32]]] = defaultdict(list)
+    for face in faces:
+        if face.tagface_id is not None and face.tagface_id not in SHARED_TAG_IDS:
+            by_tag[face.tagface_id].append(face.vector)
+    out: dict[int, NDArray[np.float32]] = {}
+    for tag_id, vectors in by_tag.items():
+        if len({v.shape[0] for v in vectors}) == 1:
+            out[tag_id] = _mean_direction(np.stack(vectors))
+    return out
+
+
+def box_iou(a: NDArray[np.float64], b: NDArray[np.float64]) -> NDArray[np.float64]:
+    """Pairwise IoU of boxes a (n, 4) and b (m, 4), x1 y1 x2 y2."""
+    x1 = np.maximum(a[:, None, 0], b[None, :, 0])
+    y1 = np.maximum(a[:, None, 1], b[None, :, 1])
+    x2 = np.minimum(a[:, None, 2], b[None, :, 2])
+    y2 = np.minimum(a[:, None, 3], b[None, :, 3])
+    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
+    area_a = np.clip(a[:, 2] - a[:, 0], 0, None) * np.clip(a[:, 3] - a[:, 1], 0, None)
+    area_b = np.clip(b[:, 2] - b[:, 0], 0, None) * np.clip(b[:, 3] - b[:, 1], 0, None)
+    union = area_a[:, None] + area_b[None, :] - inter
+    return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
+
+
+def _carry_tags(old: list[Face], new: list[FaceOutcome]) -> list[int | None]:
+    """For each new face, the person folder of the old face it overlaps (IoU >= 0.5), one-to-one."""
+    votes: list[int | None] = [None] * len(new)
+    tagged = [f for f in old if f.tagface_id is not None and f.tagface_id not in SHARED_TAG_IDS]
+    if not tagged or not new:
+        return votes
+    iou = box_iou(
+        np.asarray([f.box for f in tagged], np.float64),
+        np.asarray([list(f.box) for f in new], np.float64).reshape(-1, 4),
+    )
+    for i, j in zip(*linear_sum_assignment(iou, maximize=True), strict=True):
+        if iou[i, j] >= BOX_MATCH_IOU:
+            votes[j] = tagged[i].tagface_id
+    return votes

@@ -1,0 +1,172 @@
+"""The worker's own tables (prefix `aftertrip_`), created by the migrations in db/migrations.
+
+- `aftertrip_job`: one grouping run of a trip (a Celery task, possibly delivered twice);
+- `aftertrip_photo`: what happened to one photo for one embedder (ok, or its error);
+- `aftertrip_face`: every face found, with its embedding and the folder it went to.
+
+Foreign keys into the web app's tables cascade (or set NULL) in the database, because the
+web app deletes in Python and does not know these tables exist.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from db.types import BigId, UTCDateTime, utcnow
+from db.webapp import Photo, TagFace, Trip
+
+# Explicit names keep every index and constraint under MySQL's 64-character limit and
+# identical on the three backends (Alembic can then drop them by name).
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+SHA256_LENGTH = 64
+
+
+class Base(DeclarativeBase):
+    """Declarative base of the worker's tables (the only MetaData Alembic manages)."""
+
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class JobStatus(StrEnum):
+    """Where a grouping job is."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+class JobMode(StrEnum):
+    """Which photos a job analyses: only those without a result, or all of them again."""
+
+    MISSING = "missing"
+    ALL = "all"
+
+
+class Job(Base):
+    """aftertrip_job: one grouping run of a trip and the models it used."""
+
+    __tablename__ = "aftertrip_job"
+    __table_args__ = (Index(None, "trip_id", "status"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    trip_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey(Trip.id, ondelete="CASCADE"), nullable=False
+    )
+    mode: Mapped[str] = mapped_column(String(16), nullable=False)
+    status: Mapped[str] = mapped_column(String(16), nullable=False, default=JobStatus.QUEUED)
+    celery_task_id: Mapped[str | None] = mapped_column(String(255), unique=True)
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    counts: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    error: Mapped[str | None] = mapped_column(Text)
+    detector_name: Mapped[str | None] = mapped_column(String(255))
+    detector_sha256: Mapped[str | None] = mapped_column(String(SHA256_LENGTH))
+    embedder_name: Mapped[str | None] = mapped_column(String(255))
+    embedder_sha256: Mapped[str | None] = mapped_column(String(SHA256_LENGTH))
+    # Every model file (name, role, sha256): MTCNN alone is three files.
+    models: Mapped[list[dict[str, str]] | None] = mapped_column(JSON)
+
+
+class PhotoAnalysis(Base):
+    """aftertrip_photo: the latest analysis of one photo with one embedder.
+
+    `analyzed_at` is the time of the last *successful* analysis: a later failure records
+    its status and error here but keeps the faces (and sizes) that analysis stored.
+    """
+
+    __tablename__ = "aftertrip_photo"
+    __table_args__ = (UniqueConstraint("photo_id", "embedder_sha256"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    photo_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey(Photo.id, ondelete="CASCADE"), nullable=False
+    )
+    embedder_name: Mapped[str] = mapped_column(String(255), nullable=False)
+    embedder_sha256: Mapped[str] = mapped_column(String(SHA256_LENGTH), nullable=False)
+    status: Mapped[str] = mapped_column(String(16), nullable=False)
+    error: Mapped[str | None] = mapped_column(Text)
+    width: Mapped[int | None] = mapped_column(Integer)
+    height: Mapped[int | None] = mapped_column(Integer)
+    face_count: Mapped[int | None] = mapped_column(Integer)
+    analyzed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+    job_id: Mapped[int | None] = mapped_column(
+        BigInteger, ForeignKey("aftertrip_job.id", ondelete="SET NULL"), index=True
+    )
+
+
+class Face(Base):
+    """aftertrip_face: one detected face, its embedding, and the person folder it went to.
+
+    Unique per (photo, embedder, face_index), so a redelivered job rewrites the same rows
+    instead of adding copies.
+    """
+
+    __tablename__ = "aftertrip_face"
+    __table_args__ = (UniqueConstraint("photo_id", "embedder_sha256", "face_index"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    photo_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey(Photo.id, ondelete="CASCADE"), nullable=False
+    )
+    face_index: Mapped[int] = mapped_column(Integer, nullable=False)
+    x1: Mapped[float] = mapped_column(Float, nullable=False)
+    y1: Mapped[float] = mapped_column(Float, nullable=False)
+    x2: Mapped[float] = mapped_column(Float, nullable=False)
+    y2: Mapped[float] = mapped_column(Float, nullable=False)
+    landmarks: Mapped[list[list[float]]] = mapped_column(JSON, nullable=False)
+    score: Mapped[float] = mapped_column(Float, nullable=False)
+    # float32 little-endian bytes (2 KiB for 512-d); read with `Face.vector`.
+    embedding: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
+    embedder_name: Mapped[str] = mapped_column(String(255), nullable=False)
+    embedder_sha256: Mapped[str] = mapped_column(String(SHA256_LENGTH), nullable=False)
+    tagface_id: Mapped[int | None] = mapped_column(
+        BigInteger, ForeignKey(TagFace.id, ondelete="SET NULL"), index=True
+    )
+    group_label: Mapped[int | None] = mapped_column(Integer)
+    matched_face_id: Mapped[int | None] = mapped_column(
+        BigInteger, ForeignKey("aftertrip_face.id", ondelete="SET NULL"), index=True
+    )
+    similarity: Mapped[float | None] = mapped_column(Float)
+    is_cover: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    thumbnail_key: Mapped[str | None] = mapped_column(String(1024))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+
+    @property
+    def box(self) -> list[float]:
+        """x1, y1, x2, y2 in original photo pixels."""
+        return [self.x1, self.y1, self.x2, self.y2]
+
+    @property
+    def vector(self) -> NDArray[np.float32]:
+        """The stored embedding as a float32 vector."""
+        return np.frombuffer(self.embedding, dtype="<f4").astype(np.float32)

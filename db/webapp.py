@@ -1,0 +1,287 @@
+"""The web app's tables, mapped exactly as its Django migrations create them.
+
+The web app (Django) owns these tables: the worker reads trips and photos, and writes only
+`photos_tagface` (person folders) and `photos_photo_tag_face` (which photo is in which
+folder). They live in their own `MetaData`, apart from the worker's `Base`, so Alembic never
+creates, alters or drops them.
+
+Column choices, checked against what Django stores on each backend:
+- `file_key` is a Django `UUIDField`: native `uuid` on PostgreSQL, `char(32)` (hex without
+  dashes) on MySQL/MariaDB and SQLite. `DjangoUUID` maps both, and reads a native MariaDB
+  `uuid` column (Django >= 5.0 on MariaDB >= 10.7) too. The S3 object key is
+  `str(file_key)`: the canonical lowercase form *with* dashes, the way Django's
+  `str(instance.file_key)` (and `uuid.uuid4()` in the upload code) spells it, whatever the
+  database stores. `Photo.s3_key` is that string.
+- `photos_tagface.custom_name` is a `CharField(blank=True)`: NOT NULL in the database, with
+  '' meaning "unnamed"; NULL is read as unnamed too, in case a deployment made it nullable.
+- `group_id` and `uploaded_by_id` point at account tables the worker never touches, so no
+  foreign keys to them are declared here.
+- Django emulates `on_delete=CASCADE` in Python: its foreign keys carry no ON DELETE clause
+  (and are DEFERRABLE INITIALLY DEFERRED on PostgreSQL and SQLite).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from datetime import date, datetime
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Date,
+    Engine,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    inspect,
+    select,
+    text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+from db.types import BigId, DjangoUUID, UTCDateTime, utcnow
+
+logger = logging.getLogger(__name__)
+
+NO_FACE_TAG_ID = 1
+"""photos_tagface row shared by all trips: photos in which no face was found (tag_num -2)."""
+
+OTHERS_TAG_ID = 2
+"""photos_tagface row shared by all trips: photos whose faces were each seen once (tag_num -1)."""
+
+SHARED_TAG_IDS = frozenset({NO_FACE_TAG_ID, OTHERS_TAG_ID})
+
+
+class WebAppBase(DeclarativeBase):
+    """Declarative base of the web app's tables; its MetaData is never given to Alembic."""
+
+    metadata = MetaData()
+
+
+class Trip(WebAppBase):
+    """trips_trip: one trip of a travel group."""
+
+    __tablename__ = "trips_trip"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+    deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    group_id: Mapped[int] = mapped_column(BigInteger)
+    place: Mapped[str] = mapped_column(String(50))
+    departing_date: Mapped[date] = mapped_column(Date, default=date.today)
+    arriving_date: Mapped[date] = mapped_column(Date, default=date.today)
+    thumbnail: Mapped[str | None] = mapped_column(Text)
+
+
+class Photo(WebAppBase):
+    """photos_photo: one uploaded photo; its bytes are the S3 object `s3_key`."""
+
+    __tablename__ = "photos_photo"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+    deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    file_key: Mapped[uuid.UUID] = mapped_column(DjangoUUID, unique=True, default=uuid.uuid4)
+    file_name: Mapped[str] = mapped_column(String(255), default="")
+    trip_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("trips_trip.id"), index=True)
+    url: Mapped[str] = mapped_column(Text, default="")
+    taken_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    uploaded_by_id: Mapped[int | None] = mapped_column(BigInteger)
+    is_sorted_yolo: Mapped[bool] = mapped_column(Boolean, default=False)
+
+    @property
+    def s3_key(self) -> str:
+        """The S3 object key of the photo: `str(file_key)`, lowercase with dashes."""
+        return str(self.file_key)
+
+
+class TagFace(WebAppBase):
+    """photos_tagface: one person folder; `custom_name` is what users typed ('' = unnamed)."""
+
+    __tablename__ = "photos_tagface"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    tag_num: Mapped[int] = mapped_column(Integer)
+    custom_name: Mapped[str | None] = mapped_column(String(255), default="")
+
+    @property
+    def is_named(self) -> bool:
+        """Whether a user gave the folder a name (named folders are never deleted)."""
+        return bool(self.custom_name and self.custom_name.strip())
+
+
+class PhotoTagFace(WebAppBase):
+    """photos_photo_tag_face: Django's many-to-many table between photos and person folders."""
+
+    __tablename__ = "photos_photo_tag_face"
+    __table_args__ = (UniqueConstraint("photo_id", "tagface_id"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    photo_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("photos_photo.id"), index=True)
+    tagface_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("photos_tagface.id"), index=True)
+
+
+# What `manage.py sqlmigrate` prints for these models (Django 4.2, BigAutoField), per backend.
+# Kept as SQL rather than built from the mappings above so that tests check the mappings
+# against Django's layout, not against themselves.
+_PG_DDL: dict[str, list[str]] = {
+    "trips_trip": [
+        'CREATE TABLE "trips_trip" ("id" bigint NOT NULL PRIMARY KEY GENERATED BY DEFAULT AS '
+        'IDENTITY, "created_at" timestamp with time zone NOT NULL, "updated_at" timestamp with '
+        'time zone NOT NULL, "deleted_at" timestamp with time zone NULL, "group_id" bigint NOT '
+        'NULL, "place" varchar(50) NOT NULL, "departing_date" date NOT NULL, "arriving_date" '
+        'date NOT NULL, "thumbnail" text NULL)',
+    ],
+    "photos_tagface": [
+        'CREATE TABLE "photos_tagface" ("id" bigint NOT NULL PRIMARY KEY GENERATED BY DEFAULT '
+        'AS IDENTITY, "tag_num" integer NOT NULL, "custom_name" varchar(255) NOT NULL)',
+    ],
+    "photos_photo": [
+        'CREATE TABLE "photos_photo" ("id" bigint NOT NULL PRIMARY KEY GENERATED BY DEFAULT AS '
+        'IDENTITY, "created_at" timestamp with time zone NOT NULL, "updated_at" timestamp with '
+        'time zone NOT NULL, "deleted_at" timestamp with time zone NULL, "file_key" uuid NOT '
+        'NULL UNIQUE, "file_name" varchar(255) NOT NULL, "url" text NOT NULL, "taken_at" '
+        'timestamp with time zone NULL, "uploaded_by_id" bigint NULL, "is_sorted_yolo" boolean '
+        'NOT NULL, "trip_id" bigint NOT NULL)',
+        'ALTER TABLE "photos_photo" ADD CONSTRAINT "photos_photo_trip_id_5c1d3a2e_fk_trips_trip_id"'
+        ' FOREIGN KEY ("trip_id") REFERENCES "trips_trip" ("id") DEFERRABLE INITIALLY DEFERRED',
+        'CREATE INDEX "photos_photo_trip_id_5c1d3a2e" ON "photos_photo" ("trip_id")',
+    ],
+    "photos_photo_tag_face": [
+        'CREATE TABLE "photos_photo_tag_face" ("id" bigint NOT NULL PRIMARY KEY GENERATED BY '
+        'DEFAULT AS IDENTITY, "photo_id" bigint NOT NULL, "tagface_id" bigint NOT NULL)',
+        'ALTER TABLE "photos_photo_tag_face" ADD CONSTRAINT '
+        '"photos_photo_tag_face_photo_id_tagface_id_9b8e7f61_uniq" '
+        'UNIQUE ("photo_id", "tagface_id")',
+        'ALTER TABLE "photos_photo_tag_face" ADD CONSTRAINT '
+        '"photos_photo_tag_face_photo_id_0a4b6c8d_fk_photos_photo_id" FOREIGN KEY ("photo_id") '
+        'REFERENCES "photos_photo" ("id") DEFERRABLE INITIALLY DEFERRED',
+        'ALTER TABLE "photos_photo_tag_face" ADD CONSTRAINT '
+        '"photos_photo_tag_face_tagface_id_3e2f1a0b_fk_photos_tagface_id" FOREIGN KEY '
+        '("tagface_id") REFERENCES "photos_tagface" ("id") DEFERRABLE INITIALLY DEFERRED',
+        'CREATE INDEX "photos_photo_tag_face_photo_id_0a4b6c8d" ON "photos_photo_tag_face" '
+        '("photo_id")',
+        'CREATE INDEX "photos_photo_tag_face_tagface_id_3e2f1a0b" ON "photos_photo_tag_face" '
+        '("tagface_id")',
+    ],
+}
+
+_MYSQL_DDL: dict[str, list[str]] = {
+    "trips_trip": [
+        "CREATE TABLE `trips_trip` (`id` bigint AUTO_INCREMENT NOT NULL PRIMARY KEY, "
+        "`created_at` datetime(6) NOT NULL, `updated_at` datetime(6) NOT NULL, `deleted_at` "
+        "datetime(6) NULL, `group_id` bigint NOT NULL, `place` varchar(50) NOT NULL, "
+        "`departing_date` date NOT NULL, `arriving_date` date NOT NULL, `thumbnail` longtext NULL)",
+    ],
+    "photos_tagface": [
+        "CREATE TABLE `photos_tagface` (`id` bigint AUTO_INCREMENT NOT NULL PRIMARY KEY, "
+        "`tag_num` integer NOT NULL, `custom_name` varchar(255) NOT NULL)",
+    ],
+    "photos_photo": [
+        "CREATE TABLE `photos_photo` (`id` bigint AUTO_INCREMENT NOT NULL PRIMARY KEY, "
+        "`created_at` datetime(6) NOT NULL, `updated_at` datetime(6) NOT NULL, `deleted_at` "
+        "datetime(6) NULL, `file_key` char(32) NOT NULL UNIQUE, `file_name` varchar(255) NOT "
+        "NULL, `url` longtext NOT NULL, `taken_at` datetime(6) NULL, `uploaded_by_id` bigint "
+        "NULL, `is_sorted_yolo` bool NOT NULL, `trip_id` bigint NOT NULL)",
+        "ALTER TABLE `photos_photo` ADD CONSTRAINT `photos_photo_trip_id_5c1d3a2e_fk_trips_trip_id`"
+        " FOREIGN KEY (`trip_id`) REFERENCES `trips_trip` (`id`)",
+    ],
+    "photos_photo_tag_face": [
+        "CREATE TABLE `photos_photo_tag_face` (`id` bigint AUTO_INCREMENT NOT NULL PRIMARY KEY, "
+        "`photo_id` bigint NOT NULL, `tagface_id` bigint NOT NULL)",
+        "ALTER TABLE `photos_photo_tag_face` ADD CONSTRAINT "
+        "`photos_photo_tag_face_photo_id_tagface_id_9b8e7f61_uniq` "
+        "UNIQUE (`photo_id`, `tagface_id`)",
+        "ALTER TABLE `photos_photo_tag_face` ADD CONSTRAINT "
+        "`photos_photo_tag_face_photo_id_0a4b6c8d_fk_photos_photo_id` FOREIGN KEY (`photo_id`) "
+        "REFERENCES `photos_photo` (`id`)",
+        "ALTER TABLE `photos_photo_tag_face` ADD CONSTRAINT "
+        "`photos_photo_tag_face_tagface_id_3e2f1a0b_fk_photos_tagface_id` FOREIGN KEY "
+        "(`tagface_id`) REFERENCES `photos_tagface` (`id`)",
+    ],
+}
+
+_SQLITE_DDL: dict[str, list[str]] = {
+    "trips_trip": [
+        'CREATE TABLE "trips_trip" ("id" integer NOT NULL PRIMARY KEY AUTOINCREMENT, '
+        '"created_at" datetime NOT NULL, "updated_at" datetime NOT NULL, "deleted_at" datetime '
+        'NULL, "group_id" bigint NOT NULL, "place" varchar(50) NOT NULL, "departing_date" date '
+        'NOT NULL, "arriving_date" date NOT NULL, "thumbnail" text NULL)',
+    ],
+    "photos_tagface": [
+        'CREATE TABLE "photos_tagface" ("id" integer NOT NULL PRIMARY KEY AUTOINCREMENT, '
+        '"tag_num" integer NOT NULL, "custom_name" varchar(255) NOT NULL)',
+    ],
+    "photos_photo": [
+        'CREATE TABLE "photos_photo" ("id" integer NOT NULL PRIMARY KEY AUTOINCREMENT, '
+        '"created_at" datetime NOT NULL, "updated_at" datetime NOT NULL, "deleted_at" datetime '
+        'NULL, "file_key" char(32) NOT NULL UNIQUE, "file_name" varchar(255) NOT NULL, "url" '
+        'text NOT NULL, "taken_at" datetime NULL, "uploaded_by_id" bigint NULL, '
+        '"is_sorted_yolo" bool NOT NULL, "trip_id" bigint NOT NULL REFERENCES "trips_trip" '
+        '("id") DEFERRABLE INITIALLY DEFERRED)',
+        'CREATE INDEX "photos_photo_trip_id_5c1d3a2e" ON "photos_photo" ("trip_id")',
+    ],
+    "photos_photo_tag_face": [
+        'CREATE TABLE "photos_photo_tag_face" ("id" integer NOT NULL PRIMARY KEY AUTOINCREMENT, '
+        '"photo_id" bigint NOT NULL REFERENCES "photos_photo" ("id") DEFERRABLE INITIALLY '
+        'DEFERRED, "tagface_id" bigint NOT NULL REFERENCES "photos_tagface" ("id") DEFERRABLE '
+        "INITIALLY DEFERRED)",
+        'CREATE UNIQUE INDEX "photos_photo_tag_face_photo_id_tagface_id_9b8e7f61_uniq" ON '
+        '"photos_photo_tag_face" ("photo_id", "tagface_id")',
+        'CREATE INDEX "photos_photo_tag_face_photo_id_0a4b6c8d" ON "photos_photo_tag_face" '
+        '("photo_id")',
+        'CREATE INDEX "photos_photo_tag_face_tagface_id_3e2f1a0b" ON "photos_photo_tag_face" '
+        '("tagface_id")',
+    ],
+}
+
+_DDL_BY_DIALECT = {
+    "postgresql": _PG_DDL,
+    "mysql": _MYSQL_DDL,
+    "mariadb": _MYSQL_DDL,
+    "sqlite": _SQLITE_DDL,
+}
+
+WEBAPP_TABLES = ("trips_trip", "photos_tagface", "photos_photo", "photos_photo_tag_face")
+
+
+def create_webapp_tables(engine: Engine) -> None:
+    """Create the web app's four tables as Django's migrations do, plus tags 1 and 2.
+
+    Only for tests and the embedded demo: in production the web app has created them.
+    Tables that already exist are left alone; the shared "no faces" (id 1, tag_num -2) and
+    "others" (id 2, tag_num -1) folders are added when absent.
+    """
+    ddl = _DDL_BY_DIALECT.get(engine.dialect.name)
+    if ddl is None:
+        raise ValueError(f"no web-app DDL for the {engine.dialect.name} backend")
+    existing = set(inspect(engine).get_table_names())
+    with engine.begin() as conn:
+        for table in WEBAPP_TABLES:
+            if table in existing:
+                continue
+            logger.info("creating web-app table", extra={"table": table})
+            for statement in ddl[table]:
+                conn.execute(text(statement))
+    with Session(engine) as session, session.begin():
+        present = set(session.scalars(select(TagFace.id).where(TagFace.id.in_(SHARED_TAG_IDS))))
+        shared = ((NO_FACE_TAG_ID, -2, "no faces"), (OTHERS_TAG_ID, -1, "others"))
+        for tag_id, tag_num, name in shared:
+            if tag_id not in present:
+                session.add(TagFace(id=tag_id, tag_num=tag_num, custom_name=name))
+        session.flush()
+        if engine.dialect.name == "postgresql" and len(present) < len(SHARED_TAG_IDS):
+            # Explicit ids do not advance an identity column (Django's loaddata resets it
+            # the same way), or the next new folder would collide with id 1.
+            session.execute(
+                text(
+                    "SELECT setval(pg_get_serial_sequence('photos_tagface', 'id'), "
+                    "(SELECT max(id) FROM photos_tagface))"
+                )
+            )

@@ -1,0 +1,177 @@
+"""Databases for tests: a fresh SQLite, PostgreSQL or MariaDB database per test.
+
+Each database gets the web app's tables (as Django creates them, with folders 1 and 2)
+and the worker's migrations. Import the fixtures into a test module:
+
+    from tests.dbfixtures import db_backend, db_engine, db_url  # noqa: F401
+
+`db_backend` is parametrised over the three backends, so every test that uses `db_url` or
+`db_engine` runs on each. PostgreSQL and MariaDB are the loopback servers (override with
+AFTERTRIP_TEST_POSTGRES_URL / AFTERTRIP_TEST_MARIADB_URL); when one is down its tests are
+skipped with the reason, and fail under CI=true.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine, create_engine, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session
+from sqlalchemy.pool import NullPool
+
+from db.session import make_engine, upgrade
+from db.webapp import Photo, Trip, create_webapp_tables
+
+POSTGRES_SERVER_URL = os.environ.get(
+    "AFTERTRIP_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+MARIADB_SERVER_URL = os.environ.get(
+    "AFTERTRIP_TEST_MARIADB_URL", "mysql+pymysql://root@127.0.0.1:3306/test?charset=utf8mb4"
+)
+SERVER_URLS = {"postgresql": POSTGRES_SERVER_URL, "mariadb": MARIADB_SERVER_URL}
+
+BACKENDS = [
+    pytest.param("sqlite", id="sqlite"),
+    pytest.param("postgresql", id="postgresql", marks=pytest.mark.services),
+    pytest.param("mariadb", id="mariadb", marks=pytest.mark.services),
+]
+
+_unreachable: dict[str, str | None] = {}
+
+
+def _admin_engine(backend: str) -> Engine:
+    # AUTOCOMMIT: CREATE/DROP DATABASE cannot run inside a transaction on PostgreSQL.
+    return create_engine(
+        SERVER_URLS[backend],
+        isolation_level="AUTOCOMMIT",
+        connect_args={"connect_timeout": 3},
+        poolclass=NullPool,
+    )
+
+
+def require_server(backend: str) -> None:
+    """Skip (or fail under CI=true) when the backend's loopback server does not answer."""
+    if backend == "sqlite":
+        return
+    if backend not in _unreachable:
+        engine = _admin_engine(backend)
+        try:
+            with engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+            _unreachable[backend] = None
+        except Exception as exc:  # any driver error means "not there"
+            _unreachable[backend] = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        finally:
+            engine.dispose()
+    reason = _unreachable[backend]
+    if reason is None:
+        return
+    where = make_url(SERVER_URLS[backend]).render_as_string()
+    message = f"{backend} at {where} is not reachable ({reason})"
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"CI=true but {message}")
+    pytest.skip(message)
+
+
+@contextmanager
+def fresh_database(backend: str, tmp_path: Path) -> Iterator[str]:
+    """The URL of a new, empty database on `backend`, dropped afterwards."""
+    require_server(backend)
+    if backend == "sqlite":
+        yield f"sqlite:///{tmp_path / f'aftertrip-{uuid.uuid4().hex[:8]}.db'}"
+        return
+    name = f"aftertrip_test_{uuid.uuid4().hex[:12]}"
+    admin = _admin_engine(backend)
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f"CREATE DATABASE {name}"))
+        yield (
+            make_url(SERVER_URLS[backend]).set(database=name).render_as_string(hide_password=False)
+        )
+    finally:
+        with admin.connect() as conn:
+            if backend == "postgresql":
+                conn.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            else:
+                # A connection a test forgot would make DROP wait on its locks.
+                ids = conn.execute(
+                    text("SELECT id FROM information_schema.processlist WHERE db = :db"),
+                    {"db": name},
+                ).scalars()
+                for connection_id in list(ids):
+                    conn.execute(text(f"KILL {int(connection_id)}"))
+                conn.execute(text(f"DROP DATABASE IF EXISTS {name}"))
+        admin.dispose()
+
+
+def prepare_database(url: str) -> None:
+    """Create the web app's tables like Django does, then apply the worker's migrations."""
+    engine = make_engine(url)
+    try:
+        create_webapp_tables(engine)
+    finally:
+        engine.dispose()
+    upgrade(url)
+
+
+@pytest.fixture(params=BACKENDS)
+def db_backend(request: pytest.FixtureRequest) -> str:
+    """sqlite, postgresql or mariadb."""
+    return str(request.param)
+
+
+@pytest.fixture
+def empty_db_url(db_backend: str, tmp_path: Path) -> Iterator[str]:
+    """A fresh database with nothing in it."""
+    with fresh_database(db_backend, tmp_path) as url:
+        yield url
+
+
+@pytest.fixture
+def db_url(empty_db_url: str) -> str:
+    """A fresh database with the web app's tables and the worker's migrations applied."""
+    prepare_database(empty_db_url)
+    return empty_db_url
+
+
+@pytest.fixture
+def db_engine(db_url: str) -> Iterator[Engine]:
+    """An engine on `db_url`, disposed after the test."""
+    engine = make_engine(db_url)
+    try:
+        yield engine
+    finally:
+        engine.dispose()
+
+
+def add_trip(session: Session, *, place: str = "Jeju", group_id: int = 1) -> Trip:
+    """A trip row as the web app would create it (flushed, so it has an id)."""
+    trip = Trip(place=place, group_id=group_id)
+    session.add(trip)
+    session.flush()
+    return trip
+
+
+def add_photos(session: Session, trip_id: int, count: int) -> list[Photo]:
+    """`count` photo rows of a trip, named photo-<n>.jpg (flushed, ids ascending)."""
+    photos = []
+    for n in range(count):
+        key = uuid.uuid4()
+        photo = Photo(
+            trip_id=trip_id,
+            file_key=key,
+            file_name=f"photo-{n}.jpg",
+            url=f"https://example.invalid/{key}",
+            taken_at=datetime(2024, 5, 1, 9, n % 60, tzinfo=UTC),
+        )
+        session.add(photo)
+        session.flush()
+        photos.append(photo)
+    return photos

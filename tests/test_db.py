@@ -1,0 +1,689 @@
+# ruff: noqa: F811  (pytest fixtures imported from tests.dbfixtures are parameters here)
+"""The database layer on SQLite, PostgreSQL and MariaDB: migrations, mappings and the trip write."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import numpy as np
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import Engine, inspect, select, text, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+import db.crud
+from db import crud
+from db.models import Base, Face, Job, PhotoAnalysis
+from db.schemas import FaceOutcome, PhotoOutcome
+from db.session import VERSION_TABLE, current_revision, downgrade, make_engine, upgrade
+from db.webapp import (
+    NO_FACE_TAG_ID,
+    OTHERS_TAG_ID,
+    WEBAPP_TABLES,
+    Photo,
+    PhotoTagFace,
+    TagFace,
+    create_webapp_tables,
+)
+from tests.dbfixtures import add_photos, add_trip, db_backend, db_engine, db_url, empty_db_url  # noqa: F401
+from worker.settings import PipelineSettings
+from worker.types import ModelInfo
+
+DIM = 512
+EMBEDDER = ModelInfo(
+    name="w600k_mbf", role="embedder", path="/models/w600k_mbf.onnx", sha256="e" * 64
+)
+DETECTOR = ModelInfo(
+    name="scrfd_500m_bnkps", role="detector", path="/models/scrfd.onnx", sha256="d" * 64
+)
+SETTINGS = PipelineSettings(grouping="default", similarity_threshold=None)
+
+
+# ---------------------------------------------------------------------------- scenario
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    return (v / np.linalg.norm(v)).astype(np.float32)
+
+
+@dataclass
+class People:
+    """Random identities in 512-d (nearly orthogonal) and noisy faces of them."""
+
+    seed: int = 0
+    bases: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.rng = np.random.default_rng(self.seed)
+
+    def face(self, who: str, noise: float = 0.5) -> np.ndarray:
+        """An L2-normalised embedding of `who`: cosine ~0.8 to other faces of them, ~0 else."""
+        if who not in self.bases:
+            self.bases[who] = _unit(self.rng.standard_normal(DIM))
+        return _unit(self.bases[who] + noise * _unit(self.rng.standard_normal(DIM)))
+
+
+def _face(people: People, who: str, slot: int, shift: float = 0.0) -> FaceOutcome:
+    x = 100.0 * slot + shift
+    box = [x, 50.0 + shift, x + 80.0, 150.0 + shift]
+    landmarks = [[x + 20, 80.0], [x + 60, 80.0], [x + 40, 100.0], [x + 25, 125.0], [x + 55, 125.0]]
+    return FaceOutcome(
+        box=box, landmarks=landmarks, score=0.9 + 0.01 * slot, embedding=people.face(who)
+    )
+
+
+def _outcome(photo_id: int, faces: list[FaceOutcome]) -> PhotoOutcome:
+    return PhotoOutcome(
+        photo_id=photo_id, status="ok", error=None, width=1000, height=800, faces=faces
+    )
+
+
+# Who is in each of the trip's first photos: A, B and C are people seen several times,
+# D and E are faces seen once, photo 4 has no face.
+CAST: list[list[str]] = [["A", "B"], ["A", "C"], ["B", "C"], ["A"], [], ["D"], ["B", "E"]]
+
+
+def _outcomes(people: People, photo_ids: list[int], cast: list[list[str]], shift: float = 0.0):
+    return [
+        _outcome(pid, [_face(people, who, slot, shift) for slot, who in enumerate(names)])
+        for pid, names in zip(photo_ids, cast, strict=True)
+    ]
+
+
+def _trip(engine: Engine, count: int = len(CAST)) -> tuple[int, list[int]]:
+    with Session(engine) as session, session.begin():
+        trip = add_trip(session)
+        photos = add_photos(session, trip.id, count)
+        return trip.id, [p.id for p in photos]
+
+
+def _write(engine: Engine, trip_id: int, outcomes: list[PhotoOutcome], **kwargs):
+    with Session(engine) as session:
+        return crud.write_trip_result(
+            session=session,
+            trip_id=trip_id,
+            analyzed=outcomes,
+            embedder=EMBEDDER,
+            settings=SETTINGS,
+            **kwargs,
+        )
+
+
+def _links(engine: Engine, trip_id: int) -> dict[int, set[int]]:
+    """photo id -> folder ids, for the trip's photos."""
+    with Session(engine) as session:
+        rows = session.execute(
+            select(PhotoTagFace.photo_id, PhotoTagFace.tagface_id)
+            .join(Photo, Photo.id == PhotoTagFace.photo_id)
+            .where(Photo.trip_id == trip_id)
+        ).all()
+    out: dict[int, set[int]] = {}
+    for photo_id, tag_id in rows:
+        out.setdefault(photo_id, set()).add(tag_id)
+    return out
+
+
+def _snapshot(engine: Engine) -> dict[str, list[tuple]]:
+    """Every row the write touches, in a comparable form."""
+    with Session(engine) as session:
+        return {
+            "links": sorted(
+                session.execute(
+                    select(PhotoTagFace.id, PhotoTagFace.photo_id, PhotoTagFace.tagface_id)
+                )
+            ),
+            "tags": sorted(
+                session.execute(select(TagFace.id, TagFace.tag_num, TagFace.custom_name))
+            ),
+            "faces": sorted(
+                session.execute(
+                    select(
+                        Face.id,
+                        Face.photo_id,
+                        Face.face_index,
+                        Face.tagface_id,
+                        Face.group_label,
+                        Face.matched_face_id,
+                        Face.similarity,
+                        Face.is_cover,
+                        Face.x1,
+                        Face.y1,
+                        Face.embedding,
+                    )
+                )
+            ),
+            "analyses": sorted(
+                session.execute(
+                    select(
+                        PhotoAnalysis.photo_id,
+                        PhotoAnalysis.status,
+                        PhotoAnalysis.error,
+                        PhotoAnalysis.face_count,
+                        PhotoAnalysis.analyzed_at,
+                    )
+                )
+            ),
+        }
+
+
+def _tag_of(engine: Engine, photo_ids: list[int], trip_id: int) -> int:
+    """The one person folder every photo in `photo_ids` shares."""
+    links = _links(engine, trip_id)
+    common = set.intersection(*(links[p] for p in photo_ids)) - {NO_FACE_TAG_ID, OTHERS_TAG_ID}
+    assert len(common) == 1, (photo_ids, links)
+    return common.pop()
+
+
+def _name(engine: Engine, tag_id: int, name: str) -> None:
+    with Session(engine) as session, session.begin():
+        session.execute(update(TagFace).where(TagFace.id == tag_id).values(custom_name=name))
+
+
+# ---------------------------------------------------------------------------- migrations
+
+
+def _schema(engine: Engine, tables: tuple[str, ...]) -> dict[str, object]:
+    insp = inspect(engine)
+    out: dict[str, object] = {}
+    for table in tables:
+        out[table] = {
+            "columns": [
+                (c["name"], str(c["type"]), c["nullable"], str(c.get("default")))
+                for c in insp.get_columns(table)
+            ],
+            "pk": insp.get_pk_constraint(table)["constrained_columns"],
+            "fks": sorted(
+                (tuple(fk["constrained_columns"]), fk["referred_table"], str(fk.get("options")))
+                for fk in insp.get_foreign_keys(table)
+            ),
+            "unique": sorted(tuple(u["column_names"]) for u in insp.get_unique_constraints(table)),
+            "indexes": sorted(
+                (i["name"], tuple(i["column_names"]), i["unique"]) for i in insp.get_indexes(table)
+            ),
+        }
+    return out
+
+
+def test_migrations_leave_the_web_app_tables_unchanged(empty_db_url: str) -> None:
+    engine = make_engine(empty_db_url)
+    try:
+        create_webapp_tables(engine)
+        before = _schema(engine, WEBAPP_TABLES)
+        assert current_revision(empty_db_url) is None
+
+        upgrade(empty_db_url)
+        engine.dispose()
+        tables = set(inspect(engine).get_table_names())
+        assert {"aftertrip_job", "aftertrip_photo", "aftertrip_face", VERSION_TABLE} <= tables
+        assert _schema(engine, WEBAPP_TABLES) == before
+        assert current_revision(empty_db_url) == "0001"
+
+        downgrade(empty_db_url, "base")
+        engine.dispose()
+        tables = set(inspect(engine).get_table_names())
+        assert not {t for t in tables if t.startswith("aftertrip_") and t != VERSION_TABLE}
+        assert _schema(engine, WEBAPP_TABLES) == before
+
+        upgrade(empty_db_url)  # and back: the downgrade left nothing behind
+        with Session(engine) as session:
+            shared = session.execute(select(TagFace.id, TagFace.tag_num).order_by(TagFace.id)).all()
+        assert [tuple(row) for row in shared] == [(NO_FACE_TAG_ID, -2), (OTHERS_TAG_ID, -1)]
+    finally:
+        engine.dispose()
+
+
+def test_models_match_the_migration(db_engine: Engine) -> None:
+    def worker_tables_only(name, type_, parent_names):  # type: ignore[no-untyped-def]
+        return type_ != "table" or (name.startswith("aftertrip_") and name != VERSION_TABLE)
+
+    with db_engine.connect() as conn:
+        context = MigrationContext.configure(
+            conn, opts={"include_name": worker_tables_only, "compare_type": False}
+        )
+        diff = compare_metadata(context, Base.metadata)
+    assert diff == []
+
+
+def test_index_and_constraint_names_fit_mysql() -> None:
+    names = []
+    for table in Base.metadata.sorted_tables:
+        names += [c.name for c in table.constraints] + [i.name for i in table.indexes]
+    assert names and all(name and len(str(name)) < 64 for name in names)
+
+
+# ---------------------------------------------------------------------------- web-app mapping
+
+
+def test_file_key_is_stored_like_django_and_read_as_the_s3_key(db_engine: Engine) -> None:
+    key = uuid.UUID("0f8fad5b-d9cb-469f-a165-70867728950e")
+    with Session(db_engine) as session, session.begin():
+        trip = add_trip(session)
+        session.add(Photo(trip_id=trip.id, file_key=key, file_name="a.jpg", url="u"))
+    with db_engine.connect() as conn:
+        stored = conn.execute(text("SELECT file_key FROM photos_photo")).scalar_one()
+    if db_engine.dialect.name == "postgresql":
+        assert stored == key  # native uuid
+    else:
+        assert stored == key.hex  # char(32), no dashes, as Django writes it
+    with Session(db_engine) as session:
+        photo = session.scalars(select(Photo)).one()
+        assert photo.s3_key == "0f8fad5b-d9cb-469f-a165-70867728950e"
+        assert photo.is_sorted_yolo is False
+        assert photo.created_at.tzinfo is not None
+
+
+def test_rows_written_by_django_sql_are_read(db_engine: Engine) -> None:
+    key = uuid.uuid4()
+    stored = str(key) if db_engine.dialect.name == "postgresql" else key.hex
+    with db_engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO trips_trip (created_at, updated_at, group_id, place, departing_date, "
+                "arriving_date) VALUES (:t, :t, 7, 'Busan', '2024-05-01', '2024-05-03')"
+            ),
+            {"t": datetime(2024, 5, 1, 12, 30, 15, 123456)},
+        )
+        trip_id = conn.execute(text("SELECT max(id) FROM trips_trip")).scalar_one()
+        conn.execute(
+            text(
+                "INSERT INTO photos_photo (created_at, updated_at, file_key, file_name, url, "
+                "is_sorted_yolo, trip_id) VALUES (:t, :t, :k, 'x.jpg', 'u', :f, :trip)"
+            ),
+            {"t": datetime(2024, 5, 1, 12, 30, 15), "k": stored, "f": False, "trip": trip_id},
+        )
+    with Session(db_engine) as session:
+        (photo,) = crud.trip_photos(session=session, trip_id=trip_id)
+        assert photo.s3_key == str(key)
+        assert photo.created_at == datetime(2024, 5, 1, 12, 30, 15, tzinfo=UTC)
+
+
+def test_mariadb_native_uuid_column_is_read(db_engine: Engine, db_backend: str) -> None:
+    """Django >= 5.0 on MariaDB >= 10.7 makes UUIDField a native uuid column."""
+    if db_backend != "mariadb":
+        pytest.skip("native uuid columns of Django 5 exist on MariaDB only")
+    with db_engine.begin() as conn:
+        conn.execute(text("ALTER TABLE photos_photo MODIFY file_key uuid NOT NULL"))
+    key = uuid.uuid4()
+    with Session(db_engine) as session, session.begin():
+        trip = add_trip(session)
+        trip_id = trip.id
+    with db_engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO photos_photo (created_at, updated_at, file_key, file_name, url, "
+                "is_sorted_yolo, trip_id) VALUES (NOW(6), NOW(6), :k, 'x.jpg', 'u', 0, :trip)"
+            ),
+            {"k": str(key), "trip": trip_id},
+        )
+    with Session(db_engine) as session:
+        (photo,) = crud.trip_photos(session=session, trip_id=trip_id)
+        assert photo.s3_key == str(key)
+
+
+def test_web_app_deletes_cascade_to_worker_rows(db_engine: Engine) -> None:
+    trip_id, photo_ids = _trip(db_engine)
+    _write(db_engine, trip_id, _outcomes(People(), photo_ids, CAST))
+    tag = _tag_of(db_engine, [photo_ids[0], photo_ids[1]], trip_id)
+    # What Django's Python-side cascade sends: the m2m rows, then the photo; then a folder.
+    with db_engine.begin() as conn:
+        conn.execute(text(f"DELETE FROM photos_photo_tag_face WHERE photo_id = {photo_ids[0]}"))
+        conn.execute(text(f"DELETE FROM photos_photo WHERE id = {photo_ids[0]}"))
+        conn.execute(text(f"DELETE FROM photos_photo_tag_face WHERE tagface_id = {tag}"))
+        conn.execute(text(f"DELETE FROM photos_tagface WHERE id = {tag}"))
+    with Session(db_engine) as session:
+        assert not session.scalars(select(Face).where(Face.photo_id == photo_ids[0])).all()
+        assert session.get(PhotoAnalysis, 1) is None or all(
+            a.photo_id != photo_ids[0] for a in session.scalars(select(PhotoAnalysis))
+        )
+        assert not session.scalars(select(Face).where(Face.tagface_id == tag)).all()
+        assert session.scalars(select(Face).where(Face.photo_id == photo_ids[1])).all()
+
+
+# ---------------------------------------------------------------------------- the trip write
+
+
+def test_write_groups_people_into_folders(db_engine: Engine) -> None:
+    trip_id, photo_ids = _trip(db_engine)
+    summary = _write(db_engine, trip_id, _outcomes(People(), photo_ids, CAST))
+
+    links = _links(db_engine, trip_id)
+    p = photo_ids
+    a = _tag_of(db_engine, [p[0], p[1], p[3]], trip_id)
+    b = _tag_of(db_engine, [p[0], p[2], p[6]], trip_id)
+    c = _tag_of(db_engine, [p[1], p[2]], trip_id)
+    assert len({a, b, c}) == 3
+    assert links == {
+        p[0]: {a, b},
+        p[1]: {a, c},
+        p[2]: {b, c},
+        p[3]: {a},
+        p[4]: {NO_FACE_TAG_ID},
+        p[5]: {OTHERS_TAG_ID},
+        p[6]: {b},  # B and a face seen once: the person's folder only
+    }
+    assert summary.photos == 7 and summary.faces == 10 and summary.people == 3
+    assert (summary.others, summary.no_face, summary.errors) == (1, 1, 0)
+    assert (summary.tags_created, summary.tags_deleted, summary.links_added) == (3, 0, 10)
+
+    with Session(db_engine) as session:
+        tags = {t.id: t for t in session.scalars(select(TagFace).where(TagFace.id.in_([a, b, c])))}
+        assert sorted(t.tag_num for t in tags.values()) == [0, 1, 2]
+        assert all(t.custom_name == "" for t in tags.values())
+        faces = session.scalars(select(Face).order_by(Face.photo_id, Face.face_index)).all()
+        assert len(faces) == 10
+        for tag in (a, b, c):
+            assert sum(f.is_cover for f in faces if f.tagface_id == tag) == 1
+        singles = [f for f in faces if f.group_label == -1]
+        assert len(singles) == 2 and all(f.tagface_id == OTHERS_TAG_ID for f in singles)
+        assert all(f.matched_face_id is None and f.similarity is None for f in singles)
+        grouped = [f for f in faces if f.group_label >= 0]
+        by_id = {f.id: f for f in faces}
+        for f in grouped:
+            assert by_id[f.matched_face_id].tagface_id == f.tagface_id
+            assert f.similarity > 0.5
+        first = faces[0]
+        assert first.embedder_sha256 == EMBEDDER.sha256 and first.embedder_name == "w600k_mbf"
+        assert first.vector.shape == (DIM,) and len(first.landmarks) == 5
+        analysis = session.scalars(
+            select(PhotoAnalysis).where(PhotoAnalysis.photo_id == p[0])
+        ).one()
+        assert (analysis.status, analysis.face_count, analysis.width) == ("ok", 2, 1000)
+
+
+def test_same_write_twice_gives_identical_rows(db_engine: Engine) -> None:
+    trip_id, photo_ids = _trip(db_engine)
+    outcomes = _outcomes(People(), photo_ids, CAST)
+    _write(db_engine, trip_id, outcomes)
+    first = _snapshot(db_engine)
+    again = _write(db_engine, trip_id, outcomes)  # a redelivered job
+    second = _snapshot(db_engine)
+    for table in ("links", "tags", "faces"):
+        assert second[table] == first[table], table
+    assert len(second["faces"]) == 10
+    assert (again.tags_created, again.tags_deleted, again.links_added, again.links_removed) == (
+        0,
+        0,
+        0,
+        0,
+    )
+
+
+def test_unique_constraint_refuses_a_duplicate_face(db_engine: Engine) -> None:
+    trip_id, photo_ids = _trip(db_engine)
+    _write(db_engine, trip_id, _outcomes(People(), photo_ids, CAST))
+    with Session(db_engine) as session:
+        face = session.scalars(select(Face).order_by(Face.id)).first()
+        copy = Face(
+            photo_id=face.photo_id,
+            face_index=face.face_index,
+            x1=0,
+            y1=0,
+            x2=1,
+            y2=1,
+            landmarks=[],
+            score=1.0,
+            embedding=face.embedding,
+            embedder_name=face.embedder_name,
+            embedder_sha256=face.embedder_sha256,
+        )
+        session.add(copy)
+        with pytest.raises(IntegrityError):
+            session.flush()
+
+
+def test_named_person_keeps_folder_when_photos_are_added(db_engine: Engine) -> None:
+    people = People()
+    trip_id, photo_ids = _trip(db_engine, len(CAST) + 2)
+    first, new = photo_ids[: len(CAST)], photo_ids[len(CAST) :]
+    _write(db_engine, trip_id, _outcomes(people, first, CAST))
+    alice = _tag_of(db_engine, [first[0], first[1], first[3]], trip_id)
+    _name(db_engine, alice, "Alice")
+
+    with Session(db_engine) as session:
+        todo = crud.photos_to_analyze(
+            session=session, trip_id=trip_id, embedder_sha256=EMBEDDER.sha256, mode="missing"
+        )
+        assert [p.id for p in todo] == new
+    # New photos: A with someone new (F), and F again: F becomes a new person.
+    summary = _write(db_engine, trip_id, _outcomes(people, new, [["A", "F"], ["F"]]))
+    assert summary.tags_created == 1 and summary.people == 4
+    assert _tag_of(db_engine, [first[0], first[3], new[0]], trip_id) == alice
+    with Session(db_engine) as session:
+        tag = session.get(TagFace, alice)
+        assert tag.custom_name == "Alice"
+        nums = session.scalars(
+            select(TagFace.tag_num).where(TagFace.id.in_(_links(db_engine, trip_id)[new[1]]))
+        ).all()
+        assert nums == [3]  # next free number among the trip's folders
+
+
+@pytest.mark.parametrize("shift", [4.0, 60.0], ids=["boxes-moved-a-little", "boxes-moved-a-lot"])
+def test_named_person_keeps_folder_after_reanalysis(db_engine: Engine, shift: float) -> None:
+    """mode=all: every face re-detected (new boxes, new embeddings).
+
+    A small move keeps each face's folder through box overlap; a large one (no overlap)
+    falls back to mean-embedding similarity. Either way Alice stays Alice.
+    """
+    people = People()
+    trip_id, photo_ids = _trip(db_engine)
+    _write(db_engine, trip_id, _outcomes(people, photo_ids, CAST))
+    alice = _tag_of(db_engine, [photo_ids[0], photo_ids[1], photo_ids[3]], trip_id)
+    bob = _tag_of(db_engine, [photo_ids[0], photo_ids[2], photo_ids[6]], trip_id)
+    _name(db_engine, alice, "Alice")
+    before = _links(db_engine, trip_id)
+
+    redone = _outcomes(people, photo_ids, CAST, shift=shift)
+    summary = _write(db_engine, trip_id, redone)
+
+    assert _links(db_engine, trip_id) == before  # same folders, same photos
+    assert summary.tags_created == 0 and summary.tags_deleted == 0
+    with Session(db_engine) as session:
+        assert session.get(TagFace, alice).custom_name == "Alice"
+        assert session.get(TagFace, bob) is not None
+        faces = session.scalars(select(Face)).all()
+        assert len(faces) == 10
+        assert {round(f.x1 - 100.0 * f.face_index, 3) for f in faces} == {shift}
+
+
+@pytest.mark.parametrize("named", [False, True], ids=["unnamed", "named"])
+def test_empty_folder_deleted_unless_named(db_engine: Engine, named: bool) -> None:
+    trip_id, photo_ids = _trip(db_engine)
+    _write(db_engine, trip_id, _outcomes(People(), photo_ids, CAST))
+    carol = _tag_of(db_engine, [photo_ids[1], photo_ids[2]], trip_id)
+    if named:
+        _name(db_engine, carol, "Carol")
+    # The web app soft-deletes both photos of C: C's folder is left with no photo.
+    with Session(db_engine) as session, session.begin():
+        session.execute(
+            update(Photo)
+            .where(Photo.id.in_([photo_ids[1], photo_ids[2]]))
+            .values(deleted_at=datetime.now(UTC))
+        )
+    summary = _write(db_engine, trip_id, [])
+
+    links = _links(db_engine, trip_id)
+    assert photo_ids[1] not in links and photo_ids[2] not in links  # deleted photos: no links
+    assert all(carol not in tags for tags in links.values())
+    with Session(db_engine) as session:
+        tag = session.get(TagFace, carol)
+        if named:
+            assert tag is not None and tag.custom_name == "Carol"
+            assert summary.tags_deleted == 0
+        else:
+            assert tag is None
+            assert summary.tags_deleted == 1
+        # The shared folders are never deleted.
+        assert session.get(TagFace, NO_FACE_TAG_ID) and session.get(TagFace, OTHERS_TAG_ID)
+        # A and B still have their folders; A's remaining photos are p0 and p3.
+    assert _tag_of(db_engine, [photo_ids[0], photo_ids[3]], trip_id)
+    assert summary.photos == 5
+
+
+def test_failure_in_the_middle_leaves_everything_as_it_was(
+    db_engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    people = People()
+    trip_id, photo_ids = _trip(db_engine, len(CAST) + 1)
+    first = photo_ids[: len(CAST)]
+    _write(db_engine, trip_id, _outcomes(people, first, CAST))
+    before = _snapshot(db_engine)
+
+    def broken(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise RuntimeError("database went away")
+
+    monkeypatch.setattr(db.crud, "_replace_links", broken)
+    changed = _outcomes(people, first, CAST, shift=3.0)
+    changed.append(_outcome(photo_ids[-1], [_face(people, "A", 0), _face(people, "G", 1)]))
+    changed[5] = PhotoOutcome(photo_ids[5], "corrupt", "truncated JPEG", None, None, [])
+    with pytest.raises(RuntimeError, match="went away"):
+        _write(db_engine, trip_id, changed)
+    assert _snapshot(db_engine) == before
+
+    monkeypatch.undo()
+    summary = _write(db_engine, trip_id, changed)
+    assert summary.errors == 1 and summary.photos == len(CAST) + 1
+    assert _snapshot(db_engine) != before
+
+
+def test_failed_photo_keeps_its_previous_faces(db_engine: Engine) -> None:
+    trip_id, photo_ids = _trip(db_engine)
+    _write(db_engine, trip_id, _outcomes(People(), photo_ids, CAST))
+    before = _links(db_engine, trip_id)
+    failed = PhotoOutcome(photo_ids[0], "missing", "NoSuchKey: photo gone from S3", None, None, [])
+    summary = _write(db_engine, trip_id, [failed])
+    assert summary.errors == 1
+    assert _links(db_engine, trip_id) == before
+    with Session(db_engine) as session:
+        assert len(session.scalars(select(Face).where(Face.photo_id == photo_ids[0])).all()) == 2
+        status = crud.trip_status(session=session, trip_id=trip_id, embedder_sha256=EMBEDDER.sha256)
+        assert [(e.photo_id, e.status, e.error) for e in status.errors] == [
+            (photo_ids[0], "missing", "NoSuchKey: photo gone from S3")
+        ]
+        assert (status.photos, status.analyzed, status.faces, status.people) == (7, 7, 10, 3)
+        # A failed photo is analysed again by the next "missing" job.
+        todo = crud.photos_to_analyze(
+            session=session, trip_id=trip_id, embedder_sha256=EMBEDDER.sha256, mode="missing"
+        )
+        assert [p.id for p in todo] == [photo_ids[0]]
+
+
+def test_photos_to_analyze_in_both_modes(db_engine: Engine) -> None:
+    trip_id, photo_ids = _trip(db_engine, 4)
+    with Session(db_engine) as session, session.begin():
+        other_trip = add_trip(session, place="Seoul")
+        add_photos(session, other_trip.id, 2)
+        session.execute(
+            update(Photo).where(Photo.id == photo_ids[3]).values(deleted_at=datetime.now(UTC))
+        )
+
+    def ids(mode: str, sha: str = EMBEDDER.sha256) -> list[int]:
+        with Session(db_engine) as session:
+            photos = crud.photos_to_analyze(
+                session=session, trip_id=trip_id, embedder_sha256=sha, mode=mode
+            )
+            return [p.id for p in photos]
+
+    live = photo_ids[:3]
+    assert ids("missing") == live and ids("all") == live
+    people = People()
+    _write(
+        db_engine,
+        trip_id,
+        [
+            _outcome(photo_ids[0], [_face(people, "A", 0)]),
+            PhotoOutcome(photo_ids[1], "unsupported", "not an image", None, None, []),
+        ],
+    )
+    assert ids("missing") == [photo_ids[1], photo_ids[2]]
+    assert ids("all") == live
+    assert ids("missing", sha="f" * 64) == live  # another embedder: nothing done yet
+    with pytest.raises(ValueError):
+        ids("some")
+    # A photo with an error and no earlier success is in no folder.
+    assert set(_links(db_engine, trip_id)) == {photo_ids[0]}
+
+
+def test_write_refuses_an_open_transaction_and_foreign_photos(db_engine: Engine) -> None:
+    trip_id, photo_ids = _trip(db_engine)
+    with Session(db_engine) as session, session.begin():
+        other = add_trip(session, place="Seoul")
+        (stranger,) = add_photos(session, other.id, 1)
+        stranger_id = stranger.id
+    with Session(db_engine) as session:
+        crud.trip_photos(session=session, trip_id=trip_id)  # a read opens a transaction
+        with pytest.raises(ValueError, match="own transaction"):
+            crud.write_trip_result(
+                session=session, trip_id=trip_id, analyzed=[], embedder=EMBEDDER, settings=SETTINGS
+            )
+    with pytest.raises(ValueError, match="other trips"):
+        _write(db_engine, trip_id, [_outcome(stranger_id, [])])
+    with pytest.raises(crud.TripNotFound):
+        _write(db_engine, 10**9, [])
+    assert _snapshot(db_engine)["faces"] == []
+
+
+# ---------------------------------------------------------------------------- jobs
+
+
+def test_job_lifecycle_and_redelivery(db_engine: Engine) -> None:
+    trip_id, _ = _trip(db_engine, 1)
+    mtcnn = [
+        ModelInfo(name=f"mtcnn_{n}", role="detector", path=f"/m/{n}.pt", sha256=c * 64)
+        for n, c in (("pnet", "1"), ("rnet", "2"), ("onet", "3"))
+    ]
+    with Session(db_engine) as session:
+        assert crud.find_queued_or_running_job(session=session, trip_id=trip_id) is None
+        queued = crud.create_job(session=session, trip_id=trip_id, mode="missing", task_id="t-1")
+        assert crud.find_queued_or_running_job(session=session, trip_id=trip_id).id == queued.id
+
+        job = crud.start_job(
+            session=session,
+            trip_id=trip_id,
+            mode="missing",
+            task_id="t-1",
+            models=[*mtcnn, EMBEDDER],
+        )
+        assert job.id == queued.id and job.status == "running" and job.attempts == 1
+        assert job.detector_name == "mtcnn_pnet+mtcnn_rnet+mtcnn_onet"
+        assert len(job.detector_sha256) == 64 and job.embedder_sha256 == EMBEDDER.sha256
+        assert len(job.models) == 4
+
+        again = crud.start_job(
+            session=session,
+            trip_id=trip_id,
+            mode="missing",
+            task_id="t-1",
+            models=[DETECTOR, EMBEDDER],
+        )
+        assert again.id == job.id and again.attempts == 2
+        assert again.detector_name == "scrfd_500m_bnkps" and again.detector_sha256 == "d" * 64
+        crud.finish_job(session=session, job_id=job.id, counts={"photos": 7, "people": 3})
+
+        other = crud.start_job(
+            session=session, trip_id=trip_id, mode="all", task_id=None, models=[DETECTOR, EMBEDDER]
+        )
+        session.execute(text("SELECT 1"))  # an open transaction fail_job must cope with
+        crud.fail_job(session=session, job_id=other.id, error="x" * 20_000)
+        job_id, other_id = job.id, other.id
+        with pytest.raises(ValueError):
+            crud.start_job(
+                session=session, trip_id=trip_id, mode="sometimes", task_id=None, models=[]
+            )
+
+    with Session(db_engine) as session:
+        assert crud.find_queued_or_running_job(session=session, trip_id=trip_id) is None
+        done = session.get(Job, job_id)
+        assert done.status == "succeeded" and done.counts == {"photos": 7, "people": 3}
+        assert done.finished_at >= done.started_at >= done.created_at
+        assert done.finished_at.tzinfo is not None
+        failed = session.get(Job, other_id)
+        assert failed.status == "failed" and len(failed.error) == crud.MAX_ERROR_CHARS
+        status = crud.trip_status(session=session, trip_id=trip_id, limit=5)
+        assert [j.id for j in status.jobs] == [other_id, job_id]
+        assert status.embedder_sha256 == EMBEDDER.sha256
+        with pytest.raises(crud.TripNotFound):
+            crud.trip_status(session=session, trip_id=10**9)
