@@ -110,6 +110,7 @@ def render_html(
         + "".join(_img(face_images.get(f.id), "face", f"#{f.id}") for f in others)
         + "</div>"
     )
+    parts.append(_photo_row(list(dict.fromkeys(f.photo_id for f in others)), photo_images, photos))
     no_face = [p.id for p in result.photos if p.group_idx == [NO_FACE_GROUP]]
     parts.append(f"<h2>No faces (-2) — {len(no_face)} photos</h2>")
     parts.append(_photo_row(no_face, photo_images, photos))

@@ -1,0 +1,124 @@
+"""The prototype's API and the command line, end to end on the shipped photos."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tasks.cli import main
+from tests.conftest import vectron_image_path
+from worker.compat import run_face_recog
+from worker.pipeline import FacePipeline
+from worker.settings import PipelineSettings
+
+GROUP_KEYS = {
+    "original_images_idx_list",
+    "crop_path_list",
+    "face_list",
+    "face2_idx_list",
+    "face1_idx_list",
+    "cosine_similarity_list",
+}
+
+
+@pytest.fixture(scope="module")
+def album(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, object]]:
+    folder = tmp_path_factory.mktemp("album")
+    Image.new("RGB", (320, 240), (30, 140, 60)).save(folder / "field.jpg")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not much of a jpeg")
+    urls = [str(vectron_image_path(n)) for n in ("players.jpg", "yaoming.jpg", "gdp.jpg")]
+    urls += [f"file://{folder / 'field.jpg'}", str(folder / "broken.jpg")]
+    return [{"id": 100 + i, "url": url} for i, url in enumerate(urls)]
+
+
+@pytest.mark.parametrize("method", ["default", "seed"])
+def test_run_face_recog_returns_the_documented_structure(
+    album: list[dict[str, object]], method: str, tmp_path: Path
+) -> None:
+    settings = PipelineSettings(grouping=method, detector="scrfd")
+    groups, group_idx_list, images = run_face_recog(
+        album, settings=settings, crop_dir=tmp_path / "crops", pipeline=FacePipeline(settings)
+    )
+    assert [image["id"] for image in images] == [100, 101, 102, 103, 104]
+    assert all(set(group) == GROUP_KEYS for group in groups)
+    faces_seen = sorted(f for g in groups for f in g["face2_idx_list"])
+    assert faces_seen == list(range(len(faces_seen)))  # every face in exactly one group
+    for idx, group in enumerate(groups):
+        n = len(group["face2_idx_list"])
+        assert all(len(group[key]) == n for key in GROUP_KEYS)
+        assert group["face1_idx_list"][0] == [] and group["cosine_similarity_list"][0] == -1
+        assert all(isinstance(m, int) for m in group["face1_idx_list"][1:])
+        assert all(Path(p).is_file() for p in group["crop_path_list"])
+        assert all(chip.shape == (112, 112, 3) for chip in group["face_list"])
+        assert (idx in group_idx_list) == (n >= 2)
+    # Yao Ming: the portrait's group also holds a face of the team photo.
+    yao_groups = [g for g in images[1]["group_idx"] if g >= 0]
+    assert len(yao_groups) == 1
+    assert 0 in groups[yao_groups[0]]["original_images_idx_list"]
+    assert images[3]["group_idx"] == [-2]
+    assert images[4]["group_idx"] == [] and "corrupt" in images[4]["error"]
+    # A photo whose faces are all seen once is in "others" only.
+    for image in images[:3]:
+        ids = image["group_idx"]
+        assert ids and all(i in group_idx_list or i == -1 for i in ids)
+
+
+def test_seed_reproduces_the_prototype_on_a_hand_made_similarity_matrix() -> None:
+    from worker.cluster import seed_grouping
+
+    sim = np.array(
+        [
+            [1.0, 0.50, 0.10, 0.46, 0.00],
+            [0.50, 1.0, 0.20, 0.10, 0.47],
+            [0.10, 0.20, 1.0, 0.90, 0.10],
+            [0.46, 0.10, 0.90, 1.0, 0.10],
+            [0.00, 0.47, 0.10, 0.10, 1.0],
+        ]
+    )
+    groups = seed_grouping(sim, 0.45)
+    # face 3 matches face 0 (group 0, created first) although face 2 (group 1) is closer.
+    assert [g.faces for g in groups] == [[0, 1, 3, 4], [2]]
+    assert [g.matched for g in groups] == [[None, 0, 0, 1], [None]]
+    assert groups[0].similarity == [-1.0, 0.5, 0.46, 0.47]
+
+
+def test_demo_command_writes_report_and_json(tmp_path: Path, capsys) -> None:
+    assert main(["demo", "--out", str(tmp_path), "--quiet", "--detector", "scrfd"]) == 0
+    out = capsys.readouterr().out
+    assert "album summary" in out and "report.html" in out
+    result = json.loads((tmp_path / "report" / "result.json").read_text())
+    assert set(result) >= {"photos", "faces", "groups", "group_idx_list", "models", "settings"}
+    photos = {Path(p["path"]).name: p for p in result["photos"]}
+    assert photos["lake.jpg"]["group_idx"] == [-2]
+    shared = set(photos["yaoming.jpg"]["group_idx"]) & set(photos["players.jpg"]["group_idx"])
+    assert len(shared - {-1}) == 1
+    assert all(len(m["sha256"]) == 64 for m in result["models"])
+    face = result["faces"][0]
+    assert set(face) == {
+        "id",
+        "photo_id",
+        "box",
+        "landmarks",
+        "score",
+        "group",
+        "matched_face",
+        "similarity",
+    }
+    html = (tmp_path / "report" / "report.html").read_text()
+    assert "Person " in html and "Others (-1)" in html and "No faces (-2)" in html
+    for src in ("faces/0.jpg", "photos/0.jpg"):
+        assert src in html and (tmp_path / "report" / src).is_file()
+
+
+def test_help_lists_every_command() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "tasks.cli", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    for command in ("group", "demo", "bench", "models"):
+        assert command in out

@@ -1,0 +1,114 @@
+"""Model registry checks, alignment geometry and the ArcFace embedder on real weights."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from worker.align import ARCFACE_TEMPLATE, align_faces, estimate_norm, norm_crop, umeyama
+from worker.embed import ArcFaceEmbedder
+from worker.errors import ModelChecksumMismatch, ModelNotFound
+from worker.models import REGISTRY, copy_model, resolve_model, sha256_of
+from worker.settings import PipelineSettings
+
+
+def test_every_registered_model_is_installed_and_verified() -> None:
+    for name, spec in REGISTRY.items():
+        info = resolve_model(name)
+        assert info.sha256 == spec.sha256
+        assert Path(info.path).is_file()
+
+
+def test_override_with_a_wrong_sha256_says_what_to_do(tmp_path: Path) -> None:
+    model = tmp_path / "arcface.onnx"
+    model.write_bytes(b"not really a model")
+    with pytest.raises(ModelChecksumMismatch, match="failed its sha256 check.*replace"):
+        resolve_model("w600k_mbf", override=str(model), override_sha256="0" * 64)
+    info = resolve_model("w600k_mbf", override=str(model), override_sha256=sha256_of(model))
+    assert info.path == str(model) and info.name == "arcface"
+
+
+def test_missing_and_unknown_models_are_specific_errors(tmp_path: Path) -> None:
+    with pytest.raises(ModelNotFound, match="does not exist"):
+        resolve_model("w600k_mbf", override=str(tmp_path / "nope.onnx"))
+    with pytest.raises(ModelNotFound, match="unknown model 'r100'.*w600k_mbf"):
+        resolve_model("r100")
+    with pytest.raises(ModelNotFound, match="no downloader"):
+        resolve_model("w600k_mbf", override="s3://bucket/models/r50.onnx", cache_dir=tmp_path)
+
+
+def test_remote_model_is_downloaded_once_into_the_cache_and_verified(tmp_path: Path) -> None:
+    packaged = Path(resolve_model("w600k_mbf").path)
+    calls: list[str] = []
+
+    def fetch(uri: str, dest: Path) -> None:
+        calls.append(uri)
+        copy_model(f"file://{packaged}", dest)
+
+    uri = "s3://models/arcface/w600k_mbf.onnx"
+    sha = REGISTRY["w600k_mbf"].sha256
+    for _ in range(2):
+        info = resolve_model(
+            "w600k_mbf", override=uri, override_sha256=sha, cache_dir=tmp_path, fetch=fetch
+        )
+        assert info.sha256 == sha and Path(info.path).is_relative_to(tmp_path)
+    assert calls == [uri]
+
+
+def test_umeyama_recovers_a_similarity_transform() -> None:
+    angle, scale, shift = 0.3, 1.7, np.array([12.0, -4.0])
+    rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    src = ARCFACE_TEMPLATE
+    dst = scale * src @ rot.T + shift
+    matrix = umeyama(src, dst)
+    np.testing.assert_allclose(matrix[:, :2], scale * rot, atol=1e-9)
+    np.testing.assert_allclose(matrix[:, 2], shift, atol=1e-9)
+
+
+def test_landmarks_on_the_template_give_an_identity_crop() -> None:
+    image = np.random.default_rng(0).integers(0, 255, (112, 112, 3), dtype=np.uint8)
+    np.testing.assert_allclose(estimate_norm(ARCFACE_TEMPLATE)[:, :2], np.eye(2), atol=1e-9)
+    np.testing.assert_array_equal(norm_crop(image, ARCFACE_TEMPLATE), image)
+    assert align_faces(image, np.stack([ARCFACE_TEMPLATE] * 3)).shape == (3, 112, 112, 3)
+
+
+@pytest.fixture(scope="module")
+def embedder() -> ArcFaceEmbedder:
+    return ArcFaceEmbedder.load(PipelineSettings(embed_batch_size=3))
+
+
+def test_embeddings_are_unit_length_and_batch_independent(
+    embedder: ArcFaceEmbedder, yaoming_jpg: bytes
+) -> None:
+    face = np.asarray(Image.open(io.BytesIO(yaoming_jpg)).convert("RGB").resize((112, 112)))
+    rng = np.random.default_rng(1)
+    chips = np.stack([face] + [rng.integers(0, 255, (112, 112, 3), dtype=np.uint8)] * 6)
+    batched = embedder.embed(chips)
+    single = np.concatenate([embedder.embed(chips[i : i + 1]) for i in range(len(chips))])
+    assert batched.shape == (7, 512) and batched.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(batched, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(batched, single, atol=1e-4)
+    assert embedder.embed(np.zeros((0, 112, 112, 3), np.uint8)).shape == (0, 512)
+
+
+def test_same_face_is_closer_than_a_different_face(
+    embedder: ArcFaceEmbedder, yaoming_jpg: bytes, gdp_jpg: bytes
+) -> None:
+    from worker.detect import load_detector
+
+    detector = load_detector(PipelineSettings(detector="scrfd"))
+    yao = np.asarray(Image.open(io.BytesIO(yaoming_jpg)).convert("RGB"))
+    gdp = np.asarray(Image.open(io.BytesIO(gdp_jpg)).convert("RGB"))
+    yao_faces, gdp_faces = detector.detect(yao), detector.detect(gdp)
+    yao_chip = align_faces(yao, yao_faces.landmarks[:1])
+    mirrored = yao_chip[:, :, ::-1].copy()
+    others = align_faces(gdp, gdp_faces.landmarks[:3])
+    vectors = embedder.embed(np.concatenate([yao_chip, mirrored, others]))
+    same = float(vectors[0] @ vectors[1])
+    different = vectors[2:] @ vectors[0]
+    assert same > 0.6
+    assert different.max() < 0.3
