@@ -1,0 +1,49 @@
+"""Celery configuration of the worker service (lowercase keys), read by `tasks.app`.
+
+Values that an operator sets come from `tasks.settings.ServiceSettings` (AFTERTRIP_*
+environment variables); the rest is how the grouping task must run to be safe.
+"""
+
+from tasks.names import GROUP_TRIP
+from tasks.settings import get_settings
+
+_settings = get_settings()
+
+broker_url = _settings.broker_url
+result_backend = _settings.result_backend
+broker_connection_retry_on_startup = True
+
+# JSON only: a message is trip id + mode, and pickle would let anyone who can write to the
+# broker run code in the worker.
+task_serializer = "json"
+result_serializer = "json"
+accept_content = ["json"]
+result_accept_content = ["json"]
+
+task_routes = {GROUP_TRIP: {"queue": _settings.queue}}
+
+# A job is acknowledged only when it ends, so a worker that dies mid-job (OOM, node lost,
+# SIGKILL) leaves it to be delivered again; the task is written to be safe to run twice.
+task_acks_late = True
+task_reject_on_worker_lost = True
+# One job per process at a time: a prefetched job would wait behind a long one while
+# another worker sits idle.
+worker_prefetch_multiplier = 1
+# Redis redelivers an unacknowledged message after the visibility timeout; it must be longer
+# than any job may run, or a job still running would be started again elsewhere.
+broker_transport_options = {"visibility_timeout": _settings.visibility_timeout}
+# After losing the broker connection the running job's message will be redelivered anyway;
+# cancelling it avoids running it twice at once.
+worker_cancel_long_running_tasks_on_connection_loss = True
+
+task_soft_time_limit = _settings.task_soft_time_limit
+task_time_limit = _settings.task_time_limit
+
+# Events and states for Flower and `aftertrip-faces rerun --wait`.
+worker_send_task_events = True
+task_send_sent_event = True
+task_track_started = True
+result_extended = True
+
+enable_utc = True
+timezone = "UTC"

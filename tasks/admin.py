@@ -1,0 +1,305 @@
+"""The worker service's subcommands of `aftertrip-faces`: rerun, status, db, worker, flower.
+
+`tasks.cli` calls `register(subparsers)`; each handler is `cmd_x(args) -> int` and prints
+through the CLI's one console. Imports are kept inside the handlers so that `--help` and
+the embedded commands never pay for Celery, SQLAlchemy or the models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from tasks.settings import ServiceSettings
+
+POLL_SECONDS = 0.5
+
+
+def _console() -> Console:
+    from tasks.cli import console
+
+    return console
+
+
+def _settings() -> ServiceSettings:
+    from tasks.settings import get_settings
+
+    return get_settings()
+
+
+def register(subparsers: Any) -> None:
+    """Add the service's subcommands to the `aftertrip-faces` parser."""
+    rerun = subparsers.add_parser(
+        "rerun", help="queue a grouping job for a trip on the worker service"
+    )
+    rerun.add_argument("--trip", type=int, required=True, metavar="ID", help="trips_trip.id")
+    rerun.add_argument(
+        "--all",
+        action="store_true",
+        help="analyse every photo again (default: only new photos and those that failed)",
+    )
+    rerun.add_argument("--wait", action="store_true", help="show the job's progress until it ends")
+    rerun.add_argument(
+        "--timeout", type=float, default=None, help="with --wait: give up waiting after SECONDS"
+    )
+    rerun.set_defaults(handler=cmd_rerun)
+
+    status = subparsers.add_parser("status", help="a trip's recent jobs, counts and photo errors")
+    status.add_argument("--trip", type=int, required=True, metavar="ID", help="trips_trip.id")
+    status.add_argument("--limit", type=int, default=5, help="how many recent jobs to show")
+    status.set_defaults(handler=cmd_status)
+
+    db = subparsers.add_parser("db", help="the worker's database tables")
+    db_commands = db.add_subparsers(dest="db_command", required=True, metavar="DB_COMMAND")
+    upgrade = db_commands.add_parser(
+        "upgrade", help="apply the worker's migrations to AFTERTRIP_DATABASE_URL"
+    )
+    upgrade.add_argument("--revision", default="head", help="Alembic revision (default: head)")
+    upgrade.add_argument(
+        "--with-webapp-tables",
+        action="store_true",
+        help="development only: also create the web app's tables (a stack without Django)",
+    )
+    upgrade.set_defaults(handler=cmd_db_upgrade)
+
+    worker = subparsers.add_parser(
+        "worker", help="run a Celery worker on the faces queue (celery -A tasks.app worker)"
+    )
+    worker.add_argument(
+        "--concurrency",
+        type=int,
+        default=None,
+        help="worker processes (default AFTERTRIP_WORKER_CONCURRENCY; 1 per GPU)",
+    )
+    worker.add_argument("--hostname", default=None, help="node name, e.g. gpu0@%%h")
+    worker.add_argument("--loglevel", default="INFO", help="Celery log level")
+    worker.set_defaults(handler=cmd_worker)
+
+    flower = subparsers.add_parser(
+        "flower", help="run Flower (needs AFTERTRIP_FLOWER_BASIC_AUTH=user:password)"
+    )
+    flower.set_defaults(handler=cmd_flower)
+
+
+# ---------------------------------------------------------------------------- rerun
+
+
+def cmd_rerun(args: argparse.Namespace) -> int:
+    """Queue `aftertrip.group_trip` for a trip; with --wait, follow its PROGRESS."""
+    from tasks.client import enqueue_trip
+
+    console = _console()
+    result = enqueue_trip(args.trip, mode="all" if args.all else "missing")
+    console.print(f"queued job {result.id} for trip {args.trip}")
+    if not args.wait:
+        return 0
+    try:
+        return _follow(result, args.timeout, console)
+    except KeyboardInterrupt:
+        console.print(f"still queued or running: `aftertrip-faces status --trip {args.trip}`")
+        return 130
+
+
+def _follow(result: Any, timeout: float | None, console: Console) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from tasks.names import PROGRESS
+
+    deadline = None if timeout is None else time.monotonic() + timeout
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), console=console
+    ) as progress:
+        bar = progress.add_task("queued", total=None)
+        while not result.ready():
+            if deadline is not None and time.monotonic() > deadline:
+                console.print(f"[yellow]gave up waiting; job {result.id} goes on[/yellow]")
+                return 1
+            if result.state == PROGRESS and isinstance(result.info, dict):
+                meta = result.info
+                total = int(meta.get("total") or 0)
+                progress.update(
+                    bar,
+                    description=str(meta.get("stage", "running")),
+                    total=total or None,
+                    completed=int(meta.get("done") or 0),
+                )
+            elif result.state == "STARTED":
+                progress.update(bar, description="started")
+            time.sleep(POLL_SECONDS)
+    if result.successful():
+        counts = result.result or {}
+        summary = ", ".join(f"{k} {v}" for k, v in counts.items() if k not in ("trip_id",))
+        console.print(f"[green]done[/green]: {summary}")
+        return 0
+    console.print(f"[red]job {result.id} failed[/red]: {result.result!r}")
+    return 1
+
+
+# ---------------------------------------------------------------------------- status
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Print a trip's recent jobs, photo and face counts, and the photos that failed."""
+    from rich.table import Table
+
+    from db.crud import TripNotFound, trip_status
+    from db.session import make_engine, make_sessionmaker
+
+    console = _console()
+    engine = make_engine(_settings().database_url)
+    try:
+        with make_sessionmaker(engine)() as session:
+            status = trip_status(session=session, trip_id=args.trip, limit=args.limit)
+    except TripNotFound as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        return 1
+    finally:
+        engine.dispose()
+
+    console.print(
+        f"trip {status.trip_id}: {status.photos} photos, {status.analyzed} analysed, "
+        f"{status.faces} faces, {status.people} people"
+    )
+    jobs = Table(title="recent jobs")
+    for column in ("job", "mode", "status", "attempts", "started", "finished", "result"):
+        jobs.add_column(column)
+    for job in status.jobs:
+        outcome = job.error or ", ".join(f"{k} {v}" for k, v in (job.counts or {}).items())
+        jobs.add_row(
+            str(job.id),
+            job.mode,
+            job.status,
+            str(job.attempts),
+            _when(job.started_at),
+            _when(job.finished_at),
+            outcome,
+        )
+    console.print(jobs)
+    if status.errors:
+        errors = Table(title="photos that failed")
+        for column in ("photo", "file", "status", "error"):
+            errors.add_column(column)
+        for problem in status.errors:
+            errors.add_row(
+                str(problem.photo_id), problem.file_name, problem.status, problem.error or ""
+            )
+        console.print(errors)
+    return 0
+
+
+def _when(moment: Any) -> str:
+    return moment.strftime("%Y-%m-%d %H:%M:%S") if moment is not None else "-"
+
+
+# ---------------------------------------------------------------------------- db
+
+
+def cmd_db_upgrade(args: argparse.Namespace) -> int:
+    """Apply the worker's Alembic migrations (its aftertrip_* tables only)."""
+    from sqlalchemy.engine import make_url
+
+    from db.session import current_revision, make_engine, upgrade
+
+    console = _console()
+    settings = _settings()
+    url = settings.database_url
+    if args.with_webapp_tables:
+        if settings.environment == "production":
+            console.print(
+                "[red]error:[/red] --with-webapp-tables is for development stacks only: "
+                "in production the web app's migrations create its tables"
+            )
+            return 2
+        from db.webapp import create_webapp_tables
+
+        engine = make_engine(url)
+        try:
+            create_webapp_tables(engine)
+        finally:
+            engine.dispose()
+    upgrade(url, args.revision)
+    where = make_url(url).render_as_string(hide_password=True)
+    console.print(f"database {where} at revision {current_revision(url)}")
+    return 0
+
+
+# ---------------------------------------------------------------------------- processes
+
+
+def worker_argv(settings: ServiceSettings, args: argparse.Namespace) -> list[str]:
+    """The `celery worker` command line for the faces queue."""
+    argv = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "tasks.app",
+        "worker",
+        "-Q",
+        settings.queue,
+        "--pool",
+        "prefork",
+        "--concurrency",
+        str(args.concurrency or settings.worker_concurrency),
+        "--loglevel",
+        args.loglevel,
+    ]
+    if args.hostname:
+        argv += ["--hostname", args.hostname]
+    return argv
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """Replace this process with a Celery worker (signals then reach Celery directly)."""
+    argv = worker_argv(_settings(), args)
+    _console().print(" ".join(argv[1:]))
+    os.execv(argv[0], argv)
+    return 0  # pragma: no cover - execv does not return
+
+
+def flower_command(settings: ServiceSettings) -> tuple[list[str], dict[str, str]] | None:
+    """Flower's command line and environment, or None when no basic auth is configured.
+
+    The credentials go through Flower's FLOWER_BASIC_AUTH variable, not the command line,
+    where every user of the machine could read them in `ps`. `-A tasks.trip` loads the app
+    with the task registered, which Flower's `/api/task/async-apply/` needs.
+    """
+    if settings.flower_basic_auth is None or not settings.flower_basic_auth.get_secret_value():
+        return None
+    argv = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "tasks.trip",
+        "flower",
+        f"--address={settings.flower_address}",
+        f"--port={settings.flower_port}",
+    ]
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key != "FLOWER_UNAUTHENTICATED_API"  # never open the API without auth
+    }
+    env["FLOWER_BASIC_AUTH"] = settings.flower_basic_auth.get_secret_value()
+    return argv, env
+
+
+def cmd_flower(args: argparse.Namespace) -> int:
+    """Replace this process with Flower, only with basic auth configured."""
+    command = flower_command(_settings())
+    if command is None:
+        _console().print(
+            "[red]error:[/red] Flower can run tasks from its web API, so it never starts "
+            "without a login: set AFTERTRIP_FLOWER_BASIC_AUTH=user:password"
+        )
+        return 2
+    argv, env = command
+    os.execve(argv[0], argv, env)
+    return 0  # pragma: no cover - execve does not return

@@ -1,0 +1,176 @@
+"""The worker service's settings: the pipeline's, plus broker, database, S3 and limits.
+
+One `ServiceSettings` is built once per process (`get_settings()`) and passed down;
+every field is read from `AFTERTRIP_<FIELD>` environment variables.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Literal, Self
+
+from pydantic import Field, SecretStr, ValidationError, model_validator
+
+from worker.errors import AfterTripError
+from worker.settings import PipelineSettings
+
+Environment = Literal["development", "production"]
+
+DEV_DATABASE_URL = "sqlite:///aftertrip-faces.sqlite3"
+
+
+class UnsafeSettingsError(ValueError):
+    """A setting is left at a default that is only fit for development."""
+
+
+class ServiceSettings(PipelineSettings):
+    """Everything the Celery worker, the admin commands and Flower need."""
+
+    environment: Environment = Field(
+        "development",
+        description="development or production; production refuses development-only defaults.",
+    )
+
+    # broker and results
+    broker_url: str = Field(
+        "redis://127.0.0.1:6379/0", description="Celery broker (Redis) the web app sends jobs to."
+    )
+    result_backend: str = Field(
+        "redis://127.0.0.1:6379/1",
+        description="Where task states and PROGRESS meta are kept (Flower, `rerun --wait`).",
+    )
+    lock_url: str | None = Field(
+        None,
+        description="Redis for the one-job-per-trip locks; empty = the broker (if it is Redis).",
+    )
+    queue: str = Field("faces", description="Queue the grouping task is routed to.")
+
+    # the web app's database
+    database_url: str = Field(
+        DEV_DATABASE_URL,
+        description="SQLAlchemy URL of the web app's database "
+        "(postgresql+psycopg://…, mysql+pymysql://…).",
+    )
+
+    # storage
+    s3_bucket: str | None = Field(None, description="Bucket holding the trip photos (required).")
+    s3_endpoint_url: str | None = Field(
+        None, description="S3-compatible endpoint (MinIO, …); empty = AWS."
+    )
+    photo_root: Path | None = Field(
+        None,
+        description="Development only, when no bucket is set: read photos (and write "
+        "thumbnails) under this folder, keys being paths in it.",
+    )
+    s3_thumbnail_prefix: str = Field(
+        "faces/", description="Key prefix of face thumbnails: {prefix}{trip}/{photo key}/{i}.jpg."
+    )
+    s3_max_pool_connections: int = Field(
+        16, description="HTTP connections per worker process to S3 (reads run on threads)."
+    )
+
+    # limits and retries
+    task_soft_time_limit: int = Field(
+        3300, description="Seconds before a job is asked to stop (it fails and is recorded)."
+    )
+    task_time_limit: int = Field(
+        3600, description="Seconds before a job's process is killed (hard limit)."
+    )
+    task_max_retries: int = Field(
+        5, description="Retries of a job after transient S3 or database errors (with backoff)."
+    )
+    task_retry_backoff_max: int = Field(600, description="Longest wait between retries, seconds.")
+    task_max_deliveries: int = Field(
+        3,
+        description="Give up on a job whose worker process died this many times "
+        "(e.g. killed for memory) instead of redelivering it forever.",
+    )
+    lock_wait_seconds: int = Field(
+        20, description="How long a job waits before checking again when its trip is busy."
+    )
+    worker_concurrency: int = Field(
+        1, description="Worker processes per `aftertrip-faces worker` (1 per GPU)."
+    )
+
+    # Flower
+    flower_basic_auth: SecretStr | None = Field(
+        None,
+        description="user:password[,user2:password2] for Flower; Flower refuses to start without.",
+    )
+    flower_address: str = Field("127.0.0.1", description="Address Flower listens on.")
+    flower_port: int = Field(5555, description="Port Flower listens on.")
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if self.task_soft_time_limit >= self.task_time_limit:
+            raise UnsafeSettingsError(
+                "AFTERTRIP_TASK_SOFT_TIME_LIMIT must be below AFTERTRIP_TASK_TIME_LIMIT, "
+                "so a job can record its failure before it is killed"
+            )
+        if self.lock_url is None and not self.broker_url.startswith(("redis://", "rediss://")):
+            raise UnsafeSettingsError(
+                "the per-trip locks need Redis: set AFTERTRIP_LOCK_URL (the broker is not Redis)"
+            )
+        if self.environment == "production":
+            self._refuse_development_defaults()
+        return self
+
+    def _refuse_development_defaults(self) -> None:
+        problems = []
+        if self.database_url.startswith("sqlite"):
+            problems.append(
+                "AFTERTRIP_DATABASE_URL is SQLite: point it at the web app's PostgreSQL or MySQL"
+            )
+        if not self.s3_bucket:
+            problems.append("AFTERTRIP_S3_BUCKET is not set")
+        if self.flower_basic_auth is not None:
+            for pair in self.flower_basic_auth.get_secret_value().split(","):
+                _user, _sep, password = pair.partition(":")
+                if len(password) < 12:
+                    problems.append(
+                        "AFTERTRIP_FLOWER_BASIC_AUTH has a password under 12 characters"
+                    )
+                    break
+        if problems:
+            raise UnsafeSettingsError(
+                "refusing to run with AFTERTRIP_ENVIRONMENT=production: " + "; ".join(problems)
+            )
+
+    @property
+    def effective_lock_url(self) -> str:
+        """The Redis URL of the per-trip locks."""
+        return self.lock_url or self.broker_url
+
+    @property
+    def visibility_timeout(self) -> int:
+        """Seconds before Redis redelivers an unacknowledged job: longer than any job runs.
+
+        With acks_late a running job's message stays unacknowledged; redelivering it while it
+        still runs would start it twice, so this must exceed the hard time limit.
+        """
+        return self.task_time_limit + 600
+
+    @property
+    def lock_timeout(self) -> int:
+        """Seconds a trip lock lives if its holder dies without releasing it."""
+        return self.task_time_limit + 60
+
+
+class SettingsError(AfterTripError):
+    """The AFTERTRIP_* environment does not make valid service settings."""
+
+
+@functools.cache
+def get_settings() -> ServiceSettings:
+    """The process's one settings object, read from the environment on first use."""
+    try:
+        return ServiceSettings()
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"AFTERTRIP_{'_'.join(str(p) for p in err['loc']).upper() or 'SETTINGS'}: {err['msg']}"
+            if err["loc"]
+            else err["msg"]
+            for err in exc.errors()
+        )
+        raise SettingsError(f"invalid settings: {problems}") from exc

@@ -1,0 +1,405 @@
+"""The grouping task: one trip's photos from S3 into the web app's person folders.
+
+`aftertrip.group_trip(trip_id, mode)` takes ids only, reads the photos through the storage
+layer, runs `worker.pipeline.FacePipeline`, and writes through `db.crud` in one
+transaction. It is safe to run twice (acks_late redelivers it sometimes): thumbnails go to
+deterministic keys, faces are unique per (photo, embedder, index), and the same faces give
+the same folders and links.
+
+One job per trip runs at a time (a Redis lock per trip). A request for a trip that is busy
+is put back on the queue with a countdown and runs after the current one; requests are not
+merged, but a second `missing` run finds nothing new to analyse and only regroups.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import redis.exceptions
+import sqlalchemy.exc
+from celery import Task
+from celery.exceptions import Ignore
+from celery.signals import worker_process_init
+from redis import Redis
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.crud import (
+    FaceOutcome,
+    PhotoOutcome,
+    TripNotFound,
+    fail_job,
+    finish_job,
+    photos_to_analyze,
+    start_job,
+    write_trip_result,
+)
+from db.session import make_engine, make_sessionmaker
+from db.webapp import Trip
+from storage import LocalStore, PhotoStore, S3Store, photo_sources, s3_fetch
+from storage.errors import StorageConfigError, TransientStorageError
+from tasks.app import app
+from tasks.locks import TripLock
+from tasks.names import GROUP_TRIP, MODES, PROGRESS
+from tasks.settings import ServiceSettings, get_settings
+from worker.errors import AfterTripError
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
+
+    from worker.pipeline import AnalyzedPhoto, FacePipeline
+    from worker.settings import PipelineSettings
+
+logger = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[str, int, int], None]
+"""Called as (stage, done, total): stages `models`, `analyze`, `group`."""
+
+RETRYABLE_ERRORS: tuple[type[Exception], ...] = (
+    TransientStorageError,
+    sqlalchemy.exc.OperationalError,  # connection lost, server restarting, deadlock
+    sqlalchemy.exc.InterfaceError,  # connection closed under us
+    redis.exceptions.ConnectionError,  # the lock's Redis
+    redis.exceptions.TimeoutError,
+)
+"""Errors after which the same job may well succeed later: retried with backoff and jitter.
+
+Anything else (a bug, a missing trip, a bad setting, the soft time limit) fails the job at once.
+"""
+
+THUMBNAIL_UPLOAD_THREADS = 4
+
+
+class JobAbandoned(AfterTripError):
+    """A job's worker process died too often while running it (out of memory, a crash)."""
+
+
+def thumbnail_key(prefix: str, trip_id: int, photo_key: str, index: int) -> str:
+    """Where a face thumbnail goes: deterministic, so a job run twice overwrites, never adds."""
+    return f"{prefix}{trip_id}/{photo_key}/{index}.jpg"
+
+
+def photo_outcome(photo: AnalyzedPhoto, photo_id: int, keys: list[str] | None) -> PhotoOutcome:
+    """What `db.crud.write_trip_result` stores for one analysed photo."""
+    found = photo.detections
+    faces = [
+        FaceOutcome(
+            box=[float(v) for v in found.boxes[i]],
+            landmarks=[[float(x), float(y)] for x, y in found.landmarks[i]],
+            score=float(found.scores[i]),
+            embedding=photo.embeddings[i],
+            thumbnail_key=keys[i] if keys else None,
+        )
+        for i in range(len(found))
+    ]
+    return PhotoOutcome(
+        photo_id=photo_id,
+        status=photo.status.value,
+        error=photo.error,
+        width=photo.width,
+        height=photo.height,
+        faces=faces,
+    )
+
+
+def run_trip_job(
+    *,
+    sessions: sessionmaker[Session],
+    store: PhotoStore,
+    pipeline: FacePipeline,
+    settings: PipelineSettings,
+    trip_id: int,
+    mode: str = "missing",
+    task_id: str | None = None,
+    thumbnail_prefix: str | None = "faces/",
+    on_progress: ProgressCallback | None = None,
+) -> dict[str, Any]:
+    """Analyse a trip's photos and rewrite its folders; the body of `group_trip`.
+
+    Records an `aftertrip_job` row (reused when `task_id` is delivered again); on any error
+    marks it failed and re-raises, leaving the previous folders and links as they were.
+    Returns the job id and `TripWriteSummary` counts. Usable without Celery (embedded runs).
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+    progress = on_progress or (lambda stage, done, total: None)
+    started = time.perf_counter()
+    with sessions() as session:
+        if session.get(Trip, trip_id) is None:
+            raise TripNotFound(trip_id)
+        session.rollback()
+        progress("models", 0, 1)
+        models = pipeline.models  # loads the models on a process's first job
+        job = start_job(
+            session=session, trip_id=trip_id, mode=mode, task_id=task_id, models=models
+        )
+        job_id = job.id
+        try:
+            photos = photos_to_analyze(
+                session=session,
+                trip_id=trip_id,
+                embedder_sha256=pipeline.embedder.sha256,
+                mode=mode,  # type: ignore[arg-type]  # checked against MODES above
+            )
+            todo = [(p.id, p.s3_key, p.file_name or p.s3_key) for p in photos]
+            # End the read transaction: nothing stays open while photos are analysed.
+            session.commit()
+            logger.info(
+                "job analysing photos",
+                extra={"trip_id": trip_id, "job_id": job_id, "photos": len(todo), "mode": mode},
+            )
+            outcomes = _analyze(
+                pipeline, store, todo, trip_id=trip_id, prefix=thumbnail_prefix, progress=progress
+            )
+            progress("group", 0, 1)
+            summary = write_trip_result(
+                session=session,
+                trip_id=trip_id,
+                analyzed=outcomes,
+                embedder=pipeline.embedder,
+                settings=settings,
+                job_id=job_id,
+            )
+            counts = {"analyzed": len(outcomes), **asdict(summary)}
+            finish_job(session=session, job_id=job_id, counts=counts)
+            progress("group", 1, 1)
+        except Exception as exc:
+            _record_failure(session, job_id, exc)
+            raise
+    logger.info(
+        "job done",
+        extra={
+            "trip_id": trip_id,
+            "job_id": job_id,
+            "ms": round((time.perf_counter() - started) * 1000),
+            **counts,
+        },
+    )
+    return {"trip_id": trip_id, "job_id": job_id, **counts}
+
+
+def _analyze(
+    pipeline: FacePipeline,
+    store: PhotoStore,
+    todo: list[tuple[int, str, str]],
+    *,
+    trip_id: int,
+    prefix: str | None,
+    progress: ProgressCallback,
+) -> list[PhotoOutcome]:
+    """Run the pipeline over the photos; upload face thumbnails while the next ones compute."""
+    ids = {str(photo_id): (photo_id, key) for photo_id, key, _name in todo}
+    sources = photo_sources(
+        store,
+        [key for _id, key, _name in todo],
+        [name for _id, _key, name in todo],
+        ids=[str(photo_id) for photo_id, _key, _name in todo],
+    )
+    outcomes: list[PhotoOutcome] = []
+    uploads: list[Future[None]] = []
+    progress("analyze", 0, len(todo))
+    with ThreadPoolExecutor(THUMBNAIL_UPLOAD_THREADS, "thumbnails") as uploader:
+        analyzed = pipeline.analyze(sources, face_thumbnails=prefix is not None)
+        for done, photo in enumerate(analyzed, start=1):
+            photo_id, key = ids[photo.photo_id]
+            keys = None
+            if prefix is not None and photo.thumbnails:
+                count = len(photo.thumbnails)
+                keys = [thumbnail_key(prefix, trip_id, key, i) for i in range(count)]
+                for thumb_key, data in zip(keys, photo.thumbnails, strict=True):
+                    uploads.append(uploader.submit(store.write, thumb_key, data, "image/jpeg"))
+            outcomes.append(photo_outcome(photo, photo_id, keys))
+            photo.thumbnails = []
+            progress("analyze", done, len(todo))
+        # Every thumbnail is stored before a face row can point at it.
+        for upload in uploads:
+            upload.result()
+    return outcomes
+
+
+def _record_failure(session: Session, job_id: int, exc: Exception) -> None:
+    try:
+        fail_job(session=session, job_id=job_id, error=f"{type(exc).__name__}: {exc}")
+    except sqlalchemy.exc.SQLAlchemyError:
+        # The database is what failed; the task's own error says more than this one.
+        logger.exception("could not record the failure of job %s", job_id)
+
+
+class GroupTripTask(Task):
+    """Base of the grouping task: what each worker process loads once and keeps.
+
+    Everything is created lazily on the first job, in the pool's child process: never in the
+    parent of a prefork pool, whose CUDA context, database connections and HTTP pools would
+    not survive the fork.
+    """
+
+    _engine: Engine | None = None
+    _sessions: sessionmaker[Session] | None = None
+    _store: PhotoStore | None = None
+    _pipeline: FacePipeline | None = None
+    _redis: Redis | None = None
+
+    @property
+    def settings(self) -> ServiceSettings:
+        """The process's settings."""
+        return get_settings()
+
+    @property
+    def sessions(self) -> sessionmaker[Session]:
+        """Sessions on the process's one engine."""
+        if self._sessions is None:
+            self._engine = make_engine(self.settings.database_url)
+            self._sessions = make_sessionmaker(self._engine)
+        return self._sessions
+
+    @property
+    def store(self) -> PhotoStore:
+        """The photo bucket (or, in development, AFTERTRIP_PHOTO_ROOT)."""
+        if self._store is None:
+            self._store = open_photo_store(self.settings)
+        return self._store
+
+    @property
+    def pipeline(self) -> FacePipeline:
+        """Detector and embedder, loaded on the first job of this process."""
+        if self._pipeline is None:
+            # Imported here: it brings torch and onnxruntime, which Flower, the web app's
+            # client and the prefork parent never need.
+            from worker.pipeline import FacePipeline
+
+            store = self.store
+            client = getattr(store, "client", None)
+            self._pipeline = FacePipeline(self.settings, fetch=partial(s3_fetch, client=client))
+        return self._pipeline
+
+    @property
+    def redis(self) -> Redis:
+        """The Redis of the per-trip locks."""
+        if self._redis is None:
+            self._redis = Redis.from_url(self.settings.effective_lock_url)
+        return self._redis
+
+    def forget_process_state(self) -> None:
+        """Drop what a parent process may have made before forking (each child makes its own)."""
+        if self._engine is not None:
+            self._engine.dispose(close=False)
+        self._engine = self._sessions = self._store = self._pipeline = self._redis = None
+
+
+def open_photo_store(settings: ServiceSettings) -> PhotoStore:
+    """The photo store the settings name: the S3 bucket, or a local folder in development."""
+    if settings.s3_bucket:
+        return S3Store(
+            settings.s3_bucket,
+            endpoint_url=settings.s3_endpoint_url,
+            max_pool_connections=settings.s3_max_pool_connections,
+        )
+    if settings.photo_root is not None:
+        return LocalStore(settings.photo_root)
+    raise StorageConfigError("no photo store: set AFTERTRIP_S3_BUCKET")
+
+
+_settings = get_settings()
+
+
+@app.task(
+    bind=True,
+    base=GroupTripTask,
+    name=GROUP_TRIP,
+    autoretry_for=RETRYABLE_ERRORS,
+    retry_backoff=True,
+    retry_backoff_max=_settings.task_retry_backoff_max,
+    retry_jitter=True,
+    max_retries=_settings.task_max_retries,
+)
+def group_trip(self: GroupTripTask, trip_id: int, mode: str = "missing") -> dict[str, Any]:
+    """Group one trip's photos into person folders (`mode`: "missing" or "all")."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+    settings = self.settings
+    task_id = self.request.id or f"local-{uuid.uuid4()}"
+    lock = TripLock(self.redis, trip_id, owner=task_id, timeout=settings.lock_timeout)
+    if not lock.acquire():
+        _wait_for_turn(self, trip_id, mode, holder=lock.holder())
+    try:
+        _count_delivery(self, task_id, trip_id, mode)
+
+        def report(stage: str, done: int, total: int) -> None:
+            if self.request.id is not None:
+                self.update_state(
+                    state=PROGRESS, meta={"stage": stage, "done": done, "total": total}
+                )
+
+        return run_trip_job(
+            sessions=self.sessions,
+            store=self.store,
+            pipeline=self.pipeline,
+            settings=settings,
+            trip_id=trip_id,
+            mode=mode,
+            task_id=task_id,
+            thumbnail_prefix=settings.s3_thumbnail_prefix,
+            on_progress=report,
+        )
+    finally:
+        lock.release()
+
+
+def _wait_for_turn(task: GroupTripTask, trip_id: int, mode: str, *, holder: str | None) -> None:
+    """Put this request back on the queue to run after the trip's current job.
+
+    Sent again under the same task id (so a client waiting on it keeps waiting) and with
+    the same retry count: waiting for a busy trip does not use up retries meant for errors.
+    """
+    wait = task.settings.lock_wait_seconds
+    logger.info(
+        "trip busy, waiting",
+        extra={"trip_id": trip_id, "holder": holder, "task_id": task.request.id, "wait_s": wait},
+    )
+    if task.request.id is not None:
+        task.update_state(
+            state=PROGRESS, meta={"stage": "waiting", "done": 0, "total": 0, "holder": holder}
+        )
+    task.apply_async(
+        args=(trip_id,),
+        kwargs={"mode": mode},
+        countdown=wait,
+        task_id=task.request.id,
+        retries=task.request.retries,
+    )
+    raise Ignore()
+
+
+def _count_delivery(task: GroupTripTask, task_id: str, trip_id: int, mode: str) -> None:
+    """Give up on a job whose worker process keeps dying, instead of redelivering it forever."""
+    key = f"aftertrip:task:{task_id}:{task.request.retries}:deliveries"
+    deliveries = int(task.redis.incr(key))
+    task.redis.expire(key, task.settings.lock_timeout * 2)
+    limit = task.settings.task_max_deliveries
+    if deliveries <= limit:
+        return
+    message = (
+        f"the worker process died {deliveries - 1} times running this job (out of memory? "
+        f"a crash?): giving up after AFTERTRIP_TASK_MAX_DELIVERIES={limit}"
+    )
+    with task.sessions() as session:
+        job = start_job(
+            session=session,
+            trip_id=trip_id,
+            mode=mode,
+            task_id=task_id,
+            models=task.pipeline.models,
+        )
+        fail_job(session=session, job_id=job.id, error=message)
+    raise JobAbandoned(message)
+
+
+@worker_process_init.connect
+def _fresh_process_state(**_kwargs: object) -> None:
+    group_trip.forget_process_state()
