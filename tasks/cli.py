@@ -210,6 +210,30 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def settings_table() -> str:
+    """Every AFTERTRIP_* setting as a Markdown table (the README's Settings section)."""
+    try:
+        from tasks.settings import ServiceSettings as Settings
+    except ImportError:  # the service extras are optional for the embedded default
+        from worker.settings import PipelineSettings as Settings
+
+    lines = ["| variable | default | meaning |", "|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        if field.default_factory is not None:
+            default = "~/.cache/aftertrip-faces" if name == "model_cache_dir" else "(computed)"
+        else:
+            default = "" if field.default is None else str(field.default)
+        shown = f"`{default}`" if default else "(empty)"
+        lines.append(f"| `AFTERTRIP_{name.upper()}` | {shown} | {field.description or ''} |")
+    return "\n".join(lines)
+
+
+def cmd_settings(args: argparse.Namespace) -> int:
+    """Print the settings table."""
+    console.print(settings_table(), markup=False, highlight=False, soft_wrap=True)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line: group, bench, models, and the service's commands."""
     parser = argparse.ArgumentParser(
@@ -251,6 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = sub.add_parser("models", help="list models and verify their sha256")
     models.set_defaults(handler=cmd_models)
+
+    settings = sub.add_parser("settings", help="print every AFTERTRIP_* setting (Markdown)")
+    settings.set_defaults(handler=cmd_settings)
 
     try:
         from tasks.admin import register
