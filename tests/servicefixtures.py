@@ -1,0 +1,113 @@
+"""Helpers for the worker-service tests: Redis on loopback, a Celery client app, a worker.
+
+Import what a module needs: `from tests.servicefixtures import require_redis, ...`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from celery import Celery
+
+ROOT = Path(__file__).resolve().parents[1]
+
+REDIS_URL = os.environ.get("AFTERTRIP_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
+"""The Redis database the service tests use (not the default 0, so no one's data is touched)."""
+
+
+def require_redis(url: str = REDIS_URL) -> None:
+    """Skip (or fail under CI=true) when Redis on loopback does not answer."""
+    from redis import Redis
+    from redis.exceptions import RedisError
+
+    try:
+        Redis.from_url(url, socket_connect_timeout=2).ping()
+    except RedisError as exc:
+        message = f"Redis at {url} is not reachable ({exc})"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true but {message}")
+        pytest.skip(message)
+
+
+def client_app(redis_url: str) -> Celery:
+    """A Celery app like the web app's own: same broker, JSON, none of our task routes."""
+    app = Celery("aftertrip-test-client", broker=redis_url, backend=redis_url, set_as_current=False)
+    app.conf.update(
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        broker_connection_retry_on_startup=True,
+    )
+    return app
+
+
+def start_worker(
+    env: dict[str, str], log: Path, *, queue: str, name: str, concurrency: int = 1
+) -> subprocess.Popen[bytes]:
+    """A real `celery worker` (prefork) on `queue`, started from the repository root."""
+    argv = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "tasks.app",
+        "worker",
+        "-Q",
+        queue,
+        "--pool",
+        "prefork",
+        f"--concurrency={concurrency}",
+        "--loglevel=INFO",
+        f"--hostname={name}@%h",
+        "--without-gossip",
+        "--without-mingle",
+        "--without-heartbeat",
+    ]
+    handle = log.open("wb")
+    process = subprocess.Popen(
+        argv, cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    handle.close()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"celery worker exited ({process.returncode}):\n{tail(log)}")
+        if b" ready." in log.read_bytes():
+            return process
+        time.sleep(0.2)
+    stop_process(process)
+    raise RuntimeError(f"celery worker did not become ready:\n{tail(log)}")
+
+
+def stop_process(process: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    """SIGTERM (Celery's warm shutdown), then SIGKILL the whole process group if it hangs."""
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+
+
+def child_pids(pid: int) -> list[int]:
+    """The direct children of a process (the prefork pool's workers)."""
+    children: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        text = (task / "children").read_text().split()
+        children.extend(int(p) for p in text)
+    return children
+
+
+def tail(log: Path, lines: int = 60) -> str:
+    """The end of a log file, for failure messages."""
+    if not log.exists():
+        return "(no log)"
+    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
