@@ -1,28 +1,40 @@
-"""Databases for tests: a fresh SQLite, PostgreSQL or MariaDB database per test.
+"""Databases for tests on SQLite, PostgreSQL and MariaDB, each test starting from a clean state.
 
-Each database gets the web app's tables (as Django creates them, with folders 1 and 2)
-and the worker's migrations. Import the fixtures into a test module:
+Each database has the web app's tables (as Django creates them, with folders 1 and 2) and
+the worker's migrations. Import the fixtures into a test module:
 
     from tests.dbfixtures import db_backend, db_engine, db_url  # noqa: F401
 
-`db_backend` is parametrised over the three backends, so every test that uses `db_url` or
-`db_engine` runs on each. PostgreSQL and MariaDB are the loopback servers (override with
-AFTERTRIP_TEST_POSTGRES_URL / AFTERTRIP_TEST_MARIADB_URL); when one is down its tests are
-skipped with the reason, and fail under CI=true.
+- `db_backend` is parametrised over the three backends, so every test that uses one of the
+  fixtures below runs on each.
+- `db_url` / `db_engine`: a prepared database whose rows are all deleted before each test
+  (folders 1 and 2 put back). The database itself is created and migrated once per test
+  session and backend, because doing that per test costs over a second on MariaDB. Row ids
+  keep counting across tests: assume none but folders 1 and 2.
+- `fresh_db_url`: a brand-new prepared database of its own (for a test that alters the
+  schema, or runs processes that must not share one); `empty_db_url`: a brand-new database
+  with nothing in it.
+
+PostgreSQL and MariaDB are the loopback servers (override with AFTERTRIP_TEST_POSTGRES_URL /
+AFTERTRIP_TEST_MARIADB_URL); when one is down its tests are skipped with the reason, and
+fail under CI=true.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
+import tempfile
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine, create_engine, text
+from sqlalchemy import Connection, Engine, create_engine, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
 
@@ -80,6 +92,31 @@ def require_server(backend: str) -> None:
     pytest.skip(message)
 
 
+def _disconnect_others(conn: Connection, backend: str, name: str) -> None:
+    """End other sessions on database `name`: a connection a test forgot would hold locks."""
+    if backend == "postgresql":
+        conn.execute(
+            text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = :db AND pid <> pg_backend_pid()"
+            ),
+            {"db": name},
+        )
+    elif backend == "mariadb":
+        ids = conn.execute(
+            text(
+                "SELECT id FROM information_schema.processlist "
+                "WHERE db = :db AND id <> CONNECTION_ID()"
+            ),
+            {"db": name},
+        ).scalars()
+        for connection_id in list(ids):
+            try:
+                conn.execute(text(f"KILL {int(connection_id)}"))
+            except OperationalError:
+                pass  # it ended by itself meanwhile
+
+
 @contextmanager
 def fresh_database(backend: str, tmp_path: Path) -> Iterator[str]:
     """The URL of a new, empty database on `backend`, dropped afterwards."""
@@ -97,17 +134,8 @@ def fresh_database(backend: str, tmp_path: Path) -> Iterator[str]:
         )
     finally:
         with admin.connect() as conn:
-            if backend == "postgresql":
-                conn.execute(text(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-            else:
-                # A connection a test forgot would make DROP wait on its locks.
-                ids = conn.execute(
-                    text("SELECT id FROM information_schema.processlist WHERE db = :db"),
-                    {"db": name},
-                ).scalars()
-                for connection_id in list(ids):
-                    conn.execute(text(f"KILL {int(connection_id)}"))
-                conn.execute(text(f"DROP DATABASE IF EXISTS {name}"))
+            _disconnect_others(conn, backend, name)
+            conn.execute(text(f"DROP DATABASE IF EXISTS {name}"))
         admin.dispose()
 
 
@@ -121,6 +149,64 @@ def prepare_database(url: str) -> None:
     upgrade(url)
 
 
+# Children first, so deleting never trips a foreign key.
+_TABLES_TO_CLEAR = (
+    "aftertrip_face",
+    "aftertrip_photo",
+    "aftertrip_job",
+    "photos_photo_tag_face",
+    "photos_photo",
+    "trips_trip",
+    "photos_tagface",
+)
+
+
+def reset_database(url: str) -> None:
+    """Delete every row of the web-app and worker tables and put folders 1 and 2 back."""
+    parsed = make_url(url)
+    backend = "mariadb" if parsed.get_backend_name() == "mysql" else parsed.get_backend_name()
+    engine = make_engine(url)
+    try:
+        with engine.begin() as conn:
+            _disconnect_others(conn, backend, str(parsed.database))
+            for table in _TABLES_TO_CLEAR:
+                conn.execute(text(f"DELETE FROM {table}"))
+        create_webapp_tables(engine)
+    finally:
+        engine.dispose()
+
+
+class _PreparedDatabases:
+    """One prepared database per backend for the whole test run, made on first use.
+
+    Module state rather than a session fixture, so that importing `db_url` is all a test
+    module needs; the databases are dropped when the test process exits.
+    """
+
+    def __init__(self) -> None:
+        self.urls: dict[str, str] = {}
+        self.stack = ExitStack()
+        self.tmp_path: Path | None = None
+
+    def url(self, backend: str) -> str:
+        if backend not in self.urls:
+            if self.tmp_path is None:
+                self.tmp_path = Path(self.stack.enter_context(tempfile.TemporaryDirectory()))
+            url = self.stack.enter_context(fresh_database(backend, self.tmp_path))
+            prepare_database(url)
+            self.urls[backend] = url
+        return self.urls[backend]
+
+    def close(self) -> None:
+        self.stack.close()
+        self.urls.clear()
+        self.tmp_path = None
+
+
+_PREPARED = _PreparedDatabases()
+atexit.register(_PREPARED.close)
+
+
 @pytest.fixture(params=BACKENDS)
 def db_backend(request: pytest.FixtureRequest) -> str:
     """sqlite, postgresql or mariadb."""
@@ -129,16 +215,25 @@ def db_backend(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def empty_db_url(db_backend: str, tmp_path: Path) -> Iterator[str]:
-    """A fresh database with nothing in it."""
+    """A brand-new database with nothing in it, dropped after the test."""
     with fresh_database(db_backend, tmp_path) as url:
         yield url
 
 
 @pytest.fixture
-def db_url(empty_db_url: str) -> str:
-    """A fresh database with the web app's tables and the worker's migrations applied."""
+def fresh_db_url(empty_db_url: str) -> str:
+    """A brand-new database of its own with the web app's tables and the worker's migrations."""
     prepare_database(empty_db_url)
     return empty_db_url
+
+
+@pytest.fixture
+def db_url(db_backend: str) -> str:
+    """A prepared database (web-app tables, worker migrations) with no rows but folders 1, 2."""
+    require_server(db_backend)
+    url = _PREPARED.url(db_backend)
+    reset_database(url)
+    return url
 
 
 @pytest.fixture
