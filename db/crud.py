@@ -457,7 +457,7 @@ class _TripWrite:
 
         live_photo_ids = sorted(p for p, deleted in deleted_by_photo.items() if deleted is None)
         grouped = self._group(live_photo_ids)
-        trip_tags = self._trip_tags(old_faces)
+        trip_tags = self._trip_tags()
         group_tags, created = self._assign_tags(grouped, trip_tags, old_tag_vectors)
         self._update_faces(grouped, group_tags, old_faces, deleted_by_photo)
         session.flush()
@@ -523,11 +523,13 @@ class _TripWrite:
             a.photo_id: a
             for a in self.session.scalars(
                 select(PhotoAnalysis).where(
-                    PhotoAnalysis.photo_id.in_(ids),
+                    PhotoAnalysis.photo_id.in_(self._trip_photo_ids()),
                     PhotoAnalysis.embedder_sha256 == self.embedder.sha256,
                 )
             )
         }
+        vote_sources = self._vote_sources(analyzed, old_by_photo)
+        removed: set[int] = set()
         errors = 0
         for outcome in sorted(analyzed, key=lambda o: o.photo_id):
             if outcome.photo_id not in deleted_by_photo:
@@ -549,15 +551,49 @@ class _TripWrite:
                 analysis.error = None
                 analysis.face_count = len(outcome.faces)
                 analysis.analyzed_at = self.now
-                self._replace_faces(outcome, old_by_photo.get(outcome.photo_id, []))
+                removed |= self._replace_faces(
+                    outcome,
+                    old_by_photo.get(outcome.photo_id, []),
+                    vote_sources.get(outcome.photo_id, []),
+                )
             else:
                 errors += 1
                 analysis.error = (outcome.error or outcome.status)[:MAX_ERROR_CHARS]
+        # Unlink matches to removed faces here rather than leave it to ON DELETE SET NULL,
+        # so the session's rows agree with the database's.
+        for face in old_faces:
+            if face.matched_face_id in removed:
+                face.matched_face_id = None
         return errors
 
-    def _replace_faces(self, outcome: PhotoOutcome, old: list[Face]) -> None:
-        """Rewrite a photo's face rows in place by face_index (ids stay, no duplicates)."""
-        votes = _carry_tags(old, outcome.faces)
+    def _vote_sources(
+        self, analyzed: Sequence[PhotoOutcome], old_by_photo: dict[int, list[Face]]
+    ) -> dict[int, list[Face]]:
+        """The old faces whose folders a photo's re-detected faces inherit, by photo.
+
+        This embedder's faces of the photo; for a photo it never analysed, the faces
+        another embedder found there (after a model change the folders carry over too).
+        """
+        sources = {pid: faces for pid, faces in old_by_photo.items() if faces}
+        fresh = [o.photo_id for o in analyzed if o.faces and o.photo_id not in sources]
+        for chunk in _chunks(sorted(fresh)):
+            others = self.session.scalars(
+                select(Face)
+                .where(Face.photo_id.in_(chunk), Face.embedder_sha256 != self.embedder.sha256)
+                .order_by(Face.photo_id, Face.embedder_sha256, Face.face_index)
+            )
+            for face in others:
+                sources.setdefault(face.photo_id, []).append(face)
+        return sources
+
+    def _replace_faces(
+        self, outcome: PhotoOutcome, old: list[Face], vote_sources: list[Face]
+    ) -> set[int]:
+        """Rewrite a photo's face rows in place by face_index (ids stay, no duplicates).
+
+        Returns the ids of the rows removed (the photo has fewer faces now).
+        """
+        votes = _carry_tags(vote_sources, outcome.faces)
         by_index = {face.face_index: face for face in old}
         for index, found in enumerate(outcome.faces):
             row = by_index.pop(index, None)
@@ -578,6 +614,7 @@ class _TripWrite:
             row.is_cover = False
         for leftover in by_index.values():
             self.session.delete(leftover)
+        return {face.id for face in by_index.values()}
 
     # -- step 2: grouping
 
@@ -613,13 +650,15 @@ class _TripWrite:
 
     # -- step 3: which folder each group is
 
-    def _trip_tags(self, old_faces: list[Face]) -> dict[int, TagFace]:
-        """The trip's person folders: linked to its photos or holding its faces."""
+    def _trip_tags(self) -> dict[int, TagFace]:
+        """The trip's person folders: linked to its photos or holding its faces (any embedder)."""
         linked = select(PhotoTagFace.tagface_id).where(
             PhotoTagFace.photo_id.in_(self._trip_photo_ids())
         )
-        ids = set(self.session.scalars(linked))
-        ids |= {f.tagface_id for f in old_faces if f.tagface_id is not None}
+        held = select(Face.tagface_id).where(
+            Face.photo_id.in_(self._trip_photo_ids()), Face.tagface_id.is_not(None)
+        )
+        ids = set(self.session.scalars(linked)) | set(self.session.scalars(held))
         ids -= SHARED_TAG_IDS
         if not ids:
             return {}

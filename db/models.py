@@ -46,6 +46,10 @@ NAMING_CONVENTION = {
 
 SHA256_LENGTH = 64
 
+# Ids are never reused on SQLite either (as on the servers, and like Django's tables): a
+# deleted face's id must not come back as another face.
+_SQLITE_AUTOINCREMENT = {"sqlite_autoincrement": True}
+
 
 class Base(DeclarativeBase):
     """Declarative base of the worker's tables (the only MetaData Alembic manages)."""
@@ -73,7 +77,7 @@ class Job(Base):
     """aftertrip_job: one grouping run of a trip and the models it used."""
 
     __tablename__ = "aftertrip_job"
-    __table_args__ = (Index(None, "trip_id", "status"),)
+    __table_args__ = (Index(None, "trip_id", "status"), _SQLITE_AUTOINCREMENT)
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     trip_id: Mapped[int] = mapped_column(
@@ -104,7 +108,7 @@ class PhotoAnalysis(Base):
     """
 
     __tablename__ = "aftertrip_photo"
-    __table_args__ = (UniqueConstraint("photo_id", "embedder_sha256"),)
+    __table_args__ = (UniqueConstraint("photo_id", "embedder_sha256"), _SQLITE_AUTOINCREMENT)
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     photo_id: Mapped[int] = mapped_column(
@@ -132,7 +136,10 @@ class Face(Base):
     """
 
     __tablename__ = "aftertrip_face"
-    __table_args__ = (UniqueConstraint("photo_id", "embedder_sha256", "face_index"),)
+    __table_args__ = (
+        UniqueConstraint("photo_id", "embedder_sha256", "face_index"),
+        _SQLITE_AUTOINCREMENT,
+    )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     photo_id: Mapped[int] = mapped_column(

@@ -501,6 +501,59 @@ def test_named_person_keeps_folder_after_reanalysis(db_engine: Engine, shift: fl
         assert {round(f.x1 - 100.0 * f.face_index, 3) for f in faces} == {shift}
 
 
+def test_named_person_keeps_folder_after_an_embedder_change(db_engine: Engine) -> None:
+    """A new embedder (another sha256) analyses every photo again, in another vector space."""
+    trip_id, photo_ids = _trip(db_engine)
+    _write(db_engine, trip_id, _outcomes(People(seed=0), photo_ids, CAST))
+    alice = _tag_of(db_engine, [photo_ids[0], photo_ids[1], photo_ids[3]], trip_id)
+    _name(db_engine, alice, "Alice")
+    before = _links(db_engine, trip_id)
+
+    new_embedder = ModelInfo(name="w600k_r50", role="embedder", path="/m/r50.onnx", sha256="a" * 64)
+    with Session(db_engine) as session:
+        todo = crud.photos_to_analyze(
+            session=session, trip_id=trip_id, embedder_sha256=new_embedder.sha256, mode="missing"
+        )
+        assert [p.id for p in todo] == photo_ids
+        session.commit()  # end the read transaction: the write runs its own
+        summary = crud.write_trip_result(
+            session=session,
+            trip_id=trip_id,
+            analyzed=_outcomes(People(seed=1), photo_ids, CAST, shift=2.0),
+            embedder=new_embedder,
+            settings=PipelineSettings(similarity_threshold=0.3),
+        )
+    assert summary.tags_created == 0 and summary.faces == 10
+    assert _links(db_engine, trip_id) == before
+    with Session(db_engine) as session:
+        assert session.get(TagFace, alice).custom_name == "Alice"
+        # The old embedder's faces stay (a switch back finds them), the new ones are added.
+        assert len(session.scalars(select(Face)).all()) == 20
+
+
+def test_reanalysis_with_fewer_faces_leaves_no_dangling_match(db_engine: Engine) -> None:
+    people = People()
+    trip_id, photo_ids = _trip(db_engine)
+    _write(db_engine, trip_id, _outcomes(people, photo_ids, CAST))
+    # Photo 0 now shows only A (B was a false detection, say); photo 6 only E.
+    fewer = [["A"], *CAST[1:6], ["E"]]
+    summary = _write(db_engine, trip_id, _outcomes(people, photo_ids, fewer))
+    assert summary.faces == 8
+    with Session(db_engine) as session:
+        faces = {f.id: f for f in session.scalars(select(Face))}
+        assert len(faces) == 8
+        for face in faces.values():
+            if face.group_label >= 0:
+                assert face.matched_face_id in faces
+                assert faces[face.matched_face_id].tagface_id == face.tagface_id
+    # B is left in photo 2 only: a face seen once, so B's unnamed folder goes.
+    assert summary.people == 2 and summary.tags_deleted == 1
+    links = _links(db_engine, trip_id)
+    carol = _tag_of(db_engine, [photo_ids[1], photo_ids[2]], trip_id)
+    assert links[photo_ids[2]] == {carol}
+    assert links[photo_ids[6]] == {OTHERS_TAG_ID}
+
+
 @pytest.mark.parametrize("named", [False, True], ids=["unnamed", "named"])
 def test_empty_folder_deleted_unless_named(db_engine: Engine, named: bool) -> None:
     trip_id, photo_ids = _trip(db_engine)

@@ -49,6 +49,7 @@ def upgrade() -> None:
             ["trip_id"], ["trips_trip.id"], name="fk_aftertrip_job_trip_id", ondelete="CASCADE"
         ),
         sa.UniqueConstraint("celery_task_id", name="uq_aftertrip_job_celery_task_id"),
+        sqlite_autoincrement=True,
     )
     op.create_index("ix_aftertrip_job_trip_id_status", "aftertrip_job", ["trip_id", "status"])
 
@@ -79,6 +80,7 @@ def upgrade() -> None:
         sa.UniqueConstraint(
             "photo_id", "embedder_sha256", name="uq_aftertrip_photo_photo_id_embedder_sha256"
         ),
+        sqlite_autoincrement=True,
     )
     op.create_index("ix_aftertrip_photo_job_id", "aftertrip_photo", ["job_id"])
 
@@ -129,6 +131,7 @@ def upgrade() -> None:
             "face_index",
             name="uq_aftertrip_face_photo_id_embedder_sha256_face_index",
         ),
+        sqlite_autoincrement=True,
     )
     op.create_index("ix_aftertrip_face_tagface_id", "aftertrip_face", ["tagface_id"])
     op.create_index("ix_aftertrip_face_matched_face_id", "aftertrip_face", ["matched_face_id"])
