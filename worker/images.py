@@ -167,6 +167,21 @@ def _working_size(width: int, height: int, working_pixels: int | None) -> tuple[
     return w, h
 
 
+def _dct_size(width: int, height: int, working_pixels: int | None) -> tuple[int, int] | None:
+    """A JPEG DCT-scaled size (1/2, 1/4, 1/8) that fits `working_pixels` without a resize.
+
+    Resizing after decoding costs more than decoding itself, so a DCT scale that lands
+    between half the budget and the budget is used as it is.
+    """
+    if not working_pixels or width * height <= working_pixels:
+        return None
+    for denom in (2, 4, 8):
+        w, h = -(-width // denom), -(-height // denom)
+        if w * h <= working_pixels:
+            return (w, h) if w * h >= working_pixels // 2 else None
+    return None
+
+
 def _to_rgb(im: Image.Image) -> Image.Image:
     """Any Pillow mode as 8-bit RGB; transparency is composited on white."""
     if im.mode == "P" and "transparency" in im.info:
@@ -225,6 +240,9 @@ def decode_image(
             orientation = _orientation(im, name)
             width, height = _oriented_size(im, orientation)
             target = _working_size(width, height, working_pixels)
+            dct = _dct_size(width, height, working_pixels)
+            if im.format in ("JPEG", "MPO") and dct is not None:
+                target = dct
             stored_target = target[::-1] if orientation >= 5 else target
             box = None
             if im.format in ("JPEG", "MPO") and target != (width, height):
