@@ -5,6 +5,7 @@ Import the fixtures into a test module with `from tests.s3fixtures import moto_e
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -39,6 +40,8 @@ def moto_endpoint() -> Iterator[str]:
     """`http://127.0.0.1:<port>` of a moto S3 server started for this test session."""
     from moto.server import ThreadedMotoServer
 
+    # one INFO line per request would bury a failing test's own output
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
