@@ -471,3 +471,32 @@ def test_flower_api_reruns_the_task(service: Service, shipped_trip: ShippedTrip)
         stop_process(flower)
     job = next(j for j in service.jobs(shipped_trip.trip_id) if j.celery_task_id == task_id)
     assert job.status == "succeeded"
+
+
+@pytest.mark.parametrize("service", ["postgresql"], indirect=True)
+def test_admin_rerun_wait_and_status(service: Service, shipped_trip: ShippedTrip) -> None:
+    """`aftertrip-faces rerun --wait` through the service's own app, then `status`."""
+    trip = str(shipped_trip.trip_id)
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "tasks.cli", *args],
+            cwd=ROOT,
+            env={**service.env, "COLUMNS": "200"},
+            capture_output=True,
+            text=True,
+            timeout=JOB_TIMEOUT,
+        )
+
+    rerun = cli("rerun", "--trip", trip, "--wait", "--timeout", str(JOB_TIMEOUT))
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr + tail(service.log)
+    assert "queued job" in rerun.stdout and "done" in rerun.stdout
+    task_id = rerun.stdout.split("queued job ", 1)[1].split()[0]
+    service.task_ids.append(task_id)
+    job = next(j for j in service.jobs(shipped_trip.trip_id) if j.celery_task_id == task_id)
+    assert job.status == "succeeded"
+
+    status = cli("status", "--trip", trip)
+    assert status.returncode == 0, status.stderr
+    assert f"trip {trip}: " in status.stdout and "succeeded" in status.stdout
+    assert "broken.jpg" in status.stdout and "gone.jpg" in status.stdout  # photo errors

@@ -1,0 +1,134 @@
+"""The grouping job's body without Celery (`tasks.trip.run_trip_job`): the embedded path on
+SQLite with a local photo folder, failures that keep previous results, and a retry."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine, select
+
+from db.models import Job
+from db.session import make_sessionmaker
+from db.webapp import NO_FACE_TAG_ID, Photo, PhotoTagFace
+from storage import LocalStore, TransientStorageError
+from tasks.settings import ServiceSettings
+from tasks.trip import run_trip_job, thumbnail_key
+from tests import dbfixtures
+from tests.dbfixtures import add_trip
+
+# The embedded path runs on SQLite; the Celery path is tested on the servers (test_service.py).
+pytestmark = pytest.mark.parametrize("db_backend", ["sqlite"])
+db_url = dbfixtures.db_url
+empty_db_url = dbfixtures.empty_db_url
+
+
+@pytest.fixture(scope="module")
+def pipeline():  # noqa: ANN201 - FacePipeline, loaded once for the module
+    from worker.pipeline import FacePipeline
+
+    return FacePipeline(ServiceSettings(detector="scrfd", device="cpu", threads=2))
+
+
+class FlakyStore(LocalStore):
+    """A folder whose reads time out while `down` (as S3 does when it throttles)."""
+
+    down = False
+
+    def read(self, key: str) -> bytes:
+        if self.down:
+            raise TransientStorageError(key, "SlowDown: please reduce your request rate")
+        return super().read(key)
+
+
+def _links(sessions, trip_id: int) -> set[tuple[int, int]]:  # noqa: ANN001
+    with sessions() as session:
+        rows = session.execute(
+            select(PhotoTagFace.photo_id, PhotoTagFace.tagface_id)
+            .join(Photo)
+            .where(Photo.trip_id == trip_id)
+        ).all()
+        return {(photo_id, tag_id) for photo_id, tag_id in rows}
+
+
+def test_failed_job_keeps_previous_results_and_retry_reuses_its_row(
+    db_url: str,
+    tmp_path: Path,
+    pipeline,  # noqa: ANN001
+    players_jpg: bytes,
+    yaoming_jpg: bytes,
+) -> None:
+    from db.session import make_engine
+
+    engine: Engine = make_engine(db_url)
+    sessions = make_sessionmaker(engine)
+    store = FlakyStore(tmp_path / "photos")
+    settings = ServiceSettings(detector="scrfd", photo_root=tmp_path / "photos")
+    with sessions() as session:
+        trip = add_trip(session)
+        photos = []
+        for name, data in (("players.jpg", players_jpg), ("yaoming.jpg", yaoming_jpg)):
+            photo = Photo(trip_id=trip.id, file_name=name, url="")
+            session.add(photo)
+            session.flush()
+            store.write(photo.s3_key, data)
+            photos.append(photo)
+        session.commit()
+        trip_id, first_key = trip.id, photos[0].s3_key
+
+    def run(mode: str, task_id: str) -> dict:
+        return run_trip_job(
+            sessions=sessions,
+            store=store,
+            pipeline=pipeline,
+            settings=settings,
+            trip_id=trip_id,
+            mode=mode,
+            task_id=task_id,
+        )
+
+    first = run("missing", "task-1")
+    assert first["analyzed"] == 2 and first["people"] >= 1
+    before = _links(sessions, trip_id)
+    assert before and all(tag != NO_FACE_TAG_ID for _photo, tag in before)
+    assert store.read(thumbnail_key("faces/", trip_id, first_key, 0))
+
+    store.down = True
+    with pytest.raises(TransientStorageError):
+        run("all", "task-2")
+    with sessions() as session:
+        failed = session.scalars(select(Job).where(Job.celery_task_id == "task-2")).one()
+        assert failed.status == "failed" and "SlowDown" in (failed.error or "")
+    assert _links(sessions, trip_id) == before, "a failed job leaves the folders as they were"
+
+    store.down = False  # Celery retries the same task id with backoff; now S3 answers
+    retried = run("all", "task-2")
+    assert retried["analyzed"] == 2
+    with sessions() as session:
+        job = session.scalars(select(Job).where(Job.celery_task_id == "task-2")).one()
+        assert job.status == "succeeded" and job.attempts == 2 and job.error is None
+    assert _links(sessions, trip_id) == before
+    engine.dispose()
+
+
+def test_unknown_trip_and_mode_are_refused(
+    db_url: str, tmp_path: Path, pipeline  # noqa: ANN001
+) -> None:
+    from db.crud import TripNotFound
+    from db.session import make_engine
+
+    engine = make_engine(db_url)
+    sessions = make_sessionmaker(engine)
+    kwargs = dict(
+        sessions=sessions,
+        store=LocalStore(tmp_path),
+        pipeline=pipeline,
+        settings=ServiceSettings(),
+    )
+    with pytest.raises(TripNotFound):
+        run_trip_job(trip_id=999_999, **kwargs)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="mode"):
+        run_trip_job(trip_id=1, mode="some", **kwargs)  # type: ignore[arg-type]
+    with sessions() as session:
+        assert session.scalars(select(Job)).first() is None  # no job row for either
+    engine.dispose()
