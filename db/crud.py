@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, TypeVar
 
@@ -424,6 +424,11 @@ class _TripWrite:
         self.threshold = threshold
         self.job_id = job_id
         self.now = utcnow()
+        # Re-detected faces: the folder of the old face each one replaces (else the row's own).
+        self.votes: dict[Face, int | None] = {}
+
+    def _vote(self, face: Face) -> int | None:
+        return self.votes[face] if face in self.votes else face.tagface_id
 
     def run(self, analyzed: Sequence[PhotoOutcome]) -> TripWriteSummary:
         session = self.session
@@ -485,7 +490,7 @@ class _TripWrite:
         )
         return summary
 
-    def _trip_photo_ids(self) -> Select[tuple[int]]:
+    def _trip_photo_ids(self) -> Select[int]:
         return select(Photo.id).where(Photo.trip_id == self.trip_id)
 
     # -- step 1: faces and per-photo status
@@ -493,7 +498,7 @@ class _TripWrite:
     def _store_outcomes(
         self,
         analyzed: Sequence[PhotoOutcome],
-        deleted_by_photo: dict[int, object],
+        deleted_by_photo: Mapping[int, object],
         old_faces: list[Face],
     ) -> int:
         """Write each outcome's faces and status; returns how many photos failed."""
@@ -555,6 +560,7 @@ class _TripWrite:
                     outcome,
                     old_by_photo.get(outcome.photo_id, []),
                     vote_sources.get(outcome.photo_id, []),
+                    grouped=deleted_by_photo[outcome.photo_id] is None,
                 )
             else:
                 errors += 1
@@ -587,7 +593,7 @@ class _TripWrite:
         return sources
 
     def _replace_faces(
-        self, outcome: PhotoOutcome, old: list[Face], vote_sources: list[Face]
+        self, outcome: PhotoOutcome, old: list[Face], vote_sources: list[Face], *, grouped: bool
     ) -> set[int]:
         """Rewrite a photo's face rows in place by face_index (ids stay, no duplicates).
 
@@ -607,11 +613,12 @@ class _TripWrite:
                 self.session.add(row)
             _fill_face(row, found, self.embedder.name)
             # The folder of the old face at the same place: a vote for matching groups later.
-            row.tagface_id = votes[index]
-            row.group_label = None
-            row.matched_face_id = None
-            row.similarity = None
-            row.is_cover = False
+            self.votes[row] = votes[index]
+            if not grouped:
+                # A deleted photo's faces are not grouped: nothing else will set these.
+                row.tagface_id = votes[index]
+                row.group_label = row.matched_face_id = row.similarity = None
+                row.is_cover = False
         for leftover in by_index.values():
             self.session.delete(leftover)
         return {face.id for face in by_index.values()}
@@ -684,8 +691,9 @@ class _TripWrite:
             row = {g: i for i, g in enumerate(labels)}
             votes = np.zeros((len(labels), len(tag_ids)), np.int64)
             for face, label in zip(grouped.faces, grouped.labels, strict=True):
-                if label >= 0 and face.tagface_id in col:
-                    votes[row[int(label)], col[face.tagface_id]] += 1
+                vote = self._vote(face)
+                if label >= 0 and vote in col:
+                    votes[row[int(label)], col[vote]] += 1
             # Equal votes (two folders merged into one group): the named folder wins.
             named = np.asarray([trip_tags[t].is_named for t in tag_ids])
             score = 2 * votes + ((votes > 0) & named[None, :])
@@ -730,7 +738,7 @@ class _TripWrite:
         grouped: _Grouped,
         group_tags: dict[int, int],
         old_faces: list[Face],
-        deleted_by_photo: dict[int, object],
+        deleted_by_photo: Mapping[int, object],
     ) -> None:
         cover: dict[int, int] = {}
         best: dict[int, float] = {}
@@ -838,11 +846,11 @@ def _replace_links(
     stale = sorted(
         link_id for link_id, photo_id, tag_id in existing if (photo_id, tag_id) not in desired
     )
-    for chunk in _chunks(stale):
-        session.execute(delete(PhotoTagFace).where(PhotoTagFace.id.in_(chunk)))
+    for ids in _chunks(stale):
+        session.execute(delete(PhotoTagFace).where(PhotoTagFace.id.in_(ids)))
     missing = sorted(desired - have)
-    for chunk in _chunks(missing):
-        session.execute(insert(PhotoTagFace), [{"photo_id": p, "tagface_id": t} for p, t in chunk])
+    for pairs in _chunks(missing):
+        session.execute(insert(PhotoTagFace), [{"photo_id": p, "tagface_id": t} for p, t in pairs])
     return len(missing), len(stale)
 
 

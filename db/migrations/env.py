@@ -28,7 +28,7 @@ target_metadata = Base.metadata
 def include_name(name: str | None, type_: str, parent_names: Any) -> bool:
     """Autogenerate compares only the worker's tables: the web app's belong to Django."""
     if type_ == "table":
-        return bool(name) and name.startswith("aftertrip_") and name != VERSION_TABLE
+        return name is not None and name.startswith("aftertrip_") and name != VERSION_TABLE
     return True
 
 
