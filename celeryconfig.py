@@ -36,6 +36,11 @@ broker_transport_options = {"visibility_timeout": _settings.visibility_timeout}
 # cancelling it avoids running it twice at once.
 worker_cancel_long_running_tasks_on_connection_loss = True
 
+# `docker stop` sends SIGQUIT (compose stop_signal): the running job gets this long to
+# finish, then is cancelled and requeued at once, instead of waiting out the visibility
+# timeout after the container is killed.
+worker_soft_shutdown_timeout = _settings.worker_soft_shutdown_timeout
+
 task_soft_time_limit = _settings.task_soft_time_limit
 task_time_limit = _settings.task_time_limit
 

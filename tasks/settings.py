@@ -89,6 +89,11 @@ class ServiceSettings(PipelineSettings):
     lock_wait_seconds: int = Field(
         20, description="How long a job waits before checking again when its trip is busy."
     )
+    worker_soft_shutdown_timeout: float = Field(
+        60.0,
+        description="On SIGQUIT (the containers' stop signal), let a running job finish for "
+        "this many seconds, then put it back on the queue for another worker.",
+    )
     worker_concurrency: int = Field(
         1, description="Worker processes per `aftertrip-faces worker` (1 per GPU)."
     )
