@@ -28,83 +28,91 @@ class ServiceSettings(PipelineSettings):
     """Everything the Celery worker, the admin commands and Flower need."""
 
     environment: Environment = Field(
-        "development",
+        default="development",
         description="development or production; production refuses development-only defaults.",
     )
 
     # broker and results
     broker_url: str = Field(
-        "redis://127.0.0.1:6379/0", description="Celery broker (Redis) the web app sends jobs to."
+        default="redis://127.0.0.1:6379/0",
+        description="Celery broker (Redis) the web app sends jobs to.",
     )
     result_backend: str = Field(
-        "redis://127.0.0.1:6379/1",
+        default="redis://127.0.0.1:6379/1",
         description="Where task states and PROGRESS meta are kept (Flower, `rerun --wait`).",
     )
     lock_url: str | None = Field(
-        None,
+        default=None,
         description="Redis for the one-job-per-trip locks; empty = the broker (if it is Redis).",
     )
-    queue: str = Field("faces", description="Queue the grouping task is routed to.")
+    queue: str = Field(default="faces", description="Queue the grouping task is routed to.")
 
     # the web app's database
     database_url: str = Field(
-        DEV_DATABASE_URL,
+        default=DEV_DATABASE_URL,
         description="SQLAlchemy URL of the web app's database "
         "(postgresql+psycopg://…, mysql+pymysql://…).",
     )
 
     # storage
-    s3_bucket: str | None = Field(None, description="Bucket holding the trip photos (required).")
+    s3_bucket: str | None = Field(
+        default=None, description="Bucket holding the trip photos (required)."
+    )
     s3_endpoint_url: str | None = Field(
-        None, description="S3-compatible endpoint (MinIO, …); empty = AWS."
+        default=None, description="S3-compatible endpoint (MinIO, …); empty = AWS."
     )
     photo_root: Path | None = Field(
-        None,
+        default=None,
         description="Development only, when no bucket is set: read photos (and write "
         "thumbnails) under this folder, keys being paths in it.",
     )
     s3_thumbnail_prefix: str = Field(
-        "faces/", description="Key prefix of face thumbnails: {prefix}{trip}/{photo key}/{i}.jpg."
+        default="faces/",
+        description="Key prefix of face thumbnails: {prefix}{trip}/{photo key}/{i}.jpg.",
     )
     s3_max_pool_connections: int = Field(
-        16, description="HTTP connections per worker process to S3 (reads run on threads)."
+        default=16, description="HTTP connections per worker process to S3 (reads run on threads)."
     )
 
     # limits and retries
     task_soft_time_limit: int = Field(
-        3300, description="Seconds before a job is asked to stop (it fails and is recorded)."
+        default=3300,
+        description="Seconds before a job is asked to stop (it fails and is recorded).",
     )
     task_time_limit: int = Field(
-        3600, description="Seconds before a job's process is killed (hard limit)."
+        default=3600, description="Seconds before a job's process is killed (hard limit)."
     )
     task_max_retries: int = Field(
-        5, description="Retries of a job after transient S3 or database errors (with backoff)."
+        default=5,
+        description="Retries of a job after transient S3 or database errors (with backoff).",
     )
-    task_retry_backoff_max: int = Field(600, description="Longest wait between retries, seconds.")
+    task_retry_backoff_max: int = Field(
+        default=600, description="Longest wait between retries, seconds."
+    )
     task_max_deliveries: int = Field(
-        3,
+        default=3,
         description="Give up on a job whose worker process died this many times "
         "(e.g. killed for memory) instead of redelivering it forever.",
     )
     lock_wait_seconds: int = Field(
-        20, description="How long a job waits before checking again when its trip is busy."
+        default=20, description="How long a job waits before checking again when its trip is busy."
     )
     worker_soft_shutdown_timeout: float = Field(
-        60.0,
+        default=60.0,
         description="On SIGQUIT (the containers' stop signal), let a running job finish for "
         "this many seconds, then put it back on the queue for another worker.",
     )
     worker_concurrency: int = Field(
-        1, description="Worker processes per `aftertrip-faces worker` (1 per GPU)."
+        default=1, description="Worker processes per `aftertrip-faces worker` (1 per GPU)."
     )
 
     # Flower
     flower_basic_auth: SecretStr | None = Field(
-        None,
+        default=None,
         description="user:password[,user2:password2] for Flower; Flower refuses to start without.",
     )
-    flower_address: str = Field("127.0.0.1", description="Address Flower listens on.")
-    flower_port: int = Field(5555, description="Port Flower listens on.")
+    flower_address: str = Field(default="127.0.0.1", description="Address Flower listens on.")
+    flower_port: int = Field(default=5555, description="Port Flower listens on.")
 
     @model_validator(mode="after")
     def _check(self) -> Self:
