@@ -32,6 +32,7 @@ from db.schemas import (
     TripStatus,
     TripWriteSummary,
 )
+from db.session import SQLITE_BEGIN_OPTION
 from db.types import utcnow
 from db.webapp import (
     NO_FACE_TAG_ID,
@@ -393,6 +394,9 @@ def write_trip_result(
         else default_threshold(settings.grouping, embedder.name)
     )
     with session.begin():
+        # SQLite: take the write lock at BEGIN. A transaction that reads first and writes
+        # later fails at once (no busy wait) if another process is writing meanwhile.
+        session.connection(execution_options={SQLITE_BEGIN_OPTION: "IMMEDIATE"})
         return _TripWrite(session, trip_id, embedder, settings, threshold, job_id).run(analyzed)
 
 

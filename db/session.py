@@ -8,7 +8,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -23,6 +23,8 @@ SQLITE_BUSY_TIMEOUT_MS = 30_000
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    # Let SQLAlchemy, not the driver, say when transactions begin (see _sqlite_begin).
+    dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
     # SQLite ignores foreign keys (and their ON DELETE) unless asked, per connection.
     cursor.execute("PRAGMA foreign_keys=ON")
@@ -31,8 +33,20 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+SQLITE_BEGIN_OPTION = "aftertrip_sqlite_begin"
+"""Execution option naming how a SQLite transaction begins: "DEFERRED" (default) or "IMMEDIATE"."""
+
+
+def _sqlite_begin(conn: Connection) -> None:
+    mode = conn.get_execution_options().get(SQLITE_BEGIN_OPTION, "DEFERRED")
+    if mode not in ("DEFERRED", "IMMEDIATE"):
+        raise ValueError(f"{SQLITE_BEGIN_OPTION} must be DEFERRED or IMMEDIATE, not {mode!r}")
+    conn.exec_driver_sql(f"BEGIN {mode}")
+
+
 def make_engine(url: str, **kwargs: Any) -> Engine:
-    """An engine for `url`: SQLite gets foreign keys and a busy timeout, servers pool_pre_ping.
+    """An engine for `url`: SQLite gets foreign keys, a busy timeout and real transactions
+    (BEGIN emitted by SQLAlchemy); servers get pool_pre_ping.
 
     Extra keyword arguments go to `sqlalchemy.create_engine`.
     """
@@ -40,6 +54,7 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     if parsed.get_backend_name() == "sqlite":
         engine = create_engine(parsed, **kwargs)
         event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "begin", _sqlite_begin)
         return engine
     # A Celery worker idles between jobs longer than servers keep connections open.
     kwargs.setdefault("pool_pre_ping", True)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import threading
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -422,6 +423,32 @@ def test_same_write_twice_gives_identical_rows(db_engine: Engine) -> None:
         0,
         0,
     )
+
+
+def test_concurrent_writes_of_one_trip_wait_for_each_other(db_engine: Engine) -> None:
+    """Two deliveries of one job writing at once: one waits (row lock / SQLite write lock)."""
+    trip_id, photo_ids = _trip(db_engine)
+    outcomes = _outcomes(People(), photo_ids, CAST)
+    barrier = threading.Barrier(2)
+    results: list[object] = []
+
+    def deliver() -> None:
+        barrier.wait()
+        try:
+            results.append(_write(db_engine, trip_id, outcomes))
+        except Exception as exc:  # reported below, with the other thread's outcome
+            results.append(exc)
+
+    threads = [threading.Thread(target=deliver) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not [r for r in results if isinstance(r, Exception)], results
+    created = sorted(r.tags_created for r in results)  # type: ignore[attr-defined]
+    assert created == [0, 3]  # the second saw the first's folders
+    snapshot = _snapshot(db_engine)
+    assert len(snapshot["faces"]) == 10 and len(snapshot["links"]) == 10
 
 
 def test_unique_constraint_refuses_a_duplicate_face(db_engine: Engine) -> None:
