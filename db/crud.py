@@ -471,7 +471,7 @@ class _TripWrite:
         self._update_faces(grouped, group_tags, old_faces, deleted_by_photo)
         session.flush()
 
-        analysed_photos = self._analysed_photos(live_photo_ids)
+        analysed_photos = self._analysed_photos()
         desired = _desired_links(analysed_photos, grouped, group_tags)
         added, removed = _replace_links(session, trip_id=self.trip_id, desired=desired)
         tags_deleted = self._delete_empty_tags(trip_tags, set(group_tags.values()))
@@ -773,7 +773,7 @@ class _TripWrite:
 
     # -- step 5: links and empty folders
 
-    def _analysed_photos(self, live_photo_ids: list[int]) -> list[int]:
+    def _analysed_photos(self) -> list[int]:
         """Live photos with a successful analysis for this embedder (ordered by id)."""
         rows = self.session.scalars(
             select(PhotoAnalysis.photo_id)

@@ -251,7 +251,7 @@ def test_models_match_the_migration(db_engine: Engine) -> None:
 
     with db_engine.connect() as conn:
         context = MigrationContext.configure(
-            conn, opts={"include_name": worker_tables_only, "compare_type": False}
+            conn, opts={"include_name": worker_tables_only, "compare_type": True}
         )
         diff = compare_metadata(context, Base.metadata)
     assert diff == []
