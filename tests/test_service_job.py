@@ -20,7 +20,6 @@ from tests.dbfixtures import add_trip
 # The embedded path runs on SQLite; the Celery path is tested on the servers (test_service.py).
 pytestmark = pytest.mark.parametrize("db_backend", ["sqlite"])
 db_url = dbfixtures.db_url
-empty_db_url = dbfixtures.empty_db_url
 
 
 @pytest.fixture(scope="module")
