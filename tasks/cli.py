@@ -13,10 +13,14 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from storage import PhotoStore
 
 console = Console()
 logger = logging.getLogger("aftertrip")
@@ -52,31 +56,30 @@ def _settings(args: argparse.Namespace):  # noqa: ANN202 - PipelineSettings, imp
     return PipelineSettings(**overrides)
 
 
-def _open_album(path: str):  # noqa: ANN202 - (store, keys, fetch)
+def _open_album(path: str) -> tuple[PhotoStore, list[str]]:
     """The store and photo keys behind a folder path or an s3://bucket/prefix URI."""
-    from storage import LocalStore, S3Store, parse_s3_uri, s3_fetch
+    from storage import LocalStore, S3Store, parse_s3_uri
 
     if path.startswith("s3://"):
         bucket, prefix = parse_s3_uri(path)
-        store = S3Store(bucket, endpoint_url=os.environ.get("AFTERTRIP_S3_ENDPOINT_URL") or None)
-        keys = [k for k in store.list(prefix) if not k.endswith("/")]
-        return store, keys, s3_fetch
+        s3 = S3Store(bucket, endpoint_url=os.environ.get("AFTERTRIP_S3_ENDPOINT_URL") or None)
+        return s3, [k for k in s3.list(prefix) if not k.endswith("/")]
     root = Path(path)
     if not root.is_dir():
         raise SystemExit(f"error: {path} is not a folder (or an s3://bucket/prefix URI)")
-    store = LocalStore(root)
-    keys = [k for k in store.list("") if not any(part.startswith(".") for part in k.split("/"))]
-    return store, keys, s3_fetch
+    local = LocalStore(root)
+    visible = [k for k in local.list("") if not any(p.startswith(".") for p in k.split("/"))]
+    return local, visible
 
 
 def cmd_group(args: argparse.Namespace) -> int:
     """Group the photos of a folder or S3 prefix; write result.json and report.html."""
-    from storage import photo_sources
+    from storage import photo_sources, s3_fetch
     from worker.pipeline import AnalyzedPhoto, FacePipeline, group_album
     from worker.report import album_json, render_html
 
     settings = _settings(args)
-    store, keys, fetch = _open_album(args.path)
+    store, keys = _open_album(args.path)
     if not keys:
         console.print(f"[yellow]no photos found in {args.path}[/yellow]")
     out: Path = args.out
@@ -100,7 +103,7 @@ def cmd_group(args: argparse.Namespace) -> int:
             (out / rel).write_bytes(photo.preview)
             photo_images[photo.photo_id] = rel
 
-    pipeline = FacePipeline(settings, fetch=fetch)
+    pipeline = FacePipeline(settings, fetch=s3_fetch)
     with _progress(args.quiet) as progress:
         task = progress.add_task("photos", total=len(sources))
         result = group_album(
@@ -212,10 +215,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def settings_table() -> str:
     """Every AFTERTRIP_* setting as a Markdown table (the README's Settings section)."""
-    try:
-        from tasks.settings import ServiceSettings as Settings
-    except ImportError:  # the service extras are optional for the embedded default
-        from worker.settings import PipelineSettings as Settings
+    from tasks.settings import ServiceSettings as Settings
 
     lines = ["| variable | default | meaning |", "|---|---|---|"]
     for name, field in Settings.model_fields.items():

