@@ -1,0 +1,1 @@
+"""Benchmarks run against the team's labelled data (../shared/data), never shipped data."""
