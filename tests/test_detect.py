@@ -373,3 +373,18 @@ def test_voc_faces_recall(
     assert result["faces"] == 43
     assert result["recall"] >= VOC_RECALL_FLOOR, result["missed"]
     assert result["extra"] <= 3
+
+
+def test_scrfd_weights_from_a_path_are_checked(settings: PipelineSettings) -> None:
+    from worker.errors import ModelChecksumMismatch
+    from worker.models import REGISTRY, resolve_model
+
+    path = resolve_model("scrfd_500m_bnkps").path
+    good = settings.model_copy(
+        update={"scrfd_path": path, "scrfd_sha256": REGISTRY["scrfd_500m_bnkps"].sha256}
+    )
+    assert SCRFDDetector.load(good).models[0].path == path
+    with pytest.raises(ModelChecksumMismatch, match="sha256"):
+        SCRFDDetector.load(
+            settings.model_copy(update={"scrfd_path": path, "scrfd_sha256": "0" * 64})
+        )

@@ -37,6 +37,8 @@ PYRAMID_FACTOR = 0.709
 
 PNET_CELL = 12
 PNET_STRIDE = 2
+RNET_CHUNK = 2048
+ONET_CHUNK = 512
 
 
 class PNet(nn.Module):
@@ -206,6 +208,20 @@ def _crops(image: torch.Tensor, windows: NDArray[np.int64], size: int) -> torch.
     return _normalise(out)
 
 
+def _run_on_crops(
+    net: nn.Module, image: torch.Tensor, windows: NDArray[np.int64], size: int, chunk: int
+) -> list[NDArray[np.float32]]:
+    """`net`'s outputs (as numpy) on the crops of `windows`, `chunk` crops per forward.
+
+    Chunks bound memory: a busy photo gives thousands of proposals, and RNet's first
+    activation alone takes 54 KB per crop (ONet's 270 KB).
+    """
+    parts = [
+        net(_crops(image, windows[i : i + chunk], size)) for i in range(0, len(windows), chunk)
+    ]
+    return [torch.cat([p[k] for p in parts]).cpu().numpy() for k in range(len(parts[0]))]
+
+
 class MTCNNDetector:
     """Finds faces with MTCNN on torch; `detect` takes RGB (H, W, 3) uint8 pixels."""
 
@@ -306,11 +322,10 @@ class MTCNNDetector:
         boxes, windows = boxes[ok], windows[ok]
         if len(boxes) == 0:
             return boxes
-        offsets, probs = self.rnet(_crops(pixels, windows, 24))
-        score = probs.cpu().numpy()
+        offsets, score = _run_on_crops(self.rnet, pixels, windows, 24, RNET_CHUNK)
         keep = score > self.thresholds[1]
         boxes = np.concatenate([boxes[keep, :4], score[keep, None]], axis=1)
-        reg = offsets.cpu().numpy()[keep]
+        reg = offsets[keep]
         pick = nms(boxes[:, :4], boxes[:, 4], 0.7)
         boxes, reg = boxes[pick], reg[pick]
         boxes[:, :4] = _apply_offsets(boxes[:, :4], reg, plus_one=True)
@@ -323,11 +338,10 @@ class MTCNNDetector:
         boxes, windows = boxes[ok], windows[ok]
         if len(boxes) == 0:
             return Detections.empty()
-        offsets, points, probs = self.onet(_crops(pixels, windows, 48))
-        score = probs.cpu().numpy()
+        offsets, points, score = _run_on_crops(self.onet, pixels, windows, 48, ONET_CHUNK)
         keep = score > self.thresholds[2]
         boxes, score = boxes[keep, :4], score[keep]
-        reg, points_np = offsets.cpu().numpy()[keep], points.cpu().numpy()[keep]
+        reg, points_np = offsets[keep], points[keep]
         # ONet gives the five x's, then the five y's, relative to the (square) crop box.
         w = (boxes[:, 2] - boxes[:, 0] + 1)[:, None]
         h = (boxes[:, 3] - boxes[:, 1] + 1)[:, None]
