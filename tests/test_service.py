@@ -362,15 +362,17 @@ def test_same_trip_never_processed_concurrently(
         results = [service.wait(first_request), service.wait(second_request)]
     finally:
         stop_process(second)
-    assert [r["analyzed"] for r in results] == [3, 3]
+    logs = f"first worker:\n{tail(service.log)}\nsecond worker:\n{tail(log)}"
+    assert [r["analyzed"] for r in results] == [3, 3], logs
     jobs = service.jobs(trip_id)
-    assert len(jobs) == 2 and all(j.status == "succeeded" for j in jobs)
-    assert {j.celery_task_id for j in jobs} == {first_request.id, second_request.id}
+    spans = [(j.celery_task_id, j.status, j.started_at, j.finished_at) for j in jobs]
+    assert len(jobs) == 2 and all(j.status == "succeeded" for j in jobs), spans
+    assert {j.celery_task_id for j in jobs} == {first_request.id, second_request.id}, spans
     earlier, later = sorted(jobs, key=lambda j: j.started_at)  # type: ignore[arg-type, return-value]
     assert earlier.finished_at is not None and later.started_at is not None
-    assert earlier.finished_at <= later.started_at, "two jobs of one trip ran at the same time"
+    assert earlier.finished_at <= later.started_at, f"jobs of one trip overlapped: {spans}\n{logs}"
     waited = (service.log.read_text() + log.read_text()).count("trip busy, waiting")
-    assert waited >= 1, "the second request never found the trip busy: the lock was not tested"
+    assert waited >= 1, f"the second request never found the trip busy: {spans}\n{logs}"
 
 
 @pytest.mark.parametrize("service", ["mariadb"], indirect=True)
