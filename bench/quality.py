@@ -174,6 +174,8 @@ class FaceCache:
         """Where entries for this configuration live."""
         s = self.settings
         detection = f"{s.working_pixels}-{s.min_face_size}-{s.detection_threshold}"
+        if s.detector == "scrfd":
+            detection += f"-{s.scrfd_input_size}-{s.scrfd_sha256 or s.scrfd_path or ''}"
         tag = hashlib.sha256(detection.encode()).hexdigest()[:8]
         pad = f"-pad{int(round(padding * 100))}" if padding else ""
         name = f"{s.detector}-{self._embedder_sha256()[:12]}-{tag}{pad}-v{CACHE_VERSION}"
@@ -691,14 +693,18 @@ def evaluate(album_list: Iterable[Album], grouping: dict[str, GroupingMethod]) -
     album_list = list(album_list)
     rows: dict[str, dict[str, float]] = {}
     for name, method in grouping.items():
-        scores, seconds = [], 0.0
+        scores, seconds, extra = [], 0.0, 0
         for album in album_list:
             start = time.perf_counter()
             labels = method(album)
             seconds += time.perf_counter() - start
             scores.append(score_clustering(album.truth, photo_clusters(labels, album)))
+            unlabelled = np.ones(len(labels), bool)
+            unlabelled[album.labelled[album.labelled >= 0]] = False
+            extra += int((labels[unlabelled] >= 0).sum())
         row = {m: float(np.mean([s[m] for s in scores])) for m in METRICS}
         row["min_bcubed_f1"] = float(min(s["bcubed_f1"] for s in scores))
+        row["unlabelled_grouped"] = extra / max(1, len(album_list))
         row["seconds"] = seconds
         rows[name] = row
     return {
@@ -868,7 +874,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += _summary(report)
     head = (
         "| method | pair P | pair R | pair F1 | BCubed P | BCubed R | BCubed F1 | min F1 "
-        "| folder P | folder R | s |"
+        "| folder P | folder R | extra | s |"
     )
     for set_name, result in report["sets"].items():
         for key, section in result["sections"].items():
@@ -878,11 +884,12 @@ def render_markdown(report: dict[str, Any]) -> str:
             )
             lines.append("")
             lines.append(head)
-            lines.append("|" + "---|" * 11)
+            lines.append("|" + "---|" * 12)
             for method, row in section["methods"].items():
                 cells = [f"{row[m]:.3f}" for m in METRICS[:6]]
                 cells.append(f"{row['min_bcubed_f1']:.3f}")
                 cells += [f"{row['folder_p']:.3f}", f"{row['folder_r']:.3f}"]
+                cells.append(f"{row['unlabelled_grouped']:.1f}")
                 cells.append(f"{row['seconds']:.2f}")
                 lines.append(f"| {method} | " + " | ".join(cells) + " |")
             lines.append("")

@@ -192,6 +192,22 @@ def test_default_attaches_a_loner_to_the_group_it_resembles() -> None:
     assert labels.tolist() == [0, 0, 0, 0, -1]
 
 
+def test_default_weak_faces_found_no_group_but_may_join_one() -> None:
+    # Four clear faces of one person; two low-confidence detections (say, two blurred shots
+    # of one poster in the background) that look alike; one weak face of the person.
+    gram = np.eye(7)
+    gram[:4, :4] = 0.7
+    gram[4, 5] = gram[5, 4] = 0.8
+    gram[6, :4] = gram[:4, 6] = 0.5
+    np.fill_diagonal(gram, 1.0)
+    emb = vectors_with_gram(gram)
+    quality = np.array([0.99, 0.99, 0.98, 0.97, 0.75, 0.8, 0.85])
+    labels = cluster_faces(emb, np.arange(7), quality=quality).labels
+    assert labels.tolist() == [0, 0, 0, 0, -1, -1, 0]
+    # Without quality, the two look-alike detections would make a "person" of their own.
+    assert cluster_faces(emb, np.arange(7)).labels.tolist() == [0, 0, 0, 0, 1, 1, 0]
+
+
 def test_default_explains_each_face() -> None:
     emb, truth = people([5, 5, 1], spread=0.12, seed=7)
     result = cluster_faces(emb, np.arange(len(truth)))

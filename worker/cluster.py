@@ -170,14 +170,20 @@ def _explain(
 
 
 def _core_groups(
-    sim: NDArray[np.float32], photo_index: NDArray[np.int64], threshold: float
+    sim: NDArray[np.float32],
+    photo_index: NDArray[np.int64],
+    threshold: float,
+    strong: NDArray[np.bool_],
 ) -> NDArray[np.int64]:
-    """Stage 1: constrained average linkage at `threshold`; groups of one face get -1."""
+    """Stage 1: constrained average linkage of the `strong` faces at `threshold`; groups of
+    one face, and weak faces, get -1."""
     n = sim.shape[0]
     labels = np.full(n, -1, np.int64)
     # Faces that share no edge above the threshold can never merge: cluster each
     # connected component of the threshold graph on its own (keeps big trips tractable).
-    n_comp, component = connected_components(csr_matrix(sim > threshold), directed=False)
+    # Weak faces have no edges, so they can neither found a group nor bridge two.
+    edges = (sim > threshold) & strong[:, None] & strong[None, :]
+    n_comp, component = connected_components(csr_matrix(edges), directed=False)
     next_label = 0
     for comp in range(n_comp):
         members = np.flatnonzero(component == comp)
@@ -195,41 +201,65 @@ def _core_groups(
     return labels
 
 
-def _attach_loners(
+MIN_QUALITY = 0.9
+"""Detection confidence a face needs to found or bridge a group (see `cluster_faces`). MTCNN's
+scores are used as they are: clear faces score 0.95-1.0, while most of its 0.7-0.9 detections
+in the background of dev-set photos are hair, ears, or blurred faces."""
+
+ESTABLISHED_GROUP = 3
+"""Faces a group needs to count as a person that smaller groups can join (Immich's `minFaces`
+default is the same 3)."""
+
+
+def _attach_small_groups(
     sim: NDArray[np.float32],
     photo_index: NDArray[np.int64],
     labels: NDArray[np.int64],
     threshold: float,
 ) -> NDArray[np.int64]:
-    """Stage 2: a face left alone joins the group it is most similar to on average, if that
-    mean similarity is above `threshold` and the group has no face of its photo.
+    """Stage 2: faces left alone and pairs join, as a unit, the established group (3+ faces)
+    they resemble most on average, if that mean similarity is above `threshold` and the group
+    holds no face of their photos.
 
-    A face's mean similarity to a whole group is a steadier estimate than one pair, so it can
-    use a lower bar than stage 1, which needs two faces to vouch for each other. Loners never
-    form new groups here, and one photo gives a group at most one face.
+    A mean over a whole group is a steadier estimate than the one pair that stage 1 needed
+    above its cut, so it can use a lower bar; loners never form new groups here, and units join
+    strongest first so that a photo gives a group at most one face.
     """
-    groups = np.unique(labels[labels >= 0])
-    loners = np.flatnonzero(labels < 0)
-    if len(groups) == 0 or len(loners) == 0:
+    ids, counts = np.unique(labels[labels >= 0], return_counts=True)
+    groups = ids[counts >= ESTABLISHED_GROUP]
+    if len(groups) == 0:
         return labels
+    # Units: every loner on its own, and every small group as a whole.
+    small = np.isin(labels, ids[counts < ESTABLISHED_GROUP])
+    faces = np.flatnonzero((labels < 0) | small)
+    if len(faces) == 0:
+        return labels
+    unit_key = np.where(labels[faces] < 0, -1 - faces, labels[faces])
+    _, unit = np.unique(unit_key, return_inverse=True)
+    n_units = int(unit.max()) + 1
     member = (labels[:, None] == groups[None, :]).astype(np.float32)  # (n, k)
-    mean = (sim[loners] @ member) / member.sum(axis=0)  # (loners, k)
+    sums = np.zeros((n_units, len(groups)))
+    np.add.at(sums, unit, sim[faces] @ member)
+    unit_size = np.bincount(unit, minlength=n_units).astype(np.float64)
+    mean = sums / unit_size[:, None] / member.sum(axis=0)[None, :]
     photos_in = np.zeros((int(photo_index.max()) + 1, len(groups)), bool)
-    grouped = labels >= 0
+    grouped = np.isin(labels, groups)
     photos_in[photo_index[grouped], np.searchsorted(groups, labels[grouped])] = True
-    mean[photos_in[photo_index[loners]]] = -np.inf
+    conflict = np.zeros((n_units, len(groups)), bool)
+    np.logical_or.at(conflict, unit, photos_in[photo_index[faces]])
+    mean[conflict] = -np.inf
     choice = np.argmax(mean, axis=1)
-    value = mean[np.arange(len(loners)), choice]
+    value = mean[np.arange(n_units), choice]
     out = labels.copy()
-    # Strongest first, so that of two loners of one photo the closer one gets the group.
-    for i in np.argsort(-value, kind="stable"):
-        if not value[i] > threshold:
+    for u in np.argsort(-value, kind="stable"):
+        if not value[u] > threshold:
             break
-        face, group = loners[i], choice[i]
-        if photos_in[photo_index[face], group]:
-            continue
-        photos_in[photo_index[face], group] = True
-        out[face] = groups[group]
+        unit_faces = faces[unit == u]
+        group = choice[u]
+        if photos_in[photo_index[unit_faces], group].any():
+            continue  # a unit that joined before took this photo's place in the group
+        photos_in[photo_index[unit_faces], group] = True
+        out[unit_faces] = groups[group]
     return out
 
 
@@ -238,9 +268,10 @@ def _default_clustering(
     photo_index: NDArray[np.int64],
     threshold: float,
     attach_threshold: float,
+    strong: NDArray[np.bool_],
 ) -> Clustering:
-    labels = _core_groups(sim, photo_index, threshold)
-    labels = _attach_loners(sim, photo_index, labels, attach_threshold)
+    labels = _core_groups(sim, photo_index, threshold, strong)
+    labels = _attach_small_groups(sim, photo_index, labels, attach_threshold)
     labels = _relabel_by_first_face(labels)
     matched, similarity = _explain(sim, labels)
     return Clustering(labels, matched, similarity)
@@ -264,12 +295,17 @@ def cluster_faces(
     threshold: float | None = None,
     embedder: str = "w600k_mbf",
     attach_threshold: float | None = None,
+    quality: NDArray[np.floating] | None = None,
+    min_quality: float = MIN_QUALITY,
 ) -> Clustering:
     """Group L2-normalised face embeddings (n, d); `photo_index` says which photo each face is in.
 
     `default`: constrained average linkage at `threshold` (the embedder's calibrated value when
     None), then faces left alone join the group they resemble on average above
     `attach_threshold` (when None: `threshold` minus the calibrated gap between the two).
+    `quality` (n,), when given, is each face's detection confidence: faces under `min_quality`
+    (blurred, cut-off or not a face at all) never found or bridge a group in stage 1; they may
+    still join an established group in stage 2.
     """
     if method not in METHODS:
         raise UnknownGroupingMethod(f"unknown grouping method {method!r}; use one of {METHODS}")
@@ -284,4 +320,5 @@ def cluster_faces(
     attach = cut - default_threshold("default", embedder) + default_threshold("attach", embedder)
     if attach_threshold is not None:
         attach = attach_threshold
-    return _default_clustering(sim, np.asarray(photo_index, np.int64), cut, attach)
+    strong = np.ones(n, bool) if quality is None else np.asarray(quality) >= min_quality
+    return _default_clustering(sim, np.asarray(photo_index, np.int64), cut, attach, strong)
