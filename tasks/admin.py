@@ -48,6 +48,12 @@ def register(subparsers: Any) -> None:
     rerun.add_argument(
         "--timeout", type=float, default=None, help="with --wait: give up waiting after SECONDS"
     )
+    rerun.add_argument(
+        "--inline",
+        action="store_true",
+        help="run the job in this process, without broker or worker (the embedded default: "
+        "e.g. SQLite and AFTERTRIP_PHOTO_ROOT); takes no per-trip lock",
+    )
     rerun.set_defaults(handler=cmd_rerun)
 
     status = subparsers.add_parser("status", help="a trip's recent jobs, counts and photo errors")
@@ -92,6 +98,8 @@ def register(subparsers: Any) -> None:
 
 def cmd_rerun(args: argparse.Namespace) -> int:
     """Queue `aftertrip.group_trip` for a trip; with --wait, follow its PROGRESS."""
+    if args.inline:
+        return _run_inline(args)
     from tasks.client import enqueue_trip
 
     console = _console()
@@ -104,6 +112,44 @@ def cmd_rerun(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         console.print(f"still queued or running: `aftertrip-faces status --trip {args.trip}`")
         return 130
+
+
+def _run_inline(args: argparse.Namespace) -> int:
+    """The job body of `aftertrip.group_trip`, run here with a progress bar."""
+    from functools import partial
+
+    from rich.progress import Progress
+
+    from db.session import make_engine, make_sessionmaker
+    from storage import s3_fetch
+    from tasks.trip import open_photo_store, run_trip_job
+    from worker.pipeline import FacePipeline
+
+    console = _console()
+    settings = _settings()
+    store = open_photo_store(settings)
+    client = getattr(store, "client", None)
+    pipeline = FacePipeline(settings, fetch=partial(s3_fetch, client=client))
+    engine = make_engine(settings.database_url)
+    try:
+        with Progress(console=console) as progress:
+            bar = progress.add_task(f"trip {args.trip}", total=None)
+            summary = run_trip_job(
+                sessions=make_sessionmaker(engine),
+                store=store,
+                pipeline=pipeline,
+                settings=settings,
+                trip_id=args.trip,
+                mode="all" if args.all else "missing",
+                thumbnail_prefix=settings.s3_thumbnail_prefix,
+                on_progress=lambda stage, done, total: progress.update(
+                    bar, description=stage, completed=done, total=total or None
+                ),
+            )
+    finally:
+        engine.dispose()
+    console.print(summary)
+    return 0
 
 
 def _follow(result: Any, timeout: float | None, console: Console) -> int:

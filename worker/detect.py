@@ -55,16 +55,51 @@ def nms(
     return np.asarray(keep, np.intp)
 
 
+class FaceVerifier(Protocol):
+    """Gives a second opinion on detected boxes: the probability that each is a face."""
+
+    model: ModelInfo
+
+    def face_probability(
+        self, image: NDArray[np.uint8], boxes: NDArray[np.float32]
+    ) -> NDArray[np.float32]:
+        """Face probability (n,) of each box (n, 4) in `image`."""
+        ...
+
+
+class VerifiedDetector:
+    """A detector whose faces must also convince a verifier (at least `threshold`)."""
+
+    def __init__(self, inner: FaceDetector, verifier: FaceVerifier, threshold: float) -> None:
+        self.inner = inner
+        self.verifier = verifier
+        self.threshold = threshold
+        self.name = inner.name
+        self.models = [*inner.models, verifier.model]
+
+    def detect(self, image: NDArray[np.uint8]) -> Detections:
+        """The inner detector's faces that the verifier accepts."""
+        found = self.inner.detect(image)
+        if len(found) == 0:
+            return found
+        keep = self.verifier.face_probability(image, found.boxes) >= self.threshold
+        return found if keep.all() else found.select(keep)
+
+
 def load_detector(
     settings: PipelineSettings, *, fetch: RemoteFetcher | None = None
 ) -> FaceDetector:
     """The detector the settings name, with its weights resolved and verified."""
+    from worker.mtcnn import MTCNNDetector, ONetVerifier
+
     if settings.detector == "scrfd":
         from worker.scrfd import SCRFDDetector
 
-        return SCRFDDetector.load(settings, fetch=fetch)
-    from worker.mtcnn import MTCNNDetector
-
+        scrfd = SCRFDDetector.load(settings, fetch=fetch)
+        if settings.verify_threshold <= 0:
+            return scrfd
+        return VerifiedDetector(scrfd, ONetVerifier.load(settings), settings.verify_threshold)
+    # MTCNN's own last stage is ONet: a second look would add nothing.
     return MTCNNDetector.load(settings)
 
 

@@ -357,3 +357,45 @@ class MTCNNDetector:
             scores=score[pick].astype(np.float32),
             landmarks=landmarks[pick].astype(np.float32),
         )
+
+
+class ONetVerifier:
+    """MTCNN's last stage as a second opinion on another detector's boxes.
+
+    SCRFD-500M also fires on animal faces (a golden retriever scored 0.71, as high as
+    many real faces); ONet gives that box 0.14 while real faces on the dev sets score
+    above 0.88. Costs one batched 48x48 forward for all faces of a photo.
+    """
+
+    def __init__(self, onet: ONet, *, device: str, model: ModelInfo) -> None:
+        self.onet = onet
+        self.device = device
+        self.model = model
+
+    @classmethod
+    def load(cls, settings: PipelineSettings) -> ONetVerifier:
+        """ONet with its packaged weights checked and loaded onto the device."""
+        device = torch_device(settings)
+        info = resolve_model("mtcnn_onet")
+        onet = ONet()
+        onet.load_state_dict(torch.load(info.path, map_location=device, weights_only=True))
+        onet.to(device).to(memory_format=torch.channels_last).eval()  # type: ignore[call-overload]
+        return cls(onet, device=device, model=info)
+
+    def face_probability(
+        self, image: NDArray[np.uint8], boxes: NDArray[np.float32]
+    ) -> NDArray[np.float32]:
+        """ONet's face probability (n,) for each box (n, 4) of an RGB image."""
+        if len(boxes) == 0:
+            return np.zeros((0,), np.float32)
+        height, width = image.shape[:2]
+        windows, valid = _crop_windows(_square(boxes.astype(np.float32)), width, height)
+        probs = np.zeros(len(boxes), np.float32)
+        if not valid.any():
+            return probs
+        with torch.inference_mode():
+            pixels = torch.as_tensor(np.array(image, copy=True), device=self.device)
+            pixels = pixels.permute(2, 0, 1).unsqueeze(0).float()
+            _, _, face = _run_on_crops(self.onet, pixels, windows[valid], 48, ONET_CHUNK)
+        probs[valid] = face.reshape(-1)
+        return probs

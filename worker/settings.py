@@ -34,12 +34,21 @@ class PipelineSettings(BaseSettings):
     )
 
     # detection
-    detector: DetectorName = Field("mtcnn", description="Face detector: mtcnn or scrfd.")
+    detector: DetectorName = Field(
+        "scrfd", description="Face detector: scrfd (default; see bench/RESULTS.md) or mtcnn."
+    )
     min_face_size: int = Field(20, description="Smallest face to find, in working-image pixels.")
     detection_threshold: float | None = Field(
         None, description="Minimum detector score; empty = the detector's own default."
     )
-    scrfd_input_size: int = Field(640, description="SCRFD's square input size in pixels.")
+    verify_threshold: float = Field(
+        0.5,
+        description="SCRFD faces must also score this on MTCNN's ONet (rejects animal faces); "
+        "0 = off.",
+    )
+    scrfd_input_size: int = Field(
+        800, description="SCRFD's input size: the photo is fitted into this square."
+    )
 
     # models
     embedder: str = Field("w600k_mbf", description="Registry name of the ArcFace model.")
