@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session
 from db.models import Face, Job, JobMode, JobStatus, PhotoAnalysis
 from db.schemas import (
     FaceOutcome,
+    FolderView,
     JobView,
     PhotoOutcome,
     PhotoProblem,
@@ -815,20 +816,23 @@ class _TripWrite:
 def _desired_links(
     analysed_photos: list[int], grouped: _Grouped, group_tags: dict[int, int]
 ) -> set[tuple[int, int]]:
-    """(photo_id, tagface_id) pairs the trip should have."""
+    """(photo_id, tagface_id) pairs the trip should have.
+
+    As the prototype's `group_idx`: a photo is in each of its people's folders, and also in
+    "others" when one of its faces is seen only once; a photo without a face is in "no faces".
+    """
     labels_by_photo: dict[int, list[int]] = defaultdict(list)
     for face, label in zip(grouped.faces, grouped.labels, strict=True):
         labels_by_photo[face.photo_id].append(int(label))
     desired: set[tuple[int, int]] = set()
     for photo_id in analysed_photos:
         labels = labels_by_photo.get(photo_id, [])
-        people = {group_tags[label] for label in labels if label >= 0}
         if not labels:
             desired.add((photo_id, NO_FACE_TAG_ID))
-        elif not people:
+            continue
+        desired.update((photo_id, group_tags[label]) for label in labels if label >= 0)
+        if any(label < 0 for label in labels):
             desired.add((photo_id, OTHERS_TAG_ID))
-        else:
-            desired.update((photo_id, tag) for tag in people)
     return desired
 
 
@@ -944,3 +948,27 @@ def _carry_tags(old: list[Face], new: list[FaceOutcome]) -> list[int | None]:
         if iou[i, j] >= BOX_MATCH_IOU:
             votes[j] = tagged[i].tagface_id
     return votes
+
+
+def trip_folders(*, session: Session, trip_id: int) -> list[FolderView]:
+    """The trip's folders (people, then "others" and "no faces") with their photos' files."""
+    rows = session.execute(
+        select(TagFace.id, TagFace.tag_num, TagFace.custom_name, Photo.file_name)
+        .join(PhotoTagFace, PhotoTagFace.tagface_id == TagFace.id)
+        .join(Photo, Photo.id == PhotoTagFace.photo_id)
+        .where(Photo.trip_id == trip_id, Photo.deleted_at.is_(None))
+        .order_by(TagFace.id, Photo.id)
+    ).all()
+    folders: dict[int, FolderView] = {}
+    for tag_id, tag_num, name, file_name in rows:
+        label = name or {NO_FACE_TAG_ID: "no faces", OTHERS_TAG_ID: "others"}.get(tag_id, "")
+        folder = folders.setdefault(tag_id, FolderView(tag_id, tag_num, label, []))
+        folder.photo_files.append(file_name)
+    # People by tag id, then "others" (2), then "no faces" (1).
+    return sorted(
+        folders.values(),
+        key=lambda f: (
+            f.tag_id in SHARED_TAG_IDS,
+            -f.tag_id if f.tag_id in SHARED_TAG_IDS else f.tag_id,
+        ),
+    )

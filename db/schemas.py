@@ -82,6 +82,16 @@ class PhotoProblem:
 
 
 @dataclass
+class FolderView:
+    """One folder of a trip as the web app shows it: its tag, name and photos."""
+
+    tag_id: int
+    tag_num: int
+    name: str
+    photo_files: list[str]
+
+
+@dataclass
 class TripStatus:
     """Where a trip stands: recent jobs, how many photos are done, and which failed.
 

@@ -56,6 +56,14 @@ def register(subparsers: Any) -> None:
     )
     rerun.set_defaults(handler=cmd_rerun)
 
+    imp = subparsers.add_parser(
+        "import-trip",
+        help="development: make a trip from a folder of photos (rows + uploads), print its id",
+    )
+    imp.add_argument("folder", help="a folder of photos")
+    imp.add_argument("--place", default="Demo trip", help="trips_trip.place")
+    imp.set_defaults(handler=cmd_import_trip)
+
     status = subparsers.add_parser("status", help="a trip's recent jobs, counts and photo errors")
     status.add_argument("--trip", type=int, required=True, metavar="ID", help="trips_trip.id")
     status.add_argument("--limit", type=int, default=5, help="how many recent jobs to show")
@@ -194,7 +202,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     """Print a trip's recent jobs, photo and face counts, and the photos that failed."""
     from rich.table import Table
 
-    from db.crud import TripNotFound, trip_status
+    from db.crud import TripNotFound, trip_folders, trip_status
     from db.session import make_engine, make_sessionmaker
 
     console = _console()
@@ -202,6 +210,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     try:
         with make_sessionmaker(engine)() as session:
             status = trip_status(session=session, trip_id=args.trip, limit=args.limit)
+            folders = trip_folders(session=session, trip_id=args.trip)
     except TripNotFound as exc:
         console.print(f"[red]error:[/red] {exc}")
         return 1
@@ -227,6 +236,19 @@ def cmd_status(args: argparse.Namespace) -> int:
             outcome,
         )
     console.print(jobs)
+    table = Table(title="folders (photos_tagface)")
+    for column in ("tag id", "tag_num", "name", "photos"):
+        table.add_column(column)
+    for folder in folders:
+        shown = ", ".join(folder.photo_files[:5])
+        more = f" … +{len(folder.photo_files) - 5}" if len(folder.photo_files) > 5 else ""
+        table.add_row(
+            str(folder.tag_id),
+            str(folder.tag_num),
+            folder.name,
+            f"{len(folder.photo_files)}: {shown}{more}",
+        )
+    console.print(table)
     if status.errors:
         errors = Table(title="photos that failed")
         for column in ("photo", "file", "status", "error"):
@@ -272,6 +294,43 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
     upgrade(url, args.revision)
     where = make_url(url).render_as_string(hide_password=True)
     console.print(f"database {where} at revision {current_revision(url)}")
+    return 0
+
+
+def cmd_import_trip(args: argparse.Namespace) -> int:
+    """Create a trip whose photos are a folder's, as the web app would (development only)."""
+    import uuid
+    from pathlib import Path
+
+    from db.session import make_engine, make_sessionmaker
+    from db.webapp import Photo, Trip
+    from tasks.trip import open_photo_store
+
+    console = _console()
+    settings = _settings()
+    if settings.environment == "production":
+        console.print("[red]error:[/red] import-trip is for development stacks only")
+        return 2
+    folder = Path(args.folder)
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    if not files:
+        console.print(f"[red]error:[/red] no photos in {folder}")
+        return 2
+    store = open_photo_store(settings)
+    engine = make_engine(settings.database_url)
+    try:
+        with make_sessionmaker(engine).begin() as session:
+            trip = Trip(place=args.place, group_id=1)
+            session.add(trip)
+            session.flush()
+            for path in files:
+                key = uuid.uuid4()
+                store.write(str(key), path.read_bytes(), content_type="image/jpeg")
+                session.add(Photo(trip_id=trip.id, file_key=key, file_name=path.name, url=str(key)))
+            trip_id = trip.id
+    finally:
+        engine.dispose()
+    console.print(f"trip {trip_id}: {len(files)} photos from {folder}")
     return 0
 
 

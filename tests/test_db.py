@@ -376,11 +376,11 @@ def test_write_groups_people_into_folders(db_engine: Engine) -> None:
         p[3]: {a},
         p[4]: {NO_FACE_TAG_ID},
         p[5]: {OTHERS_TAG_ID},
-        p[6]: {b},  # B and a face seen once: the person's folder only
+        p[6]: {b, OTHERS_TAG_ID},  # B and a face seen once: both, as the prototype did
     }
     assert summary.photos == 7 and summary.faces == 10 and summary.people == 3
-    assert (summary.others, summary.no_face, summary.errors) == (1, 1, 0)
-    assert (summary.tags_created, summary.tags_deleted, summary.links_added) == (3, 0, 10)
+    assert (summary.others, summary.no_face, summary.errors) == (2, 1, 0)
+    assert (summary.tags_created, summary.tags_deleted, summary.links_added) == (3, 0, 11)
 
     with Session(db_engine) as session:
         tags = {t.id: t for t in session.scalars(select(TagFace).where(TagFace.id.in_([a, b, c])))}
@@ -448,7 +448,7 @@ def test_concurrent_writes_of_one_trip_wait_for_each_other(db_engine: Engine) ->
     created = sorted(r.tags_created for r in results)  # type: ignore[attr-defined]
     assert created == [0, 3]  # the second saw the first's folders
     snapshot = _snapshot(db_engine)
-    assert len(snapshot["faces"]) == 10 and len(snapshot["links"]) == 10
+    assert len(snapshot["faces"]) == 10 and len(snapshot["links"]) == 11
 
 
 def test_unique_constraint_refuses_a_duplicate_face(db_engine: Engine) -> None:
@@ -577,7 +577,7 @@ def test_reanalysis_with_fewer_faces_leaves_no_dangling_match(db_engine: Engine)
     assert summary.people == 2 and summary.tags_deleted == 1
     links = _links(db_engine, trip_id)
     carol = _tag_of(db_engine, [photo_ids[1], photo_ids[2]], trip_id)
-    assert links[photo_ids[2]] == {carol}
+    assert links[photo_ids[2]] == {carol, OTHERS_TAG_ID}
     assert links[photo_ids[6]] == {OTHERS_TAG_ID}
 
 
