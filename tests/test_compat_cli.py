@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 
@@ -67,25 +66,6 @@ def test_run_face_recog_returns_the_documented_structure(
     for image in images[:3]:
         ids = image["group_idx"]
         assert ids and all(i in group_idx_list or i == -1 for i in ids)
-
-
-def test_seed_reproduces_the_prototype_on_a_hand_made_similarity_matrix() -> None:
-    from worker.cluster import seed_grouping
-
-    sim = np.array(
-        [
-            [1.0, 0.50, 0.10, 0.46, 0.00],
-            [0.50, 1.0, 0.20, 0.10, 0.47],
-            [0.10, 0.20, 1.0, 0.90, 0.10],
-            [0.46, 0.10, 0.90, 1.0, 0.10],
-            [0.00, 0.47, 0.10, 0.10, 1.0],
-        ]
-    )
-    groups = seed_grouping(sim, 0.45)
-    # face 3 matches face 0 (group 0, created first) although face 2 (group 1) is closer.
-    assert [g.faces for g in groups] == [[0, 1, 3, 4], [2]]
-    assert [g.matched for g in groups] == [[None, 0, 0, 1], [None]]
-    assert groups[0].similarity == [-1.0, 0.5, 0.46, 0.47]
 
 
 def test_demo_command_writes_report_and_json(tmp_path: Path, capsys) -> None:

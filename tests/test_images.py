@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile, JpegImagePlugin
 
+from tests.conftest import STORE_FOR_ORIENTATION
 from worker import images
 from worker.errors import (
     CorruptImage,
@@ -22,18 +23,6 @@ from worker.errors import (
 )
 from worker.images import decode_image, encode_jpeg, image_size
 from worker.types import PhotoStatus
-
-# the transpose that *stores* an upright image so that orientation N shows it upright again
-STORE_FOR_ORIENTATION = {
-    1: None,
-    2: Image.Transpose.FLIP_LEFT_RIGHT,
-    3: Image.Transpose.ROTATE_180,
-    4: Image.Transpose.FLIP_TOP_BOTTOM,
-    5: Image.Transpose.TRANSPOSE,
-    6: Image.Transpose.ROTATE_90,
-    7: Image.Transpose.TRANSVERSE,
-    8: Image.Transpose.ROTATE_270,
-}
 
 
 @pytest.fixture(scope="module")

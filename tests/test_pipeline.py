@@ -9,6 +9,7 @@ import pillow_heif
 import pytest
 from PIL import Image
 
+from tests.conftest import STORE_FOR_ORIENTATION
 from worker.pipeline import FacePipeline, group_album
 from worker.settings import PipelineSettings
 from worker.types import NO_FACE_GROUP, AlbumResult, PhotoSource, PhotoStatus
@@ -94,26 +95,12 @@ def test_demo_album_groups_yao_ming_and_keeps_strangers_apart(
     assert {m.role for m in result.models} == {"detector", "embedder"}
 
 
-# EXIF orientation tag -> the transpose that stores an upright image so that applying the
-# tag shows it upright again.
-STORE_TRANSPOSE = {
-    1: None,
-    2: Image.Transpose.FLIP_LEFT_RIGHT,
-    3: Image.Transpose.ROTATE_180,
-    4: Image.Transpose.FLIP_TOP_BOTTOM,
-    5: Image.Transpose.TRANSPOSE,
-    6: Image.Transpose.ROTATE_90,
-    7: Image.Transpose.TRANSVERSE,
-    8: Image.Transpose.ROTATE_270,
-}
-
-
 def test_every_exif_orientation_gives_the_same_face_and_group(
     pipeline: FacePipeline, players_jpg: bytes, yaoming_jpg: bytes
 ) -> None:
     upright = Image.open(io.BytesIO(yaoming_jpg)).convert("RGB")
     sources = [source("players.jpg", players_jpg)]
-    for tag, op in STORE_TRANSPOSE.items():
+    for tag, op in STORE_FOR_ORIENTATION.items():
         stored = upright if op is None else upright.transpose(op)
         exif = Image.Exif()
         exif[0x0112] = tag
@@ -121,7 +108,7 @@ def test_every_exif_orientation_gives_the_same_face_and_group(
     result = group_album(sources, SETTINGS, pipeline=pipeline)
     boxes = []
     groups = set()
-    for tag in STORE_TRANSPOSE:
+    for tag in STORE_FOR_ORIENTATION:
         p = photo(result, f"yao-{tag}.jpg")
         assert (p.width, p.height) == upright.size, tag
         face = result.faces[largest_face(result, p.id)]
