@@ -290,7 +290,7 @@ def test_trip_photos_sorted_into_webapp_tables(service: Service, shipped_trip: S
     (job,) = service.jobs(trip.trip_id)
     assert job.status == "succeeded" and job.celery_task_id == trip.task_id
     assert job.counts is not None and job.counts["errors"] == 2
-    assert job.embedder_sha256 and job.detector_name == "scrfd_500m_bnkps"
+    assert job.embedder_sha256 and job.detector_name == "scrfd_500m_bnkps+mtcnn_onet"
 
     with service.sessions() as session:
         analyses = session.execute(
