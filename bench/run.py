@@ -80,6 +80,11 @@ def write_results(out_dir: Path, sections: dict[str, Any]) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     store = out_dir / "results.json"
     data: dict[str, Any] = json.loads(store.read_text()) if store.exists() else {}
+    if "speed" in sections and "speed" in data:
+        # Runs of one detector (or set) replace only their own rows.
+        fresh = {(r["set"], r["detector"]) for r in sections["speed"]["rows"]}
+        kept = [r for r in data["speed"]["rows"] if (r["set"], r["detector"]) not in fresh]
+        sections["speed"]["rows"] = kept + sections["speed"]["rows"]
     data.update(sections)
     store.write_text(json.dumps(data, indent=1))
     lines = ["# Benchmark results", "", "Written by `aftertrip-faces bench` (see README)."]
