@@ -26,7 +26,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from worker.align import align_faces
-from worker.cluster import cluster_faces, default_threshold
+from worker.cluster import MIN_DETECTION_SCORE, cluster_faces, default_threshold
 from worker.detect import face_size
 from worker.settings import PipelineSettings
 
@@ -635,7 +635,10 @@ def methods(settings: PipelineSettings, *, sensitivity: bool = True) -> dict[str
         )
 
     def default(
-        threshold: float, attach_threshold: float, embed: Callable[[Album], NDArray[np.float32]]
+        threshold: float,
+        attach_threshold: float,
+        embed: Callable[[Album], NDArray[np.float32]],
+        min_quality: float | None = MIN_DETECTION_SCORE.get(settings.detector),
     ) -> GroupingMethod:
         return lambda a: (
             cluster_faces(
@@ -645,6 +648,8 @@ def methods(settings: PipelineSettings, *, sensitivity: bool = True) -> dict[str
                 threshold=threshold,
                 attach_threshold=attach_threshold,
                 embedder=embedder,
+                quality=a.quality["score"],
+                min_quality=min_quality,
             ).labels
         )
 
@@ -655,7 +660,7 @@ def methods(settings: PipelineSettings, *, sensitivity: bool = True) -> dict[str
         "greedy@0.45 (seed)": seed(0.45),
         "greedy@0.55 (seed)": seed(0.55),
         "immich (d<=0.5, min 3)": lambda a: _drop_singletons(immich_dbscan(a.embeddings)),
-        "avg linkage@0.3, no attach (v0)": default(0.3, np.inf, plain),
+        "avg linkage@0.3, no attach (v0)": default(0.3, np.inf, plain, None),
         DEFAULT_ROW: default(core, attach, plain),
         "default + flip TTA (bench only)": default(core, attach, _flip_tta),
     }
@@ -725,11 +730,13 @@ def run_quality(
     seed: int = 0,
     cache_dir: Path | None = None,
     out_dir: Path | None = Path("bench"),
+    compare: Sequence[PipelineSettings] = (),
 ) -> dict[str, Any]:
     """Run the grouping-quality protocol on the dev sets under `data_dir` (…/faces-dev).
 
     Writes `QUALITY.md` and `quality.json` into `out_dir` (None: write nothing) and returns
-    what the JSON holds.
+    what the JSON holds. Each of `compare` (other detection settings) is run too, with the
+    default method only, into a comparison table.
     """
     data_dir = Path(data_dir)
     if (data_dir / "faces-dev").is_dir():
@@ -748,12 +755,28 @@ def run_quality(
             "padding": CROP_PADDING.get(set_name, 0.0),
             "sections": {key: evaluate(al, grouping) for key, al in sections.items()},
         }
+    report["compare"] = []
+    for other in compare:
+        other_cache = FaceCache(other, cache_dir)
+        only_default = {DEFAULT_ROW: methods(other, sensitivity=False)[DEFAULT_ROW]}
+        runs = {}
+        for set_name in chosen:
+            by_identity = load_set(data_dir, set_name, other_cache, progress=_progress(set_name))
+            sections = albums_for(set_name, by_identity, albums=albums, seed=seed)
+            runs[set_name] = {key: evaluate(al, only_default) for key, al in sections.items()}
+        report["compare"].append({"detection": _detection_name(other), "sets": runs})
     if out_dir is not None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "quality.json").write_text(json.dumps(report, indent=1) + "\n")
         (out_dir / "QUALITY.md").write_text(render_markdown(report))
     return report
+
+
+def _detection_name(settings: PipelineSettings) -> str:
+    if settings.detector == "scrfd":
+        return f"scrfd @{settings.scrfd_input_size}"
+    return settings.detector
 
 
 def _progress(set_name: str) -> Callable[[int, int], None]:
@@ -780,7 +803,7 @@ def _meta(settings: PipelineSettings, albums: int, seed: int, cache: FaceCache) 
         "commit": commit,
         "machine": f"{platform.node()} {platform.machine()} {platform.processor() or ''}".strip(),
         "python": platform.python_version(),
-        "detector": settings.detector,
+        "detector": _detection_name(settings),
         "embedder": settings.embedder,
         "grouping": settings.grouping,
         "similarity_threshold": settings.similarity_threshold,
@@ -827,7 +850,14 @@ Reproduce with `aftertrip-faces bench quality [--sets ...] [--albums N] [--cache
   0.45 and 0.55; Immich's incremental DBSCAN-like recognition (max cosine distance 0.5, min faces
   3, ported from `server/src/services/person.service.ts` `handleRecognizeFaces`: core faces found
   or join people in face order, non-core faces attach later to the nearest person within the
-  distance or stay unassigned); and the product's `default`.
+  distance or stay unassigned); the first version of the default (constrained average linkage
+  at 0.3, no attach stage, "v0"); the product's `default` with the detector's scores as face
+  quality, as the pipeline calls it; the default on flip-averaged embeddings (the mirrored chip's
+  embedding added to the original's: measured here only); and sensitivity rows (marked ·) that
+  move one of the default's two thresholds.
+- *extra*: faces other than the labelled ones that were put in some group (per album; they are
+  not scored: background people, group-shot neighbours, and false detections).
+- *s*: seconds spent grouping, all albums of the section together.
 """
 
 
@@ -861,6 +891,33 @@ def _summary(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _comparison(report: dict[str, Any]) -> list[str]:
+    if not report.get("compare"):
+        return []
+    lines = [
+        "## The default with other detection settings",
+        "",
+        "Same protocol and albums; only the detector (and so the faces found) changes.",
+        "",
+        "| detection | set | section | miss | BCubed P | BCubed R | BCubed F1 | folder P |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    main = report["meta"]["detector"]
+    runs = [(main, {k: v["sections"] for k, v in report["sets"].items()})]
+    runs += [(c["detection"], c["sets"]) for c in report["compare"]]
+    for set_name in report["sets"]:
+        for detection, sets in runs:
+            for key, section in sets.get(set_name, {}).items():
+                row = section["methods"][DEFAULT_ROW]
+                lines.append(
+                    f"| {detection} | {set_name} | {key} | {section['misses']} "
+                    f"| {row['bcubed_p']:.3f} | {row['bcubed_r']:.3f} | {row['bcubed_f1']:.3f} "
+                    f"| {row['folder_p']:.3f} |"
+                )
+    lines.append("")
+    return lines
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     """QUALITY.md: the protocol, the run's provenance and one table per set and section."""
     meta = report["meta"]
@@ -872,6 +929,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     )
     lines.append("")
     lines += _summary(report)
+    lines += _comparison(report)
     head = (
         "| method | pair P | pair R | pair F1 | BCubed P | BCubed R | BCubed F1 | min F1 "
         "| folder P | folder R | extra | s |"

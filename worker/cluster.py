@@ -3,8 +3,18 @@
 Two methods:
 - `seed`: an exact port of the original prototype's greedy grouping, kept for comparison
   and for callers of the old API (`worker.compat`);
-- `default`: average-linkage agglomeration on cosine similarity that never puts two faces
-  of one photo into the same person.
+- `default`, in two stages on cosine similarity, never putting two faces of one photo into
+  the same person:
+  1. constrained average linkage: repeatedly merge the two groups whose faces are most
+     similar on average, while that mean is above the cut (`thresholds["default"]` of the
+     embedder, 0.34 for w600k_mbf). Averages do not chain: a face that looks a bit like two
+     people cannot glue them together, as it would with single linkage or greedy matching.
+     Faces with a weak detection (optional `quality`) take no part in this stage;
+  2. attach: each face still alone, and each pair, joins the established group (3+ faces) it
+     resembles most on average, if that mean is above a lower bar (`thresholds["attach"]`,
+     0.25): a mean over a whole group is steadier than the single pair stage 1 needed.
+  Whatever is still alone is "others" (-1). Thresholds and the evidence for them:
+  bench/QUALITY.md.
 """
 
 from __future__ import annotations
@@ -201,10 +211,11 @@ def _core_groups(
     return labels
 
 
-MIN_QUALITY = 0.9
-"""Detection confidence a face needs to found or bridge a group (see `cluster_faces`). MTCNN's
-scores are used as they are: clear faces score 0.95-1.0, while most of its 0.7-0.9 detections
-in the background of dev-set photos are hair, ears, or blurred faces."""
+MIN_DETECTION_SCORE: dict[str, float] = {"mtcnn": 0.9}
+"""Per detector, the score a face needs to found or bridge a group (`cluster_faces`'s
+`min_quality` when its `quality` is the detector's score). MTCNN's clear faces score 0.95-1.0,
+while most of its 0.7-0.9 detections in the background of dev-set photos are hair, ears or
+blurred faces that would otherwise pair up into "people"."""
 
 ESTABLISHED_GROUP = 3
 """Faces a group needs to count as a person that smaller groups can join (Immich's `minFaces`
@@ -296,16 +307,17 @@ def cluster_faces(
     embedder: str = "w600k_mbf",
     attach_threshold: float | None = None,
     quality: NDArray[np.floating] | None = None,
-    min_quality: float = MIN_QUALITY,
+    min_quality: float | None = None,
 ) -> Clustering:
     """Group L2-normalised face embeddings (n, d); `photo_index` says which photo each face is in.
 
     `default`: constrained average linkage at `threshold` (the embedder's calibrated value when
     None), then faces left alone join the group they resemble on average above
     `attach_threshold` (when None: `threshold` minus the calibrated gap between the two).
-    `quality` (n,), when given, is each face's detection confidence: faces under `min_quality`
-    (blurred, cut-off or not a face at all) never found or bridge a group in stage 1; they may
-    still join an established group in stage 2.
+    `quality` (n,) with `min_quality`, when both are given (e.g. the detector's scores and
+    `MIN_DETECTION_SCORE[detector]`): faces under `min_quality` (blurred, cut off, or no face at
+    all) never found or bridge a group in stage 1; they may still join an established group in
+    stage 2.
     """
     if method not in METHODS:
         raise UnknownGroupingMethod(f"unknown grouping method {method!r}; use one of {METHODS}")
@@ -320,5 +332,7 @@ def cluster_faces(
     attach = cut - default_threshold("default", embedder) + default_threshold("attach", embedder)
     if attach_threshold is not None:
         attach = attach_threshold
-    strong = np.ones(n, bool) if quality is None else np.asarray(quality) >= min_quality
+    strong = np.ones(n, bool)
+    if quality is not None and min_quality is not None:
+        strong = np.asarray(quality) >= min_quality
     return _default_clustering(sim, np.asarray(photo_index, np.int64), cut, attach, strong)
