@@ -362,9 +362,9 @@ class MTCNNDetector:
 class ONetVerifier:
     """MTCNN's last stage as a second opinion on another detector's boxes.
 
-    SCRFD-500M also fires on animal faces (a golden retriever scored 0.71, as high as
-    many real faces); ONet gives that box 0.14 while real faces on the dev sets score
-    above 0.88. Costs one batched 48x48 forward for all faces of a photo.
+    SCRFD-500M also fires on animal faces (a golden retriever photo scored 0.66-0.76, as
+    high as many real faces); ONet gives that box 0.14 while real faces on the dev sets
+    score above 0.88. Costs one batched 48x48 forward for all faces of a photo.
     """
 
     def __init__(self, onet: ONet, *, device: str, model: ModelInfo) -> None:
