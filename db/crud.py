@@ -44,7 +44,7 @@ from db.webapp import (
     TagFace,
     Trip,
 )
-from worker.cluster import cluster_faces, default_threshold
+from worker.cluster import MIN_DETECTION_SCORE, cluster_faces, default_threshold
 from worker.settings import PipelineSettings
 from worker.types import ModelInfo, PhotoStatus
 
@@ -655,6 +655,8 @@ class _TripWrite:
             method=self.settings.grouping,
             threshold=self.settings.similarity_threshold,
             embedder=self.embedder.name,
+            quality=np.asarray([f.score for f in faces], np.float32),
+            min_quality=MIN_DETECTION_SCORE.get(self.settings.detector),
         )
         return _Grouped(
             faces, clustering.labels, clustering.matched_face, clustering.similarity, vectors

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from worker.cluster import Clustering, cluster_faces, seed_grouping
+from worker.cluster import MIN_DETECTION_SCORE, Clustering, cluster_faces, seed_grouping
 from worker.errors import PhotoUnreadable
 from worker.pipeline import AnalyzedPhoto, FacePipeline
 from worker.settings import PipelineSettings
@@ -85,6 +85,8 @@ def run_face_recog(
                 method=settings.grouping,
                 threshold=settings.similarity_threshold,
                 embedder=pipeline.embedder.name,
+                quality=np.concatenate([p.detections.scores for p in analyzed]),
+                min_quality=MIN_DETECTION_SCORE.get(settings.detector),
             )
         )
     return _prototype_structure(groups, face_photo, chips, crop_paths, analyzed, out_images)

@@ -20,7 +20,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from worker.align import align_faces
-from worker.cluster import Clustering, cluster_faces
+from worker.cluster import MIN_DETECTION_SCORE, Clustering, cluster_faces
 from worker.detect import FaceDetector, load_detector
 from worker.embed import ArcFaceEmbedder
 from worker.errors import PhotoError
@@ -332,6 +332,8 @@ def assemble_album(
             method=settings.grouping,
             threshold=settings.similarity_threshold,
             embedder=embedder,
+            quality=np.asarray([f.score for f in faces], np.float32),
+            min_quality=MIN_DETECTION_SCORE.get(settings.detector),
         )
     _apply_clustering(faces, clustering)
     face_quality_all = np.concatenate(quality) if quality else np.zeros(0, np.float32)
