@@ -176,7 +176,8 @@ class FaceCache:
         detection = f"{s.working_pixels}-{s.min_face_size}-{s.detection_threshold}"
         if s.detector == "scrfd":
             detection += f"-{s.scrfd_input_size}-{s.scrfd_sha256 or s.scrfd_path or ''}"
-            detection += f"-verify{s.verify_threshold}"
+            # "noenlarge": SCRFD stopped enlarging photos smaller than its input (17610ec).
+            detection += f"-verify{s.verify_threshold}-noenlarge"
         tag = hashlib.sha256(detection.encode()).hexdigest()[:8]
         pad = f"-pad{int(round(padding * 100))}" if padding else ""
         name = f"{s.detector}-{self._embedder_sha256()[:12]}-{tag}{pad}-v{CACHE_VERSION}"

@@ -138,14 +138,15 @@ def run_bench(args: argparse.Namespace, settings: PipelineSettings, console: Con
     if args.what in ("quality", "all"):
         from bench.quality import run_quality
 
-        summary = run_quality(
+        run_quality(
             data,
             settings,
             sets=args.sets,
             albums=args.albums,
             cache_dir=args.cache,
             out_dir=args.out,
+            compare=[settings.model_copy(update={"detector": d}) for d in args.compare],
         )
-        console.print(summary)
+        console.print(f"wrote {args.out / 'QUALITY.md'} and {args.out / 'quality.json'}")
     return 0
 

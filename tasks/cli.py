@@ -270,6 +270,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--sets", nargs="*", default=None, help="quality: which faces-dev sets")
     bench.add_argument("--albums", type=int, default=20, help="quality: albums per set")
     bench.add_argument("--cache", type=Path, default=None, help="quality: embedding cache")
+    bench.add_argument(
+        "--compare",
+        nargs="*",
+        default=[],
+        choices=["mtcnn", "scrfd"],
+        help="quality: also run the default grouping on these detectors' faces",
+    )
     _add_pipeline_options(bench)
     bench.set_defaults(handler=cmd_bench)
 
