@@ -8,13 +8,10 @@ groups each album with every method under comparison on the same embeddings, and
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import json
 import logging
 import os
-import platform
-import subprocess
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -25,6 +22,7 @@ import cv2
 import numpy as np
 from numpy.typing import NDArray
 
+from bench.env import machine
 from worker.align import align_faces
 from worker.cluster import MIN_DETECTION_SCORE, cluster_faces, default_threshold
 from worker.detect import face_size
@@ -790,21 +788,10 @@ def _progress(set_name: str) -> Callable[[int, int], None]:
 
 
 def _meta(settings: PipelineSettings, albums: int, seed: int, cache: FaceCache) -> dict[str, Any]:
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=Path(__file__).parent,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
+    info = machine()
     return {
-        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "commit": commit,
-        "machine": f"{platform.node()} {platform.machine()} {platform.processor() or ''}".strip(),
-        "python": platform.python_version(),
+        **info,
+        "machine": f"{info['cpu']}, {info['cores']} cores",
         "detector": _detection_name(settings),
         "embedder": settings.embedder,
         "grouping": settings.grouping,

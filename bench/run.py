@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import logging
-import os
-import platform
-import subprocess
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
+from bench.env import machine
 from bench.speed import speed_benchmark
 from worker.settings import PipelineSettings
 
@@ -21,36 +18,6 @@ logger = logging.getLogger(__name__)
 
 SPEED_SETS = ("group-photos/g20", "faces-dev/celeba")
 DETECTORS = ("mtcnn", "scrfd")
-
-
-def machine() -> dict[str, Any]:
-    """What the numbers were measured on."""
-    import onnxruntime
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
-    return {
-        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "commit": commit,
-        "cpu": cpu,
-        "cores": len(os.sched_getaffinity(0)),
-        "python": platform.python_version(),
-        "onnxruntime": onnxruntime.__version__,
-        "torch": torch.__version__,
-    }
 
 
 def _speed_table(rows: list[dict[str, Any]]) -> list[str]:
