@@ -940,23 +940,21 @@ table move one threshold at a time.
 
 **What does not reach the goal, and why.**
 
-- *Detection misses* count as singletons. With the current default detector (SCRFD fitted into
-  800 px) 8% of celeba photos and 24 of 355 kpop-crops lose their face: a photo smaller than
-  800 px is scaled *up*, and a face that fills a small photo then exceeds SCRFD's largest anchors.
-  The same albums with MTCNN, or SCRFD at 480 or 640, lose about 1%, and the same grouping then
-  reaches the goal on twice, kpop-crops, lfw and celeba K=10 (see the detector table; celeba
-  K=30 sits at 0.968-0.972). Placing a small photo unscaled on SCRFD's 800 px canvas finds 69 of
-  the 76 faces that 800 px misses on celeba.
-- *nogizaka* (goal 0.93): 0.84 with MTCNN, 0.82 with SCRFD at 480/640, 0.78 at 800 (10
-  misses). Its labels are noisy (photos of men, and group shots whose largest face is another
-  member, are filed under a member), and
-  w600k_mbf's same-person similarities there are low (median 0.44, a quarter under 0.29). Even
-  an oracle that files each labelled face under the identity it is most similar to on average
-  (knowing the true groups) scores about 0.87-0.88. Precision (0.95-0.97) is limited by the
-  same mislabelled photos, which the embedder puts with the person they show.
-- *celeba K=30* is at the edge (0.968-0.972 without the 800 px misses): the faces left alone
-  are mostly ones whose mean similarity to their own person is under 0.13 (profile, age, heavy
-  make-up); lowering the attach bar to catch them lets strangers in first.
+- *Detection misses* count as singletons. SCRFD used to enlarge photos smaller than its 800 px
+  input, and a face filling a small photo then outgrew its largest anchors (8% of celeba photos,
+  24 of 355 kpop-crops lost their face); since it no longer enlarges (commit 17610ec) misses are
+  about 1% or less, and the default meets the goal on every set but nogizaka (see the summary
+  and the detector table: MTCNN's faces give the same picture).
+- *nogizaka* (goal 0.93): 0.84 with MTCNN, 0.83 with SCRFD at 800. Its labels are noisy
+  (photos of men, and group shots whose largest face is another member, are filed under a
+  member), and w600k_mbf's same-person similarities there are low (median 0.44, a quarter
+  under 0.29). Even an oracle that files each labelled face under the identity it is most
+  similar to on average (knowing the true groups) scores about 0.87-0.88. Precision
+  (0.95-0.97) is limited by the same mislabelled photos, which the embedder puts with the
+  person they show.
+- *celeba K=30* is at the edge (0.969-0.972): the faces left alone are mostly ones whose mean
+  similarity to their own person is under 0.13 (profile, age, heavy make-up); lowering the
+  attach bar to catch them lets strangers in first.
 
 **Ideas measured and not adopted.** Mirrored-chip test-time augmentation (row "flip TTA"):
 within ±0.005 F1 on every set at the default thresholds, not worth a second embedder pass.
