@@ -39,7 +39,24 @@ def _speed_table(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def _detection_table(result: dict[str, Any]) -> list[str]:
-    return ["```json", json.dumps(result, indent=1), "```"]
+    out = [
+        f"A labelled face counts as found at IoU >= {result.get('match_iou')}.",
+        "",
+        "| detector | voc-faces found | recall | extra | ms/photo | scenery faces (9 photos) | "
+        "g20 faces (first photos) | g20 ms/photo |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for label, entry in result.items():
+        if not isinstance(entry, dict):
+            continue
+        voc, scenery, g20 = entry["voc_faces"], entry["scenery"], entry.get("g20", {})
+        out.append(
+            f"| {label} | {voc['found']}/{voc['faces']} | {voc['recall']:.3f} | "
+            f"{voc['extra']} | {voc['ms_per_image']} | {scenery['faces']} | "
+            f"{g20.get('faces', '-')} in {g20.get('images', '-')} | "
+            f"{g20.get('ms_per_image', '-')} |"
+        )
+    return out
 
 
 def write_results(out_dir: Path, sections: dict[str, Any]) -> Path:
