@@ -228,8 +228,11 @@ class FaceCache:
         pixels = image.pixels
         border = int(round(padding * max(pixels.shape[:2])))
         if border:
-            pixels = cv2.copyMakeBorder(
-                pixels, border, border, border, border, cv2.BORDER_CONSTANT, value=(127, 127, 127)
+            pixels = np.asarray(
+                cv2.copyMakeBorder(
+                    pixels, border, border, border, border, cv2.BORDER_CONSTANT, value=(127,) * 3
+                ),
+                np.uint8,
             )
         found = self._detector.detect(pixels)
         if len(found) == 0:
