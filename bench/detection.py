@@ -21,15 +21,14 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from worker.detect import FaceDetector, load_detector
-from worker.images import decode_image
+from worker.detect import FaceDetector, box_iou, load_detector
+from worker.images import PHOTO_SUFFIXES, decode_image
 from worker.settings import PipelineSettings
 from worker.types import Detections
 
 logger = logging.getLogger(__name__)
 
 MATCH_IOU = 0.4
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
 
 
 def read_imglab(path: Path) -> dict[str, NDArray[np.float32]]:
@@ -50,21 +49,9 @@ def read_imglab(path: Path) -> dict[str, NDArray[np.float32]]:
     return boxes
 
 
-def box_iou(a: NDArray[np.float32], b: NDArray[np.float32]) -> NDArray[np.float32]:
-    """(len(a), len(b)) intersection over union of two sets of x1, y1, x2, y2 boxes."""
-    x1 = np.maximum(a[:, None, 0], b[None, :, 0])
-    y1 = np.maximum(a[:, None, 1], b[None, :, 1])
-    x2 = np.minimum(a[:, None, 2], b[None, :, 2])
-    y2 = np.minimum(a[:, None, 3], b[None, :, 3])
-    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    return (inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-9)).astype(np.float32)
-
-
 def photos_in(folder: Path, limit: int | None = None) -> list[Path]:
     """Image files in `folder`, sorted by name, at most `limit`."""
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in PHOTO_SUFFIXES)
     return files[:limit] if limit else files
 
 

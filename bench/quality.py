@@ -26,6 +26,7 @@ from bench.env import machine
 from worker.align import align_faces
 from worker.cluster import MIN_DETECTION_SCORE, cluster_faces, default_threshold
 from worker.detect import face_size
+from worker.images import PHOTO_SUFFIXES
 from worker.settings import PipelineSettings
 
 logger = logging.getLogger(__name__)
@@ -56,7 +57,6 @@ CROP_PADDING: dict[str, float] = {"kpop-crops": 0.5}
 detection: the detectors are built for faces inside photos and miss a face that fills the frame.
 Only the bench does this; coordinates are mapped back to the crop."""
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".heic", ".avif"}
 
 DEFAULT_CACHE = Path(
     os.environ.get(
@@ -304,7 +304,7 @@ def list_set(data_dir: Path, name: str) -> dict[str, list[Path]]:
     out: dict[str, list[Path]] = {}
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
         files = sorted(
-            p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+            p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in PHOTO_SUFFIXES
         )
         if files:
             out[folder.name] = files

@@ -16,19 +16,18 @@ from typing import Any
 import numpy as np
 
 from worker.align import align_faces
-from worker.images import decode_image
+from worker.images import PHOTO_SUFFIXES, decode_image
 from worker.pipeline import FacePipeline, group_album
 from worker.settings import PipelineSettings
 from worker.types import PhotoSource
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".heic", ".avif", ".bmp", ".tif", ".tiff"}
 
 
 def list_photos(folder: Path, limit: int | None) -> list[Path]:
     """Image files under `folder`, sorted, at most `limit`."""
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in PHOTO_SUFFIXES)
     return files[:limit] if limit else files
 
 

@@ -45,11 +45,13 @@ from db.webapp import (
     Trip,
 )
 from worker.cluster import MIN_DETECTION_SCORE, cluster_faces, default_threshold
+from worker.detect import box_iou
 from worker.settings import PipelineSettings
 from worker.types import ModelInfo, PhotoStatus
 
 __all__ = [
     "FaceOutcome",
+    "FolderView",
     "PhotoOutcome",
     "TripNotFound",
     "TripStatus",
@@ -61,6 +63,7 @@ __all__ = [
     "get_job",
     "photos_to_analyze",
     "start_job",
+    "trip_folders",
     "trip_photos",
     "trip_status",
     "write_trip_result",
@@ -921,19 +924,6 @@ def _tag_vectors(faces: list[Face]) -> dict[int, NDArray[np.float32]]:
         if len({v.shape[0] for v in vectors}) == 1:
             out[tag_id] = _mean_direction(np.stack(vectors))
     return out
-
-
-def box_iou(a: NDArray[np.float64], b: NDArray[np.float64]) -> NDArray[np.float64]:
-    """Pairwise IoU of boxes a (n, 4) and b (m, 4), x1 y1 x2 y2."""
-    x1 = np.maximum(a[:, None, 0], b[None, :, 0])
-    y1 = np.maximum(a[:, None, 1], b[None, :, 1])
-    x2 = np.minimum(a[:, None, 2], b[None, :, 2])
-    y2 = np.minimum(a[:, None, 3], b[None, :, 3])
-    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
-    area_a = np.clip(a[:, 2] - a[:, 0], 0, None) * np.clip(a[:, 3] - a[:, 1], 0, None)
-    area_b = np.clip(b[:, 2] - b[:, 0], 0, None) * np.clip(b[:, 3] - b[:, 1], 0, None)
-    union = area_a[:, None] + area_b[None, :] - inter
-    return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
 
 
 def _carry_tags(old: list[Face], new: list[FaceOutcome]) -> list[int | None]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -50,25 +49,18 @@ def client_app(redis_url: str) -> Celery:
 def start_worker(
     env: dict[str, str], log: Path, *, queue: str, name: str, concurrency: int = 1
 ) -> subprocess.Popen[bytes]:
-    """A real `celery worker` (prefork) on `queue`, started from the repository root."""
-    argv = [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        "tasks.app",
-        "worker",
-        "-Q",
-        queue,
-        "--pool",
-        "prefork",
-        f"--concurrency={concurrency}",
-        "--loglevel=INFO",
-        f"--hostname={name}@%h",
-        "--without-gossip",
-        "--without-mingle",
-        "--without-heartbeat",
-    ]
+    """A real `celery worker` (prefork) on `queue`, started from the repository root.
+
+    The command line is the one `aftertrip-faces worker` runs, plus quieter cluster chatter.
+    """
+    from types import SimpleNamespace
+
+    from tasks.admin import worker_argv
+    from tasks.settings import ServiceSettings
+
+    args = SimpleNamespace(concurrency=concurrency, loglevel="INFO", hostname=f"{name}@%h")
+    argv = worker_argv(ServiceSettings(queue=queue), args)  # type: ignore[arg-type]
+    argv += ["--without-gossip", "--without-mingle", "--without-heartbeat"]
     handle = log.open("wb")
     process = subprocess.Popen(
         argv, cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True

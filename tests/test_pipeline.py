@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import STORE_FOR_ORIENTATION
+from worker.detect import box_iou
 from worker.pipeline import FacePipeline, group_album
 from worker.settings import PipelineSettings
 from worker.types import NO_FACE_GROUP, AlbumResult, PhotoSource, PhotoStatus
@@ -47,11 +48,7 @@ def largest_face(result: AlbumResult, photo_id: str) -> int:
 
 
 def iou(a: list[float], b: list[float]) -> float:
-    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = w * h
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union
+    return float(box_iou(np.array([a]), np.array([b]))[0, 0])
 
 
 def photo(result: AlbumResult, photo_id: str):

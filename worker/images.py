@@ -28,6 +28,24 @@ except ImportError:
 
 logger = logging.getLogger(__name__)
 
+PHOTO_SUFFIXES = frozenset(
+    {
+        ".jpg",
+        ".jpeg",
+        ".png",
+        ".webp",
+        ".gif",
+        ".bmp",
+        ".tif",
+        ".tiff",
+        ".heic",
+        ".heif",
+        ".avif",
+        ".jxl",
+    }
+)
+"""File name endings of the formats `decode_image` reads (for listing folders of photos)."""
+
 pillow_heif.register_heif_opener()  # HEIC/HEIF; Pillow 13 reads AVIF itself
 
 ORIENTATION_TAG = 0x0112

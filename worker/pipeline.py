@@ -338,7 +338,10 @@ def assemble_album(
     _apply_clustering(faces, clustering)
     face_quality_all = np.concatenate(quality) if quality else np.zeros(0, np.float32)
     groups = _person_groups(faces, face_quality_all)
-    photos = [_photo_result(photo, faces) for photo in analyzed]
+    by_photo: dict[str, list[FaceResult]] = {}
+    for face in faces:
+        by_photo.setdefault(face.photo_id, []).append(face)
+    photos = [_photo_result(photo, by_photo.get(photo.photo_id, [])) for photo in analyzed]
     return AlbumResult(
         photos=photos,
         faces=faces,
@@ -375,8 +378,7 @@ def _person_groups(faces: list[FaceResult], quality: NDArray[np.float32]) -> lis
     return groups
 
 
-def _photo_result(photo: AnalyzedPhoto, faces: list[FaceResult]) -> PhotoResult:
-    mine = [f for f in faces if f.photo_id == photo.photo_id]
+def _photo_result(photo: AnalyzedPhoto, mine: list[FaceResult]) -> PhotoResult:
     if photo.status is not PhotoStatus.OK:
         group_idx: list[int] = []
     elif not mine:
