@@ -177,6 +177,47 @@ def test_default_never_groups_two_faces_of_one_photo() -> None:
     assert result.labels[0] != result.labels[12]
 
 
+def two_looks(size: int, within: float, across: float) -> NDArray[np.float32]:
+    """Faces of two looks of `size` faces each: `within` a look, `across` the two."""
+    gram = np.full((2 * size, 2 * size), across)
+    gram[:size, :size] = gram[size:, size:] = within
+    np.fill_diagonal(gram, 1.0)
+    return vectors_with_gram(gram)
+
+
+def test_default_keeps_a_person_whole_across_a_collage() -> None:
+    # One person, two looks (0.7 within each, 0.45 across: one person by the mean), and one
+    # collage photo that shows both looks. The two looks still merge; the collage's second
+    # face leaves the group, so a group never holds two faces of one photo.
+    emb = two_looks(12, 0.7, 0.45)
+    photos = np.arange(24)
+    photos[12] = 0  # faces 0 and 12 are one photo
+    labels = cluster_faces(emb, photos).labels
+    assert (labels == -1).sum() == 1 and labels[[0, 12]].min() == -1
+    assert len(np.unique(labels[labels >= 0])) == 1
+    # Small groups never tolerate a shared photo: five and five faces stay two people.
+    emb = two_looks(5, 0.7, 0.45)
+    photos = np.arange(10)
+    photos[5] = 0
+    labels = cluster_faces(emb, photos).labels
+    assert (labels >= 0).all() and labels[0] != labels[5]
+    assert len(set(labels[:5])) == 1 and len(set(labels[5:])) == 1
+
+
+def test_default_keeps_look_alikes_who_are_photographed_together_apart() -> None:
+    # Two people who look alike (0.4 on average, above the cut) and appear together in 4 of
+    # their 10 photos each: too many shared photos for one person, so they stay two.
+    emb = two_looks(10, 0.7, 0.4)
+    photos = np.concatenate([np.arange(10), [0, 1, 2, 3], np.arange(14, 20)])
+    labels = cluster_faces(emb, photos).labels
+    assert len(set(labels[:10])) == 1 and len(set(labels[10:])) == 1
+    assert labels[0] != labels[10] and (labels >= 0).all()
+    # Sharing a single photo, the same faces would be one person (that photo's twin aside).
+    photos = np.concatenate([np.arange(10), [0], np.arange(11, 20)])
+    labels = cluster_faces(emb, photos).labels
+    assert len(np.unique(labels[labels >= 0])) == 1 and (labels == -1).sum() == 1
+
+
 def test_default_attaches_a_loner_to_the_group_it_resembles() -> None:
     # A face 0.3 similar to each of four faces of one person: under the cut for a pair, but a
     # steady mean over the whole group. It joins, unless its photo is already in the group.
@@ -294,7 +335,6 @@ def test_default_beats_the_prototype_on_the_dev_sets(shared_data) -> None:
     precision: on every dev set already in the bench's face cache (`bench quality` fills it,
     two albums per section), else on twice (whole set) and one celeba album computed now."""
     from bench.quality import (
-        CROP_PADDING,
         SET_MODES,
         Album,
         FaceCache,
@@ -310,9 +350,8 @@ def test_default_beats_the_prototype_on_the_dev_sets(shared_data) -> None:
     cache = FaceCache(PipelineSettings())
 
     def is_cached(name: str) -> bool:
-        padding = CROP_PADDING.get(name, 0.0)
         files = list_set(faces_dev, name).values()
-        return all(cache.has(path, padding=padding) for paths in files for path in paths)
+        return all(cache.has(path) for paths in files for path in paths)
 
     sections: dict[str, list[Album]] = {}
     cached = [name for name in SET_MODES if is_cached(name)]

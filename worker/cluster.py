@@ -107,13 +107,33 @@ def _seed_clustering(sim: NDArray[np.float32], threshold: float) -> Clustering:
     return Clustering(labels, matched, similarity)
 
 
+SHARED_PHOTO_MIN_GROUP = 10
+"""Faces both groups need before a merge may tolerate shared photos (see `_average_linkage`)."""
+
+SHARED_PHOTO_SHARE = 0.2
+"""At most this share of the smaller group's faces may have a face of the same photo in the
+other group for the two to merge."""
+
+
+def _shared_photo_limit(
+    size: NDArray[np.float64], other: NDArray[np.float64]
+) -> NDArray[np.float64]:
+    """How many same-photo face pairs a merge of groups of `size` and `other` faces tolerates."""
+    smaller = np.minimum(size, other)
+    return np.where(smaller >= SHARED_PHOTO_MIN_GROUP, np.floor(SHARED_PHOTO_SHARE * smaller), 0.0)
+
+
 def _average_linkage(
-    sim: NDArray[np.float64], cannot_link: NDArray[np.bool_], threshold: float
+    sim: NDArray[np.float64], shared: NDArray[np.floating], threshold: float
 ) -> NDArray[np.int64]:
     """Cluster ids (0..k-1, by first face) from constrained average-linkage merging.
 
     Repeatedly merges the two clusters with the highest mean pairwise similarity, as long
-    as it is above `threshold` and no two of their faces come from the same photo.
+    as it is above `threshold` and they share no photo. `shared[a, b]` is 1 where faces a and
+    b come from one photo. Two big groups (`SHARED_PHOTO_MIN_GROUP` faces each) may still merge
+    when only a few of their photos are shared (`SHARED_PHOTO_SHARE` of the smaller): one person
+    twice in a photo (a collage, a mirror, a photo of a photo) must not split that person in
+    two. The caller then keeps one face per photo in each group (`_one_face_per_photo`).
 
     Keeps, per cluster, the sum of its similarities to every other cluster and its best
     partner, so a merge costs O(m) plus the rows whose best partner it touched (instead of
@@ -121,11 +141,12 @@ def _average_linkage(
     """
     m = sim.shape[0]
     total = np.array(sim, np.float64, copy=True)
-    blocked = np.array(cannot_link, bool, copy=True)
-    np.fill_diagonal(blocked, True)
+    pairs = np.array(shared, np.float64, copy=True)
+    np.fill_diagonal(pairs, 0.0)
     sizes = np.ones(m)
     alive = np.ones(m, bool)
-    score = np.where(blocked, -np.inf, total)
+    score = np.where(pairs > 0, -np.inf, total)
+    np.fill_diagonal(score, -np.inf)
     best = np.argmax(score, axis=1)
     best_score = score[np.arange(m), best]
     owner = np.arange(m)
@@ -136,13 +157,15 @@ def _average_linkage(
         i, j = sorted((i, int(best[i])))
         total[i, :] += total[j, :]
         total[:, i] = total[i, :]
-        blocked[i, :] |= blocked[j, :]
-        blocked[:, i] = blocked[i, :]
+        pairs[i, :] += pairs[j, :]
+        pairs[:, i] = pairs[i, :]
+        pairs[i, i] = 0.0
         sizes[i] += sizes[j]
         alive[j] = False
         owner[owner == j] = i
         row = total[i] / (sizes[i] * sizes)
-        row[blocked[i] | ~alive] = -np.inf
+        row[(pairs[i] > _shared_photo_limit(sizes[i], sizes)) | ~alive] = -np.inf
+        row[i] = -np.inf
         score[i, :] = row
         score[:, i] = row
         score[j, :] = -np.inf
@@ -160,6 +183,30 @@ def _average_linkage(
         best_score[i] = score[i, best[i]]
     _, ids = np.unique(owner, return_inverse=True)
     return ids.astype(np.int64)
+
+
+def _one_face_per_photo(
+    sim: NDArray[np.float32], photo_index: NDArray[np.int64], labels: NDArray[np.int64]
+) -> NDArray[np.int64]:
+    """In each group, of the faces that share a photo only the one most similar on average to
+    the group's other photos stays; the rest leave the group (-1), as does a group left with
+    a single face."""
+    out = labels.copy()
+    for label in np.unique(labels[labels >= 0]):
+        members = np.flatnonzero(labels == label)
+        photos = photo_index[members]
+        shared, counts = np.unique(photos, return_counts=True)
+        for photo in shared[counts > 1]:
+            faces = members[photos == photo]
+            rest = members[photos != photo]
+            if len(rest):
+                keep = faces[int(np.argmax(sim[np.ix_(faces, rest)].mean(axis=1)))]
+            else:
+                keep = faces[0]
+            out[faces[faces != keep]] = -1
+    ids, counts = np.unique(out[out >= 0], return_counts=True)
+    out[np.isin(out, ids[counts < 2])] = -1
+    return out
 
 
 def _explain(
@@ -201,14 +248,13 @@ def _core_groups(
             continue
         block = sim[np.ix_(members, members)].astype(np.float64)
         photos = photo_index[members]
-        cannot = photos[:, None] == photos[None, :]
-        ids = _average_linkage(block, cannot, threshold)
+        ids = _average_linkage(block, photos[:, None] == photos[None, :], threshold)
         for cid in np.unique(ids):
             faces = members[ids == cid]
             if len(faces) >= 2:
                 labels[faces] = next_label
                 next_label += 1
-    return labels
+    return _one_face_per_photo(sim, photo_index, labels)
 
 
 MIN_DETECTION_SCORE: dict[str, float] = {"mtcnn": 0.9}
