@@ -393,11 +393,11 @@ def test_scrfd_weights_from_a_path_are_checked(settings: PipelineSettings) -> No
 
 def test_scrfd_faces_are_verified_by_onet(gdp_jpg: bytes, shared_data) -> None:
     """SCRFD fires on a dog's face; the ONet second opinion keeps real faces only."""
-    from worker.detect import VerifiedDetector, load_detector
+    from worker.detect import SecondLook, VerifiedDetector, load_detector
     from worker.images import decode_image
 
     verified = load_detector(PipelineSettings(detector="scrfd"))
-    assert isinstance(verified, VerifiedDetector)
+    assert isinstance(verified, SecondLook) and isinstance(verified.inner, VerifiedDetector)
     assert {m.name for m in verified.models} >= {"scrfd_500m_bnkps", "mtcnn_onet"}
     raw = load_detector(PipelineSettings(detector="scrfd", verify_threshold=0))
     small = decode_image(
@@ -409,3 +409,76 @@ def test_scrfd_faces_are_verified_by_onet(gdp_jpg: bytes, shared_data) -> None:
     assert len(verified.detect(dog)) == 0
     people = decode_image(gdp_jpg, name="gdp.jpg").pixels
     assert len(verified.detect(people)) == len(raw.detect(people))
+
+
+def test_scrfd_finds_a_face_that_fills_the_frame(gdp: NDArray[np.uint8]) -> None:
+    """A close-up whose face fills the photo (a selfie, a portrait crop) outgrows SCRFD's
+    anchors; the framed second look finds it, with the box and landmarks in the photo's
+    pixels. Photos with a face found are not looked at twice."""
+    import cv2
+
+    from worker.detect import SecondLook
+
+    detector = load_detector(PipelineSettings(detector="scrfd"))
+    assert isinstance(detector, SecondLook)
+    x1, y1, x2, y2 = detector.detect(gdp).boxes[0]
+    cx, cy, half = (x1 + x2) / 2, (y1 + y2) / 2, max(x2 - x1, y2 - y1) * 0.55
+    crop = gdp[int(cy - half) : int(cy + half), int(cx - half) : int(cx + half)]
+    close_up = np.ascontiguousarray(cv2.resize(crop, (800, 800), interpolation=cv2.INTER_CUBIC))
+    assert len(detector.inner.detect(close_up)) == 0
+    found = detector.detect(close_up)
+    assert len(found) == 1
+    check_shapes(found)
+    x1, y1, x2, y2 = found.boxes[0]
+    assert 0 <= x1 < 200 and 0 <= y1 < 200 and 600 < x2 <= 800 and 600 < y2 <= 800
+    eyes = found.landmarks[0, :2]
+    assert (eyes[:, 1] < 450).all() and eyes[0, 0] < eyes[1, 0]
+    off = load_detector(PipelineSettings(detector="scrfd", retry_margin=0))
+    assert len(off.detect(close_up)) == 0
+
+    calls: list[tuple[int, ...]] = []
+
+    class Counting:
+        name, models = "counting", []
+
+        def detect(self, image: NDArray[np.uint8]) -> Detections:
+            calls.append(image.shape)
+            return detector.inner.detect(image)
+
+    SecondLook(Counting(), margin=0.4, rotated=True).detect(gdp)
+    assert calls == [gdp.shape]
+
+
+@pytest.mark.parametrize("name", DETECTORS)
+@pytest.mark.parametrize("quarter", [1, -1])
+def test_second_look_finds_faces_lying_on_their_side(
+    name: str, quarter: int, yaoming_jpg: bytes, detectors: dict[str, FaceDetector]
+) -> None:
+    """A photo turned a quarter: no face upright, so the detector looks at it turned back, and
+    the face comes out in the turned photo's pixels with landmarks that align it upright."""
+    from worker.align import align_faces
+    from worker.detect import SecondLook
+    from worker.embed import ArcFaceEmbedder
+
+    detector = detectors[name]
+    assert isinstance(detector, SecondLook)
+    photo = rgb(yaoming_jpg)
+    upright = detector.detect(photo)
+    turned = np.ascontiguousarray(np.rot90(photo, quarter))
+    assert len(detector.inner.detect(turned)) == 0
+    found = detector.detect(turned)
+    assert len(found) == 1
+    check_shapes(found)
+    # The box is the upright box turned with the photo.
+    corners = upright.boxes[0].reshape(2, 2)
+    h, w = photo.shape[:2]
+    if quarter == 1:  # counter-clockwise: (x, y) -> (y, w - x)
+        moved = np.stack([corners[:, 1], w - corners[:, 0]], axis=1)
+    else:  # clockwise: (x, y) -> (h - y, x)
+        moved = np.stack([h - corners[:, 1], corners[:, 0]], axis=1)
+    expected = np.concatenate([moved.min(axis=0), moved.max(axis=0)])
+    assert box_iou(found.boxes[:1], expected[None])[0, 0] > 0.8
+    embedder = ArcFaceEmbedder.load(PipelineSettings())
+    a = embedder.embed(align_faces(photo, upright.landmarks))
+    b = embedder.embed(align_faces(turned, found.landmarks))
+    assert float(a[0] @ b[0]) > 0.9

@@ -49,6 +49,18 @@ class PipelineSettings(BaseSettings):
     scrfd_input_size: int = Field(
         800, description="SCRFD's input size: the photo is fitted into this square."
     )
+    retry_margin: float = Field(
+        0.25,
+        ge=0.0,
+        le=1.0,
+        description="When no face is found, look again at the photo framed by a border of this "
+        "share of its longer side (faces that fill or are cut by the frame); 0 = off.",
+    )
+    retry_rotated: bool = Field(
+        True,
+        description="When still no face is found, look again at the photo turned a quarter "
+        "each way (faces lying on their side).",
+    )
 
     # models
     embedder: str = Field("w600k_mbf", description="Registry name of the ArcFace model.")

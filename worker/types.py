@@ -85,6 +85,14 @@ class Detections:
             landmarks=(self.landmarks * factor).astype(np.float32),
         )
 
+    def shifted(self, delta: float) -> Detections:
+        """The same faces moved by `delta` pixels along both axes."""
+        return Detections(
+            boxes=(self.boxes + delta).astype(np.float32),
+            scores=self.scores,
+            landmarks=(self.landmarks + delta).astype(np.float32),
+        )
+
     def select(self, keep: NDArray[np.bool_] | NDArray[np.intp]) -> Detections:
         """The faces picked by a boolean mask or index array."""
         return Detections(self.boxes[keep], self.scores[keep], self.landmarks[keep])
