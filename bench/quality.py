@@ -31,8 +31,9 @@ from worker.settings import PipelineSettings
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
-"""Bump when what is stored per photo changes; old entries are then ignored."""
+CACHE_VERSION = 2
+"""Bump when what is stored per photo changes; old entries are then ignored (2: aligned chips
+are filled with grey, not black, beyond the photo's edge)."""
 
 SET_MODES: dict[str, str] = {
     "twice": "whole",
@@ -51,12 +52,6 @@ MIN_PHOTOS, MAX_PHOTOS = 2, 15
 
 STRANGERS = 10
 """One-off strangers added to every album in "albums" mode."""
-
-CROP_PADDING: dict[str, float] = {"kpop-crops": 0.5}
-"""Sets of tight face crops get a grey border (this fraction of the side, on each side) before
-detection: the detectors are built for faces inside photos and miss a face that fills the frame.
-Only the bench does this; coordinates are mapped back to the crop."""
-
 
 DEFAULT_CACHE = Path(
     os.environ.get(
@@ -143,7 +138,7 @@ class PhotoFaces:
 
 class FaceCache:
     """Per-photo faces on disk, keyed by image sha256 under a folder per detector, embedder
-    sha256, detection settings and crop padding; computes what is missing with the worker's stages
+    sha256 and detection settings; computes what is missing with the worker's stages
     (decode -> detect -> align -> embed), exactly as the pipeline chains them."""
 
     def __init__(self, settings: PipelineSettings, cache_dir: Path | None = None) -> None:
@@ -168,7 +163,7 @@ class FaceCache:
                 self._embedder_sha = info.sha256
         return self._embedder_sha
 
-    def folder(self, padding: float) -> Path:
+    def folder(self) -> Path:
         """Where entries for this configuration live."""
         s = self.settings
         detection = f"{s.working_pixels}-{s.min_face_size}-{s.detection_threshold}"
@@ -176,30 +171,31 @@ class FaceCache:
             detection += f"-{s.scrfd_input_size}-{s.scrfd_sha256 or s.scrfd_path or ''}"
             # "noenlarge": SCRFD stopped enlarging photos smaller than its input (17610ec).
             detection += f"-verify{s.verify_threshold}-noenlarge"
+        if s.retry_margin > 0 or s.retry_rotated:
+            detection += f"-retry{s.retry_margin}{'-rotated' if s.retry_rotated else ''}"
         tag = hashlib.sha256(detection.encode()).hexdigest()[:8]
-        pad = f"-pad{int(round(padding * 100))}" if padding else ""
-        name = f"{s.detector}-{self._embedder_sha256()[:12]}-{tag}{pad}-v{CACHE_VERSION}"
+        name = f"{s.detector}-{self._embedder_sha256()[:12]}-{tag}-v{CACHE_VERSION}"
         return self.cache_dir / name
 
-    def entry(self, data: bytes, padding: float) -> Path:
+    def entry(self, data: bytes) -> Path:
         """The cache file for one photo's bytes."""
         digest = hashlib.sha256(data).hexdigest()
-        return self.folder(padding) / digest[:2] / f"{digest}.npz"
+        return self.folder() / digest[:2] / f"{digest}.npz"
 
-    def has(self, path: Path, *, padding: float = 0.0) -> bool:
+    def has(self, path: Path) -> bool:
         """Whether a photo's faces are already cached."""
-        return self.entry(path.read_bytes(), padding).exists()
+        return self.entry(path.read_bytes()).exists()
 
-    def get(self, path: Path, *, padding: float = 0.0) -> PhotoFaces:
+    def get(self, path: Path) -> PhotoFaces:
         """The faces of one photo file, from the cache or computed (and then cached)."""
         data = path.read_bytes()
-        entry = self.entry(data, padding)
+        entry = self.entry(data)
         if entry.exists():
             try:
                 return PhotoFaces.load(entry)
             except (OSError, ValueError, KeyError):
                 logger.warning("unreadable cache entry %s: recomputing", entry)
-        faces = self._compute(data, path.name, padding)
+        faces = self._compute(data, path.name)
         faces.save(entry)
         return faces
 
@@ -210,7 +206,7 @@ class FaceCache:
         self._detector = load_detector(self.settings)
         self._embedder = ArcFaceEmbedder.load(self.settings)
 
-    def _compute(self, data: bytes, name: str, padding: float) -> PhotoFaces:
+    def _compute(self, data: bytes, name: str) -> PhotoFaces:
         from worker.images import decode_image
 
         if self._detector is None:
@@ -226,14 +222,6 @@ class FaceCache:
             logger.warning("cannot decode %s: %s", name, exc)
             return _empty_faces(0, 0, f"{type(exc).__name__}: {exc}")
         pixels = image.pixels
-        border = int(round(padding * max(pixels.shape[:2])))
-        if border:
-            pixels = np.asarray(
-                cv2.copyMakeBorder(
-                    pixels, border, border, border, border, cv2.BORDER_CONSTANT, value=(127,) * 3
-                ),
-                np.uint8,
-            )
         found = self._detector.detect(pixels)
         if len(found) == 0:
             return _empty_faces(image.original_width, image.original_height)
@@ -243,14 +231,13 @@ class FaceCache:
         norm = np.linalg.norm(raw, axis=1)
         grey = [cv2.cvtColor(chip, cv2.COLOR_RGB2GRAY) for chip in chips]
         blur = np.array([cv2.Laplacian(g, cv2.CV_64F).var() for g in grey], np.float32)
-        shift = np.float32(border)
         to_original = 1.0 / image.scale
         return PhotoFaces(
             width=image.original_width,
             height=image.original_height,
-            boxes=((found.boxes - shift) * to_original).astype(np.float32),
+            boxes=(found.boxes * to_original).astype(np.float32),
             scores=found.scores.astype(np.float32),
-            landmarks=((found.landmarks - shift) * to_original).astype(np.float32),
+            landmarks=(found.landmarks * to_original).astype(np.float32),
             embeddings=_normalise(raw),
             flipped=_normalise(flipped),
             raw_norm=norm.astype(np.float32),
@@ -321,7 +308,6 @@ def load_set(
 ) -> dict[str, list[LabelledPhoto]]:
     """Every photo of a set (of its first `limit` identities by name) with its faces,
     computed once and then read from the cache."""
-    padding = CROP_PADDING.get(name, 0.0)
     files = list_set(data_dir, name)
     if limit is not None:
         files = dict(list(files.items())[:limit])
@@ -331,7 +317,7 @@ def load_set(
     for identity, paths in files.items():
         photos = []
         for path in paths:
-            photos.append(LabelledPhoto(identity, path, cache.get(path, padding=padding)))
+            photos.append(LabelledPhoto(identity, path, cache.get(path)))
             done += 1
             if progress is not None:
                 progress(done, total)
@@ -755,7 +741,6 @@ def run_quality(
         sections = albums_for(set_name, by_identity, albums=albums, seed=seed)
         report["sets"][set_name] = {
             "mode": SET_MODES.get(set_name, "whole"),
-            "padding": CROP_PADDING.get(set_name, 0.0),
             "sections": {key: evaluate(al, grouping) for key, al in sections.items()},
         }
     report["compare"] = []
@@ -825,8 +810,9 @@ Reproduce with `aftertrip-faces bench quality [--sets ...] [--albums N] [--cache
 - The **labelled face** of a photo is its largest detected face. The photo's other faces still
   take part in grouping (they are real faces of the album), but are left out of the metrics.
   A photo where nothing is detected counts as a singleton in the metrics (column *miss*).
-- `kpop-crops` are tight 160x160 face crops: in the bench only, each crop gets a grey border of
-  50% of its side on every side before detection (detectors miss faces that fill the frame).
+- `kpop-crops` are tight 160x160 face crops, taken as they are: the detector's second looks
+  (a framed photo when no face is found) and grey chip borders are what the product does for
+  faces that fill the frame. (Until 2026-11-28 the bench padded these crops itself.)
 - **whole set** (twice, nogizaka, kpop-crops): all photos of the set, in a fixed shuffled
   order, form one album.
 - **albums** (celeba, lfw): 20 albums (seed 0) of K = 10 and of K = 30 identities, each with
