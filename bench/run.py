@@ -133,4 +133,3 @@ def run_bench(args: argparse.Namespace, settings: PipelineSettings, console: Con
         )
         console.print(f"wrote {args.out / 'QUALITY.md'} and {args.out / 'quality.json'}")
     return 0
-

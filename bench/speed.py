@@ -24,7 +24,6 @@ from worker.types import PhotoSource
 logger = logging.getLogger(__name__)
 
 
-
 def list_photos(folder: Path, limit: int | None) -> list[Path]:
     """Image files under `folder`, sorted, at most `limit`."""
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in PHOTO_SUFFIXES)

@@ -156,8 +156,9 @@ class Service:
             )
             faces = sorted(
                 session.execute(
-                    select(Face.photo_id, Face.face_index, Face.tagface_id, Face.thumbnail_key)
-                    .where(Face.photo_id.in_(photo_ids))
+                    select(
+                        Face.photo_id, Face.face_index, Face.tagface_id, Face.thumbnail_key
+                    ).where(Face.photo_id.in_(photo_ids))
                 ).all()
             )
             return {

@@ -111,7 +111,9 @@ def test_failed_job_keeps_previous_results_and_retry_reuses_its_row(
 
 
 def test_unknown_trip_and_mode_are_refused(
-    db_url: str, tmp_path: Path, pipeline  # noqa: ANN001
+    db_url: str,
+    tmp_path: Path,
+    pipeline,  # noqa: ANN001
 ) -> None:
     from db.crud import TripNotFound
     from db.session import make_engine
