@@ -91,8 +91,15 @@ def test_embeddings_are_unit_length_and_batch_independent(
     single = np.concatenate([embedder.embed(chips[i : i + 1]) for i in range(len(chips))])
     assert batched.shape == (7, 512) and batched.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(batched, axis=1), 1.0, atol=1e-5)
-    np.testing.assert_allclose(batched, single, atol=1e-4)
+    # On an H200 (CUDA, TF32 convolutions) batch shapes change the last digits: up to 3e-4.
+    np.testing.assert_allclose(batched, single, atol=1e-3)
     assert embedder.embed(np.zeros((0, 112, 112, 3), np.uint8)).shape == (0, 512)
+    # Padding every batch to the full size (what a GPU session does) changes nothing.
+    padded = ArcFaceEmbedder(
+        embedder.session, embedder.model, embedder.batch_size, fixed_batch=True
+    )
+    np.testing.assert_allclose(padded.embed(chips), batched, atol=1e-5)
+    np.testing.assert_allclose(padded.embed(chips[:1]), single[:1], atol=1e-5)
 
 
 def test_same_face_is_closer_than_a_different_face(

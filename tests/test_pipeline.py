@@ -202,7 +202,9 @@ def test_streaming_keeps_input_order_across_embedding_batches(
         assert p.embeddings.shape == (len(p.detections), 512)
         if len(p.embeddings):
             assert np.allclose(np.linalg.norm(p.embeddings, axis=1), 1.0, atol=1e-4)
-    np.testing.assert_allclose(out[0].embeddings, out[4].embeddings, atol=1e-5)
+    # The same photo in two different batches: the same faces (a GPU's kernels may differ in
+    # the last digits between batch shapes; one face against another differs by ~0.1).
+    np.testing.assert_allclose(out[0].embeddings, out[4].embeddings, atol=1e-3)
 
 
 def test_seed_album_from_the_prototype(pipeline: FacePipeline, shared_data) -> None:

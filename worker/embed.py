@@ -23,10 +23,24 @@ logger = logging.getLogger(__name__)
 class ArcFaceEmbedder:
     """An ArcFace ONNX model (`w600k_mbf` by default); one call per batch of chips."""
 
-    def __init__(self, session: ort.InferenceSession, model: ModelInfo, batch_size: int) -> None:
+    def __init__(
+        self,
+        session: ort.InferenceSession,
+        model: ModelInfo,
+        batch_size: int,
+        *,
+        fixed_batch: bool | None = None,
+    ) -> None:
         self.session = session
         self.model = model
         self.batch_size = max(1, batch_size)
+        # On a GPU every new batch shape costs the CUDA provider a round of kernel set-up
+        # (measured on an H200: 931 faces in variable batches took 21 s, in full ones 2.3 s),
+        # while padding a batch costs almost nothing there: pad every batch to `batch_size`.
+        # On the CPU padding would be paid in full, so batches keep their size.
+        if fixed_batch is None:
+            fixed_batch = session.get_providers()[0] == "CUDAExecutionProvider"
+        self.fixed_batch = fixed_batch
         inp = session.get_inputs()[0]
         self.input_name = inp.name
         self.output_name = session.get_outputs()[0].name
@@ -60,7 +74,11 @@ class ArcFaceEmbedder:
 
     def _predict(self, chips: NDArray[np.uint8]) -> NDArray[np.float32]:
         # ArcFace's training input: RGB, (x - 127.5) / 127.5, NCHW.
+        count = len(chips)
+        if self.fixed_batch and count < self.batch_size:
+            pad = np.zeros((self.batch_size - count, *chips.shape[1:]), chips.dtype)
+            chips = np.concatenate([chips, pad])
         blob = (chips.astype(np.float32) - 127.5) / 127.5
         blob = np.ascontiguousarray(blob.transpose(0, 3, 1, 2))
         (features,) = self.session.run([self.output_name], {self.input_name: blob})
-        return np.asarray(features, np.float32)
+        return np.asarray(features, np.float32)[:count]
