@@ -173,6 +173,8 @@ class FaceCache:
             detection += f"-verify{s.verify_threshold}-noenlarge"
         if s.retry_margin > 0 or s.retry_rotated:
             detection += f"-retry{s.retry_margin}{'-rotated' if s.retry_rotated else ''}"
+        if s.detector == "mtcnn" and s.retry_margin > 0:
+            detection += "-closeups"  # MTCNN's close-ups are looked at framed (worker.detect)
         tag = hashlib.sha256(detection.encode()).hexdigest()[:8]
         name = f"{s.detector}-{self._embedder_sha256()[:12]}-{tag}-v{CACHE_VERSION}"
         return self.cache_dir / name

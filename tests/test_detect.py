@@ -482,3 +482,33 @@ def test_second_look_finds_faces_lying_on_their_side(
     a = embedder.embed(align_faces(photo, upright.landmarks))
     b = embedder.embed(align_faces(turned, found.landmarks))
     assert float(a[0] @ b[0]) > 0.9
+
+
+def test_mtcnn_close_up_is_looked_at_framed(players_jpg: bytes) -> None:
+    """A face cut off by the frame: MTCNN squeezes its landmarks into the photo, so the chip
+    is misaligned; framed, the landmarks are right and the face is recognised again."""
+    import cv2
+
+    from worker.align import align_faces
+    from worker.detect import SecondLook, close_up
+    from worker.embed import ArcFaceEmbedder
+
+    detector = load_detector(PipelineSettings(detector="mtcnn"))
+    assert isinstance(detector, SecondLook) and detector.close_ups
+    embedder = ArcFaceEmbedder.load(PipelineSettings())
+    photo = rgb(players_jpg)
+    found = detector.detect(photo)
+    reference = embedder.embed(align_faces(photo, found.landmarks[:1]))[0]
+    x1, y1, x2, y2 = found.boxes[0]
+    cx, cy, half = (x1 + x2) / 2, (y1 + y2) / 2, max(x2 - x1, y2 - y1) * 0.45
+    crop = photo[int(cy - half) : int(cy + half), int(cx - half) : int(cx + half)]
+    close = np.ascontiguousarray(cv2.resize(crop, (400, 400), interpolation=cv2.INTER_CUBIC))
+    squeezed = detector.inner.detect(close)
+    assert len(squeezed) == 1 and close_up(squeezed.boxes, 400, 400).all()
+    looked = detector.detect(close)
+    assert len(looked) == 1
+
+    def similarity(faces: Detections) -> float:
+        return float(embedder.embed(align_faces(close, faces.landmarks))[0] @ reference)
+
+    assert similarity(squeezed) < 0.8 < 0.85 < similarity(looked)

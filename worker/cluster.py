@@ -107,10 +107,10 @@ def _seed_clustering(sim: NDArray[np.float32], threshold: float) -> Clustering:
     return Clustering(labels, matched, similarity)
 
 
-SHARED_PHOTO_MIN_GROUP = 10
+SHARED_PHOTO_MIN_GROUP = 8
 """Faces both groups need before a merge may tolerate shared photos (see `_average_linkage`)."""
 
-SHARED_PHOTO_SHARE = 0.2
+SHARED_PHOTO_SHARE = 0.25
 """At most this share of the smaller group's faces may have a face of the same photo in the
 other group for the two to merge."""
 

@@ -109,28 +109,44 @@ class SecondLook:
     their side (someone on a beach towel, a tilted selfie) are not found upright by either
     detector. Photos with a face cost nothing more; photos without one (scenery) cost three
     more detections.
+
+    `close_ups` (for MTCNN): a face that reaches the photo's edge and spans half its shorter
+    side is looked at again framed, and taken from there. MTCNN regresses landmarks inside its
+    box, so a box cut by the frame squeezes them (tight K-pop crops: BCubed F1 0.36 without,
+    0.995 with); SCRFD's are fine as they are (0.997, and 0.988 when re-looked).
     """
 
-    def __init__(self, inner: FaceDetector, *, margin: float, rotated: bool) -> None:
+    def __init__(
+        self, inner: FaceDetector, *, margin: float, rotated: bool, close_ups: bool = False
+    ) -> None:
         self.inner = inner
         self.margin = margin
         self.rotated = rotated
+        self.close_ups = close_ups and margin > 0
         self.name = inner.name
         self.models = inner.models
 
     def detect(self, image: NDArray[np.uint8]) -> Detections:
         """The inner detector's faces; if none, those the second looks find, in the photo's
-        pixels."""
+        pixels. With `close_ups`, a face cut off by the frame is looked at again framed."""
         found = self.inner.detect(image)
-        if len(found):
-            return found
         height, width = image.shape[:2]
+        if len(found) and not (self.close_ups and close_up(found.boxes, width, height).any()):
+            return found
         if self.margin > 0:
-            pad = int(round(self.margin * max(height, width)))
-            framed = np.zeros((height + 2 * pad, width + 2 * pad, 3), np.uint8)
-            framed[pad : pad + height, pad : pad + width] = image
-            found = self.inner.detect(framed)
-            found = found.select(upright(found.landmarks)).shifted(-pad)
+            framed = self._framed(image)
+            if not len(found):
+                found = framed
+            elif len(framed):
+                # Framed, a close-up's landmarks are no longer squeezed into the photo: faces the
+                # framed look finds replace those they overlap, the others stay.
+                inside = np.clip(framed.boxes, 0, [width, height, width, height])
+                keep = np.asarray((box_iou(found.boxes, inside) < 0.3).all(axis=1), bool)
+                return finish_detections(
+                    found.select(keep).concat(framed), width=width, height=height, min_face_size=0
+                )
+            else:
+                return found
         if not len(found) and self.rotated:
             # Turned the wrong way a face is upside down, and detectors still fire on some of
             # those with the landmarks astray: of the two turns, the one whose best face scores
@@ -145,6 +161,32 @@ class SecondLook:
                     found = _turn_back(candidate, clockwise, width, height)
         # The inner detector already dropped faces under its minimum size (same scale).
         return finish_detections(found, width=width, height=height, min_face_size=0)
+
+    def _framed(self, image: NDArray[np.uint8]) -> Detections:
+        """Upright faces found in the photo framed by a black border, in the photo's pixels."""
+        height, width = image.shape[:2]
+        pad = int(round(self.margin * max(height, width)))
+        framed = np.zeros((height + 2 * pad, width + 2 * pad, 3), np.uint8)
+        framed[pad : pad + height, pad : pad + width] = image
+        found = self.inner.detect(framed)
+        return found.select(upright(found.landmarks)).shifted(-pad)
+
+
+CLOSE_UP = 0.5
+"""A face whose box reaches the photo's edge and spans this share of its shorter side is a
+close-up cut off by the frame."""
+
+
+def close_up(boxes: NDArray[np.float32], width: int, height: int) -> NDArray[np.bool_]:
+    """Which faces fill the photo up to its edge (see `CLOSE_UP`)."""
+    edge = (
+        (boxes[:, 0] <= 1)
+        | (boxes[:, 1] <= 1)
+        | (boxes[:, 2] >= width - 1)
+        | (boxes[:, 3] >= height - 1)
+    )
+    size = np.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
+    return edge & (size >= CLOSE_UP * min(width, height))
 
 
 def upright(landmarks: NDArray[np.float32]) -> NDArray[np.bool_]:
@@ -188,7 +230,10 @@ def load_detector(
         return SecondLook(scrfd, margin=settings.retry_margin, rotated=settings.retry_rotated)
     # MTCNN's own last stage is ONet: verifying its faces again would add nothing.
     return SecondLook(
-        MTCNNDetector.load(settings), margin=settings.retry_margin, rotated=settings.retry_rotated
+        MTCNNDetector.load(settings),
+        margin=settings.retry_margin,
+        rotated=settings.retry_rotated,
+        close_ups=True,
     )
 
 

@@ -93,6 +93,14 @@ class Detections:
             landmarks=(self.landmarks + delta).astype(np.float32),
         )
 
+    def concat(self, other: Detections) -> Detections:
+        """These faces followed by `other`'s."""
+        return Detections(
+            np.concatenate([self.boxes, other.boxes]),
+            np.concatenate([self.scores, other.scores]),
+            np.concatenate([self.landmarks, other.landmarks]),
+        )
+
     def select(self, keep: NDArray[np.bool_] | NDArray[np.intp]) -> Detections:
         """The faces picked by a boolean mask or index array."""
         return Detections(self.boxes[keep], self.scores[keep], self.landmarks[keep])
