@@ -45,7 +45,7 @@ from db.webapp import (
     Trip,
 )
 from worker.cluster import MIN_DETECTION_SCORE, cluster_faces, default_threshold
-from worker.detect import box_iou
+from worker.detect import box_iou, cover_score
 from worker.settings import PipelineSettings
 from worker.types import ModelInfo, PhotoStatus
 
@@ -755,9 +755,9 @@ class _TripWrite:
         for i, (face, label) in enumerate(zip(grouped.faces, grouped.labels, strict=True)):
             if label < 0:
                 continue
-            # The face that shows the person best: confident and large.
-            area = max(face.x2 - face.x1, 0.0) * max(face.y2 - face.y1, 0.0)
-            value = face.score * area
+            # The face that shows the person best, by the result file's rule.
+            box = np.array([[face.x1, face.y1, face.x2, face.y2]], np.float64)
+            value = float(cover_score(np.array([face.score]), box)[0])
             if int(label) not in best or value > best[int(label)]:
                 best[int(label)], cover[int(label)] = value, i
         for i, face in enumerate(grouped.faces):

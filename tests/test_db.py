@@ -779,3 +779,27 @@ def test_job_lifecycle_and_redelivery(db_engine: Engine) -> None:
         assert status.embedder_sha256 == EMBEDDER.sha256
         with pytest.raises(crud.TripNotFound):
             crud.trip_status(session=session, trip_id=10**9)
+
+
+def test_folder_cover_follows_the_result_files_rule(db_engine: Engine) -> None:
+    """The cover is the face the result file names (worker.detect.cover_score): a clear face
+    beats a blurrier one that is a little larger."""
+    from worker.detect import cover_score
+
+    trip_id, photo_ids = _trip(db_engine, 3)
+    people = People(seed=5)
+    sizes_scores = [(100.0, 0.99), (130.0, 0.6), (50.0, 0.95)]
+    outcomes = []
+    for pid, (side, score) in zip(photo_ids, sizes_scores, strict=True):
+        face = _face(people, "A", 0)
+        face.box = [10.0, 10.0, 10.0 + side, 10.0 + side]
+        face.score = score
+        outcomes.append(_outcome(pid, [face]))
+    boxes = np.array([f.faces[0].box for f in outcomes])
+    scores = np.array([s for _, s in sizes_scores])
+    assert int(np.argmax(cover_score(scores, boxes))) == 0
+    assert int(np.argmax(scores * (boxes[:, 2] - boxes[:, 0]) ** 2)) == 1  # area would pick 1
+    _write(db_engine, trip_id, outcomes)
+    with Session(db_engine) as session:
+        covers = session.scalars(select(Face).where(Face.is_cover.is_(True))).all()
+        assert [f.photo_id for f in covers] == [photo_ids[0]]

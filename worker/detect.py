@@ -242,6 +242,15 @@ def face_size(boxes: NDArray[np.float32]) -> NDArray[np.float32]:
     return np.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
 
 
+def cover_score(scores: NDArray[np.floating], boxes: NDArray[np.floating]) -> NDArray[np.float32]:
+    """How well each face shows its person, for picking a folder's cover: detector score times
+    the face's linear size (the square root of its box area), so a slightly larger face does
+    not beat a much clearer one. The result file and the trip write both use this."""
+    width = np.maximum(boxes[:, 2] - boxes[:, 0], 1)
+    height = np.maximum(boxes[:, 3] - boxes[:, 1], 1)
+    return (np.asarray(scores) * np.sqrt(width * height)).astype(np.float32)
+
+
 def finish_detections(
     found: Detections, *, width: int, height: int, min_face_size: int
 ) -> Detections:

@@ -21,7 +21,7 @@ from numpy.typing import NDArray
 
 from worker.align import align_faces
 from worker.cluster import MIN_DETECTION_SCORE, Clustering, cluster_faces
-from worker.detect import FaceDetector, load_detector
+from worker.detect import FaceDetector, cover_score, load_detector
 from worker.embed import ArcFaceEmbedder
 from worker.errors import PhotoError
 from worker.images import decode_image, encode_jpeg
@@ -285,12 +285,8 @@ def _face_thumbnails(pixels: NDArray[np.uint8], found: Detections) -> list[bytes
 
 
 def face_quality(detections: Detections) -> NDArray[np.float32]:
-    """Detector score times face size: which face shows a person best (folder covers)."""
-    sides = np.sqrt(
-        np.maximum(detections.boxes[:, 2] - detections.boxes[:, 0], 1)
-        * np.maximum(detections.boxes[:, 3] - detections.boxes[:, 1], 1)
-    )
-    return (detections.scores * sides).astype(np.float32)
+    """Which face shows a person best (folder covers): `worker.detect.cover_score`."""
+    return cover_score(detections.scores, detections.boxes)
 
 
 def assemble_album(
