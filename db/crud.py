@@ -133,12 +133,11 @@ def get_job(*, session: Session, job_id: int) -> Job | None:
 
 
 def find_queued_or_running_job(*, session: Session, trip_id: int) -> Job | None:
-    """The trip's oldest job still queued or running (to avoid enqueueing a second one)."""
+    """The trip's oldest job still queued, running or waiting for its retry (to avoid
+    enqueueing a second one)."""
+    pending = [JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.RETRYING]
     stmt = (
-        select(Job)
-        .where(Job.trip_id == trip_id, Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]))
-        .order_by(Job.id)
-        .limit(1)
+        select(Job).where(Job.trip_id == trip_id, Job.status.in_(pending)).order_by(Job.id).limit(1)
     )
     return session.scalars(stmt).first()
 
@@ -246,19 +245,23 @@ def finish_job(*, session: Session, job_id: int, counts: dict[str, int]) -> None
     logger.info("job succeeded", extra={"job_id": job_id, "trip_id": job.trip_id})
 
 
-def fail_job(*, session: Session, job_id: int, error: str) -> None:
-    """Mark a job failed with its error, and commit.
+def fail_job(*, session: Session, job_id: int, error: str, retrying: bool = False) -> None:
+    """Mark a job failed with its error, and commit; with `retrying`, the job is to run again
+    (a transient error, retries left): it reads "retrying" and stays unfinished.
 
     Whatever the session had open is rolled back first: this is called after something
     went wrong, and the failure must be recorded even if that left the transaction broken.
     """
     session.rollback()
     job = _job_or_raise(session, job_id)
-    job.status = JobStatus.FAILED.value
-    job.finished_at = utcnow()
+    job.status = (JobStatus.RETRYING if retrying else JobStatus.FAILED).value
+    job.finished_at = None if retrying else utcnow()
     job.error = error[:MAX_ERROR_CHARS]
     session.commit()
-    logger.warning("job failed", extra={"job_id": job_id, "trip_id": job.trip_id})
+    logger.warning(
+        "job will be retried" if retrying else "job failed",
+        extra={"job_id": job_id, "trip_id": job.trip_id},
+    )
 
 
 def _job_or_raise(session: Session, job_id: int) -> Job:

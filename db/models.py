@@ -64,6 +64,7 @@ class JobStatus(StrEnum):
     RUNNING = "running"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
+    RETRYING = "retrying"  # failed with an error that may pass; Celery runs it again
 
 
 class JobMode(StrEnum):

@@ -119,11 +119,13 @@ def run_trip_job(
     task_id: str | None = None,
     thumbnail_prefix: str | None = "faces/",
     on_progress: ProgressCallback | None = None,
+    will_retry: Callable[[Exception], bool] | None = None,
 ) -> dict[str, Any]:
     """Analyse a trip's photos and rewrite its folders; the body of `group_trip`.
 
     Records an `aftertrip_job` row (reused when `task_id` is delivered again); on any error
-    marks it failed and re-raises, leaving the previous folders and links as they were.
+    marks it failed ("retrying" where `will_retry` says the error will be retried) and
+    re-raises, leaving the previous folders and links as they were.
     Returns the job id and `TripWriteSummary` counts. Usable without Celery (embedded runs).
     """
     if mode not in MODES:
@@ -136,9 +138,7 @@ def run_trip_job(
         session.rollback()
         progress("models", 0, 1)
         models = pipeline.models  # loads the models on a process's first job
-        job = start_job(
-            session=session, trip_id=trip_id, mode=mode, task_id=task_id, models=models
-        )
+        job = start_job(session=session, trip_id=trip_id, mode=mode, task_id=task_id, models=models)
         job_id = job.id
         try:
             photos = photos_to_analyze(
@@ -170,7 +170,7 @@ def run_trip_job(
             finish_job(session=session, job_id=job_id, counts=counts)
             progress("group", 1, 1)
         except Exception as exc:
-            _record_failure(session, job_id, exc)
+            _record_failure(session, job_id, exc, retrying=bool(will_retry and will_retry(exc)))
             raise
     logger.info(
         "job done",
@@ -223,9 +223,10 @@ def _analyze(
     return outcomes
 
 
-def _record_failure(session: Session, job_id: int, exc: Exception) -> None:
+def _record_failure(session: Session, job_id: int, exc: Exception, *, retrying: bool) -> None:
     try:
-        fail_job(session=session, job_id=job_id, error=f"{type(exc).__name__}: {exc}")
+        error = f"{type(exc).__name__}: {exc}"
+        fail_job(session=session, job_id=job_id, error=error, retrying=retrying)
     except sqlalchemy.exc.SQLAlchemyError:
         # The database is what failed; the task's own error says more than this one.
         logger.exception("could not record the failure of job %s", job_id)
@@ -346,6 +347,10 @@ def group_trip(self: GroupTripTask, trip_id: int, mode: str = "missing") -> dict
             task_id=task_id,
             thumbnail_prefix=settings.s3_thumbnail_prefix,
             on_progress=report,
+            will_retry=lambda exc: (
+                isinstance(exc, RETRYABLE_ERRORS)
+                and (self.max_retries is None or self.request.retries < self.max_retries)
+            ),
         )
     finally:
         lock.release()

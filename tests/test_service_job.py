@@ -8,12 +8,13 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine, select
 
+from db.crud import find_queued_or_running_job
 from db.models import Job
 from db.session import make_sessionmaker
 from db.webapp import NO_FACE_TAG_ID, Photo, PhotoTagFace
 from storage import LocalStore, TransientStorageError
 from tasks.settings import ServiceSettings
-from tasks.trip import run_trip_job, thumbnail_key
+from tasks.trip import RETRYABLE_ERRORS, run_trip_job, thumbnail_key
 from tests import dbfixtures
 from tests.dbfixtures import add_trip
 
@@ -75,7 +76,7 @@ def test_failed_job_keeps_previous_results_and_retry_reuses_its_row(
         session.commit()
         trip_id, first_key = trip.id, photos[0].s3_key
 
-    def run(mode: str, task_id: str) -> dict:
+    def run(mode: str, task_id: str, retries_left: bool = False) -> dict:
         return run_trip_job(
             sessions=sessions,
             store=store,
@@ -84,7 +85,13 @@ def test_failed_job_keeps_previous_results_and_retry_reuses_its_row(
             trip_id=trip_id,
             mode=mode,
             task_id=task_id,
+            will_retry=lambda exc: retries_left and isinstance(exc, RETRYABLE_ERRORS),
         )
+
+    def status(task_id: str) -> tuple[str, str, bool]:
+        with sessions() as session:
+            job = session.scalars(select(Job).where(Job.celery_task_id == task_id)).one()
+            return job.status, job.error or "", job.finished_at is not None
 
     first = run("missing", "task-1")
     assert first["analyzed"] == 2 and first["people"] >= 1
@@ -94,10 +101,12 @@ def test_failed_job_keeps_previous_results_and_retry_reuses_its_row(
 
     store.down = True
     with pytest.raises(TransientStorageError):
-        run("all", "task-2")
+        run("all", "task-2", retries_left=True)
+    state, error, finished = status("task-2")
+    # A retry is coming: the row says so, and a second request is not enqueued beside it.
+    assert state == "retrying" and "SlowDown" in error and not finished
     with sessions() as session:
-        failed = session.scalars(select(Job).where(Job.celery_task_id == "task-2")).one()
-        assert failed.status == "failed" and "SlowDown" in (failed.error or "")
+        assert find_queued_or_running_job(session=session, trip_id=trip_id) is not None
     assert _links(sessions, trip_id) == before, "a failed job leaves the folders as they were"
 
     store.down = False  # Celery retries the same task id with backoff; now S3 answers
@@ -107,6 +116,13 @@ def test_failed_job_keeps_previous_results_and_retry_reuses_its_row(
         job = session.scalars(select(Job).where(Job.celery_task_id == "task-2")).one()
         assert job.status == "succeeded" and job.attempts == 2 and job.error is None
     assert _links(sessions, trip_id) == before
+
+    # The last attempt's transient error, with no retry left, fails the job.
+    store.down = True
+    with pytest.raises(TransientStorageError):
+        run("all", "task-3", retries_left=False)
+    state, error, finished = status("task-3")
+    assert state == "failed" and "SlowDown" in error and finished
     engine.dispose()
 
 
