@@ -25,6 +25,10 @@ class PhotoStore(Protocol):
         """Store `data` under `key`, replacing what was there."""
         ...
 
+    def delete(self, keys: Sequence[str]) -> None:
+        """Remove these objects; a key that does not exist is no error."""
+        ...
+
 
 def photo_sources(
     store: PhotoStore,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 
 from storage.errors import StorageError
@@ -75,3 +76,8 @@ class LocalStore:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+    def delete(self, keys: Sequence[str]) -> None:
+        """Remove these files; a missing one is no error."""
+        for key in keys:
+            self._path(key).unlink(missing_ok=True)

@@ -8,6 +8,7 @@ bucket by key only: a key that looks like a URL is refused, never fetched.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 from urllib.parse import urlparse
@@ -209,6 +210,26 @@ class S3Store:
             self.client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type)
         except (ClientError, BotoCoreError) as exc:
             self._raise(key, exc, "writing")
+
+    def delete(self, keys: Sequence[str]) -> None:
+        """Delete objects, 1000 a request (S3's limit); a missing key is no error."""
+        keys = list(keys)
+        for start in range(0, len(keys), 1000):
+            batch = keys[start : start + 1000]
+            try:
+                response = self.client.delete_objects(
+                    Bucket=self.bucket,
+                    Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True},
+                )
+            except (ClientError, BotoCoreError) as exc:
+                self._raise(batch[0], exc, "deleting")
+            errors = response.get("Errors", [])
+            if errors:
+                first = errors[0]
+                raise StorageError(
+                    f"deleting {len(errors)} of {len(batch)} objects in s3://{self.bucket} "
+                    f"failed, first {first.get('Key')}: {first.get('Code')} {first.get('Message')}"
+                )
 
 
 def s3_fetch(uri: str, dest: Path, *, client: S3Client | None = None) -> None:

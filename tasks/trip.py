@@ -38,12 +38,13 @@ from db.crud import (
     finish_job,
     photos_to_analyze,
     start_job,
+    trip_thumbnail_keys,
     write_trip_result,
 )
 from db.session import make_engine, make_sessionmaker
 from db.webapp import Trip
 from storage import LocalStore, PhotoStore, S3Store, photo_sources, s3_fetch
-from storage.errors import StorageConfigError, TransientStorageError
+from storage.errors import StorageConfigError, StorageError, TransientStorageError
 from tasks.app import app
 from tasks.locks import TripLock
 from tasks.names import GROUP_TRIP, MODES, PROGRESS
@@ -169,6 +170,11 @@ def run_trip_job(
             counts = {"analyzed": len(outcomes), **asdict(summary)}
             finish_job(session=session, job_id=job_id, counts=counts)
             progress("group", 1, 1)
+            if thumbnail_prefix is not None:
+                referenced = trip_thumbnail_keys(session=session, trip_id=trip_id)
+                session.commit()
+                folder = f"{thumbnail_prefix}{trip_id}/"
+                _remove_unused_thumbnails(store, folder, referenced, job_id=job_id)
         except Exception as exc:
             _record_failure(session, job_id, exc, retrying=bool(will_retry and will_retry(exc)))
             raise
@@ -221,6 +227,32 @@ def _analyze(
         for upload in uploads:
             upload.result()
     return outcomes
+
+
+def _remove_unused_thumbnails(
+    store: PhotoStore, folder: str, referenced: set[str], *, job_id: int
+) -> None:
+    """Delete the trip's thumbnails that no face row points at any more: those of faces a
+    re-analysis no longer finds, and any an earlier job could not delete.
+
+    Runs after the write has committed, so no row points at a deleted file. The Celery task
+    holds the trip's lock, so no other job is uploading into the folder meanwhile; `rerun
+    --inline` takes no lock and must not run beside a worker on the same trip. A failure is
+    logged and leaves unused files behind, never a failed job."""
+    try:
+        stale = [key for key in store.list(folder) if key not in referenced]
+        if stale:
+            store.delete(stale)
+    except (StorageError, OSError) as exc:
+        logger.warning(
+            "unused thumbnails not removed: %s", exc, extra={"folder": folder, "job_id": job_id}
+        )
+        return
+    if stale:
+        logger.info(
+            "unused thumbnails removed",
+            extra={"folder": folder, "job_id": job_id, "thumbnails": len(stale)},
+        )
 
 
 def _record_failure(session: Session, job_id: int, exc: Exception, *, retrying: bool) -> None:

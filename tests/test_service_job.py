@@ -13,6 +13,7 @@ from db.models import Job
 from db.session import make_sessionmaker
 from db.webapp import NO_FACE_TAG_ID, Photo, PhotoTagFace
 from storage import LocalStore, TransientStorageError
+from storage.errors import StorageError
 from tasks.settings import ServiceSettings
 from tasks.trip import RETRYABLE_ERRORS, run_trip_job, thumbnail_key
 from tests import dbfixtures
@@ -148,4 +149,55 @@ def test_unknown_trip_and_mode_are_refused(
         run_trip_job(trip_id=1, mode="some", **kwargs)  # type: ignore[arg-type]
     with sessions() as session:
         assert session.scalars(select(Job)).first() is None  # no job row for either
+    engine.dispose()
+
+
+def test_reanalysis_with_fewer_faces_removes_their_thumbnails(
+    db_url: str,
+    tmp_path: Path,
+    pipeline,
+    players_jpg: bytes,
+    yaoming_jpg: bytes,  # noqa: ANN001
+) -> None:
+    """A photo replaced by one with fewer faces: after the write, thumbnails no face row
+    points at are deleted; a store that cannot delete leaves files, not a failed job."""
+    from db.session import make_engine
+
+    engine: Engine = make_engine(db_url)
+    sessions = make_sessionmaker(engine)
+    store = LocalStore(tmp_path / "photos")
+    settings = ServiceSettings(detector="scrfd", photo_root=tmp_path / "photos")
+    with sessions() as session:
+        trip = add_trip(session)
+        photo = Photo(trip_id=trip.id, file_name="p.jpg", url="")
+        session.add(photo)
+        session.commit()
+        trip_id, key = trip.id, photo.s3_key
+    store.write(key, players_jpg)
+
+    def run(task_id: str, target: LocalStore = store) -> dict:
+        return run_trip_job(
+            sessions=sessions,
+            store=target,
+            pipeline=pipeline,
+            settings=settings,
+            trip_id=trip_id,
+            mode="all",
+            task_id=task_id,
+        )
+
+    prefix = thumbnail_key("faces/", trip_id, key, 0).rsplit("/", 1)[0]
+    assert run("t1")["faces"] > 5
+    many = store.list(prefix)
+    assert len(many) > 5
+
+    class NoDelete(LocalStore):
+        def delete(self, keys) -> None:  # noqa: ANN001
+            raise StorageError("AccessDenied: s3:DeleteObject")
+
+    store.write(key, yaoming_jpg)
+    assert run("t2", NoDelete(tmp_path / "photos"))["faces"] == 1
+    assert store.list(prefix) == many  # left behind, and the job succeeded
+    assert run("t3")["faces"] == 1
+    assert store.list(prefix) == [thumbnail_key("faces/", trip_id, key, 0)]
     engine.dispose()
