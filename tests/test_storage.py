@@ -49,6 +49,10 @@ def test_local_store_round_trip_and_list(tmp_path: Path) -> None:
     assert store.list("") == store.list("trips/")
     # no temporary files are left behind by the atomic writes
     assert sorted(p.name for p in (tmp_path / "trips" / "7").iterdir()) == ["a.jpg", "b.jpg"]
+    store.delete(["trips/7/a.jpg", "trips/7/missing.jpg"])  # a missing key is no error
+    assert store.list("trips/") == ["trips/7/b.jpg", "trips/70/c.jpg"]
+    with pytest.raises(InvalidStorageKey):
+        store.delete(["../outside.jpg"])
 
 
 @pytest.mark.parametrize("key", ["../outside.jpg", "/etc/passwd", "a/../../x", "", "a\\..\\b"])
@@ -142,6 +146,13 @@ def test_s3_store_round_trip_list_and_missing(moto_endpoint: str, s3_bucket: str
         store.read("trips/1/missing.jpg")
     assert info.value.status is PhotoStatus.MISSING
     assert info.value.photo == "trips/1/missing.jpg"
+
+    # Deleting: batches of 1000 (S3's limit), missing keys are no error.
+    many = [f"trips/2/{i}.jpg" for i in range(1005)]
+    for key in many[:3] + many[-3:]:
+        store.write(key, b"x")
+    store.delete([*many, "trips/1/a.jpg"])
+    assert store.list("trips/2/") == [] and store.list("trips/1/") == ["trips/1/b.jpg"]
 
 
 def test_s3_store_never_fetches_urls(moto_endpoint: str, s3_bucket: str) -> None:
