@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session, sessionmaker
 
 from db.crud import find_queued_or_running_job
 from db.models import Job
@@ -42,6 +43,27 @@ class FlakyStore(LocalStore):
         return super().read(key)
 
 
+def _trip_with_photos(
+    db_url: str, store: LocalStore, photos: list[tuple[str, bytes]]
+) -> tuple[Engine, sessionmaker[Session], int, list[str]]:
+    """A trip whose photos (file name, bytes) are rows and files in `store`."""
+    from db.session import make_engine
+
+    engine = make_engine(db_url)
+    sessions = make_sessionmaker(engine)
+    with sessions() as session:
+        trip = add_trip(session)
+        rows = []
+        for name, data in photos:
+            photo = Photo(trip_id=trip.id, file_name=name, url="")
+            session.add(photo)
+            session.flush()
+            store.write(photo.s3_key, data)
+            rows.append(photo)
+        session.commit()
+        return engine, sessions, trip.id, [photo.s3_key for photo in rows]
+
+
 def _links(sessions, trip_id: int) -> set[tuple[int, int]]:  # noqa: ANN001
     with sessions() as session:
         rows = session.execute(
@@ -59,23 +81,12 @@ def test_failed_job_keeps_previous_results_and_retry_reuses_its_row(
     players_jpg: bytes,
     yaoming_jpg: bytes,
 ) -> None:
-    from db.session import make_engine
-
-    engine: Engine = make_engine(db_url)
-    sessions = make_sessionmaker(engine)
     store = FlakyStore(tmp_path / "photos")
     settings = ServiceSettings(detector="scrfd", photo_root=tmp_path / "photos")
-    with sessions() as session:
-        trip = add_trip(session)
-        photos = []
-        for name, data in (("players.jpg", players_jpg), ("yaoming.jpg", yaoming_jpg)):
-            photo = Photo(trip_id=trip.id, file_name=name, url="")
-            session.add(photo)
-            session.flush()
-            store.write(photo.s3_key, data)
-            photos.append(photo)
-        session.commit()
-        trip_id, first_key = trip.id, photos[0].s3_key
+    engine, sessions, trip_id, keys = _trip_with_photos(
+        db_url, store, [("players.jpg", players_jpg), ("yaoming.jpg", yaoming_jpg)]
+    )
+    first_key = keys[0]
 
     def run(mode: str, task_id: str, retries_left: bool = False) -> dict:
         return run_trip_job(
@@ -155,25 +166,15 @@ def test_unknown_trip_and_mode_are_refused(
 def test_reanalysis_with_fewer_faces_removes_their_thumbnails(
     db_url: str,
     tmp_path: Path,
-    pipeline,
+    pipeline,  # noqa: ANN001
     players_jpg: bytes,
-    yaoming_jpg: bytes,  # noqa: ANN001
+    yaoming_jpg: bytes,
 ) -> None:
     """A photo replaced by one with fewer faces: after the write, thumbnails no face row
     points at are deleted; a store that cannot delete leaves files, not a failed job."""
-    from db.session import make_engine
-
-    engine: Engine = make_engine(db_url)
-    sessions = make_sessionmaker(engine)
     store = LocalStore(tmp_path / "photos")
     settings = ServiceSettings(detector="scrfd", photo_root=tmp_path / "photos")
-    with sessions() as session:
-        trip = add_trip(session)
-        photo = Photo(trip_id=trip.id, file_name="p.jpg", url="")
-        session.add(photo)
-        session.commit()
-        trip_id, key = trip.id, photo.s3_key
-    store.write(key, players_jpg)
+    engine, sessions, trip_id, (key,) = _trip_with_photos(db_url, store, [("p.jpg", players_jpg)])
 
     def run(task_id: str, target: LocalStore = store) -> dict:
         return run_trip_job(
