@@ -59,6 +59,7 @@ __all__ = [
     "create_job",
     "fail_job",
     "find_queued_or_running_job",
+    "trip_thumbnail_keys",
     "finish_job",
     "get_job",
     "photos_to_analyze",
@@ -943,6 +944,16 @@ def _carry_tags(old: list[Face], new: list[FaceOutcome]) -> list[int | None]:
         if iou[i, j] >= BOX_MATCH_IOU:
             votes[j] = tagged[i].tagface_id
     return votes
+
+
+def trip_thumbnail_keys(*, session: Session, trip_id: int) -> set[str]:
+    """The storage keys of every face thumbnail the trip's face rows point at."""
+    rows = session.scalars(
+        select(Face.thumbnail_key)
+        .join(Photo, Photo.id == Face.photo_id)
+        .where(Photo.trip_id == trip_id, Face.thumbnail_key.is_not(None))
+    )
+    return {key for key in rows if key}
 
 
 def trip_folders(*, session: Session, trip_id: int) -> list[FolderView]:
