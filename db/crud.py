@@ -754,16 +754,15 @@ class _TripWrite:
         old_faces: list[Face],
         deleted_by_photo: Mapping[int, object],
     ) -> None:
+        # The face that shows each person best, by the result file's rule.
+        values = cover_score(
+            np.array([face.score for face in grouped.faces], np.float64),
+            np.array([[f.x1, f.y1, f.x2, f.y2] for f in grouped.faces], np.float64).reshape(-1, 4),
+        )
         cover: dict[int, int] = {}
-        best: dict[int, float] = {}
-        for i, (face, label) in enumerate(zip(grouped.faces, grouped.labels, strict=True)):
-            if label < 0:
-                continue
-            # The face that shows the person best, by the result file's rule.
-            box = np.array([[face.x1, face.y1, face.x2, face.y2]], np.float64)
-            value = float(cover_score(np.array([face.score]), box)[0])
-            if int(label) not in best or value > best[int(label)]:
-                best[int(label)], cover[int(label)] = value, i
+        for i, label in enumerate(grouped.labels):
+            if label >= 0 and (int(label) not in cover or values[i] > values[cover[int(label)]]):
+                cover[int(label)] = i
         for i, face in enumerate(grouped.faces):
             label = int(grouped.labels[i])
             match = int(grouped.matched[i])

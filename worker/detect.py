@@ -131,36 +131,47 @@ class SecondLook:
         pixels. With `close_ups`, a face cut off by the frame is looked at again framed."""
         found = self.inner.detect(image)
         height, width = image.shape[:2]
-        if len(found) and not (self.close_ups and close_up(found.boxes, width, height).any()):
+        if len(found):
+            if self.close_ups and close_up(found.boxes, width, height).any():
+                return self._replace_close_ups(found, self._framed(image), width, height)
             return found
         if self.margin > 0:
-            framed = self._framed(image)
-            if not len(found):
-                found = framed
-            elif len(framed):
-                # Framed, a close-up's landmarks are no longer squeezed into the photo: faces the
-                # framed look finds replace those they overlap, the others stay.
-                inside = np.clip(framed.boxes, 0, [width, height, width, height])
-                keep = np.asarray((box_iou(found.boxes, inside) < 0.3).all(axis=1), bool)
-                return finish_detections(
-                    found.select(keep).concat(framed), width=width, height=height, min_face_size=0
-                )
-            else:
-                return found
+            found = self._framed(image)
         if not len(found) and self.rotated:
-            # Turned the wrong way a face is upside down, and detectors still fire on some of
-            # those with the landmarks astray: of the two turns, the one whose best face scores
-            # higher wins (the right turn's, on every sideways photo of the dev sets).
-            best = -np.inf
-            for clockwise in (True, False):
-                turned = np.ascontiguousarray(np.rot90(image, -1 if clockwise else 1))
-                candidate = self.inner.detect(turned)
-                candidate = candidate.select(upright(candidate.landmarks))
-                if len(candidate) and candidate.scores.max() > best:
-                    best = float(candidate.scores.max())
-                    found = _turn_back(candidate, clockwise, width, height)
+            found = self._turned(image)
         # The inner detector already dropped faces under its minimum size (same scale).
         return finish_detections(found, width=width, height=height, min_face_size=0)
+
+    @staticmethod
+    def _replace_close_ups(
+        found: Detections, framed: Detections, width: int, height: int
+    ) -> Detections:
+        """Framed, a close-up's landmarks are no longer squeezed into the photo: faces the
+        framed look finds replace those they overlap, the others stay."""
+        if not len(framed):
+            return found
+        inside = np.clip(framed.boxes, 0, [width, height, width, height])
+        keep = np.asarray((box_iou(found.boxes, inside) < 0.3).all(axis=1), bool)
+        return finish_detections(
+            found.select(keep).concat(framed), width=width, height=height, min_face_size=0
+        )
+
+    def _turned(self, image: NDArray[np.uint8]) -> Detections:
+        """Upright faces found in the photo turned a quarter, in the photo's pixels.
+
+        Turned the wrong way a face is upside down, and detectors still fire on some of those
+        with the landmarks astray: of the two turns, the one whose best face scores higher wins
+        (the right turn's, on every sideways photo of the dev sets)."""
+        height, width = image.shape[:2]
+        found, best = Detections.empty(), -np.inf
+        for clockwise in (True, False):
+            turned = np.ascontiguousarray(np.rot90(image, -1 if clockwise else 1))
+            candidate = self.inner.detect(turned)
+            candidate = candidate.select(upright(candidate.landmarks))
+            if len(candidate) and candidate.scores.max() > best:
+                best = float(candidate.scores.max())
+                found = _turn_back(candidate, clockwise, width, height)
+        return found
 
     def _framed(self, image: NDArray[np.uint8]) -> Detections:
         """Upright faces found in the photo framed by a black border, in the photo's pixels."""
@@ -185,8 +196,7 @@ def close_up(boxes: NDArray[np.float32], width: int, height: int) -> NDArray[np.
         | (boxes[:, 2] >= width - 1)
         | (boxes[:, 3] >= height - 1)
     )
-    size = np.maximum(boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1])
-    return edge & (size >= CLOSE_UP * min(width, height))
+    return edge & (face_size(boxes) >= CLOSE_UP * min(width, height))
 
 
 def upright(landmarks: NDArray[np.float32]) -> NDArray[np.bool_]:

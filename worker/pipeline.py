@@ -284,11 +284,6 @@ def _face_thumbnails(pixels: NDArray[np.uint8], found: Detections) -> list[bytes
     return thumbs
 
 
-def face_quality(detections: Detections) -> NDArray[np.float32]:
-    """Which face shows a person best (folder covers): `worker.detect.cover_score`."""
-    return cover_score(detections.scores, detections.boxes)
-
-
 def assemble_album(
     analyzed: list[AnalyzedPhoto],
     settings: PipelineSettings,
@@ -315,7 +310,7 @@ def assemble_album(
                 )
             )
             photo_index.append(p_idx)
-        quality.append(face_quality(photo.detections))
+        quality.append(cover_score(photo.detections.scores, photo.detections.boxes))
     embeddings = (
         np.concatenate([p.embeddings for p in analyzed]).astype(np.float32)
         if faces
@@ -332,8 +327,8 @@ def assemble_album(
             min_quality=MIN_DETECTION_SCORE.get(settings.detector),
         )
     _apply_clustering(faces, clustering)
-    face_quality_all = np.concatenate(quality) if quality else np.zeros(0, np.float32)
-    groups = _person_groups(faces, face_quality_all)
+    cover_values = np.concatenate(quality) if quality else np.zeros(0, np.float32)
+    groups = _person_groups(faces, cover_values)
     by_photo: dict[str, list[FaceResult]] = {}
     for face in faces:
         by_photo.setdefault(face.photo_id, []).append(face)
