@@ -81,9 +81,14 @@ class JobAbandoned(AfterTripError):
     """A job's worker process died too often while running it (out of memory, a crash)."""
 
 
+def thumbnail_folder(prefix: str, trip_id: int) -> str:
+    """The folder holding every face thumbnail of a trip."""
+    return f"{prefix}{trip_id}/"
+
+
 def thumbnail_key(prefix: str, trip_id: int, photo_key: str, index: int) -> str:
     """Where a face thumbnail goes: deterministic, so a job run twice overwrites, never adds."""
-    return f"{prefix}{trip_id}/{photo_key}/{index}.jpg"
+    return f"{thumbnail_folder(prefix, trip_id)}{photo_key}/{index}.jpg"
 
 
 def photo_outcome(photo: AnalyzedPhoto, photo_id: int, keys: list[str] | None) -> PhotoOutcome:
@@ -170,14 +175,14 @@ def run_trip_job(
             counts = {"analyzed": len(outcomes), **asdict(summary)}
             finish_job(session=session, job_id=job_id, counts=counts)
             progress("group", 1, 1)
-            if thumbnail_prefix is not None:
-                referenced = trip_thumbnail_keys(session=session, trip_id=trip_id)
-                session.commit()
-                folder = f"{thumbnail_prefix}{trip_id}/"
-                _remove_unused_thumbnails(store, folder, referenced, job_id=job_id)
         except Exception as exc:
             _record_failure(session, job_id, exc, retrying=bool(will_retry and will_retry(exc)))
             raise
+        # The job has succeeded: nothing from here on may mark it failed.
+        if thumbnail_prefix is not None:
+            _remove_unused_thumbnails(
+                session, store, thumbnail_folder(thumbnail_prefix, trip_id), trip_id, job_id
+            )
     logger.info(
         "job done",
         extra={
@@ -230,20 +235,24 @@ def _analyze(
 
 
 def _remove_unused_thumbnails(
-    store: PhotoStore, folder: str, referenced: set[str], *, job_id: int
+    session: Session, store: PhotoStore, folder: str, trip_id: int, job_id: int
 ) -> None:
     """Delete the trip's thumbnails that no face row points at any more: those of faces a
     re-analysis no longer finds, and any an earlier job could not delete.
 
     Runs after the write has committed, so no row points at a deleted file. The Celery task
     holds the trip's lock, so no other job is uploading into the folder meanwhile; `rerun
-    --inline` takes no lock and must not run beside a worker on the same trip. A failure is
-    logged and leaves unused files behind, never a failed job."""
+    --inline` takes no lock and must not run beside a worker on the same trip. A failure (of
+    the database read or the store) is logged and leaves unused files behind, never fails the
+    job that has just succeeded."""
     try:
+        referenced = trip_thumbnail_keys(session=session, trip_id=trip_id)
+        session.commit()
         stale = [key for key in store.list(folder) if key not in referenced]
         if stale:
             store.delete(stale)
-    except (StorageError, OSError) as exc:
+    except (StorageError, OSError, sqlalchemy.exc.SQLAlchemyError) as exc:
+        session.rollback()
         logger.warning(
             "unused thumbnails not removed: %s", exc, extra={"folder": folder, "job_id": job_id}
         )
