@@ -44,6 +44,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from db.types import BigId, DjangoUUID, UTCDateTime, utcnow
+from worker.errors import AfterTripError
 
 logger = logging.getLogger(__name__)
 
@@ -251,6 +252,75 @@ _DDL_BY_DIALECT = {
 WEBAPP_TABLES = ("trips_trip", "photos_tagface", "photos_photo", "photos_photo_tag_face")
 
 
+class SharedFoldersError(AfterTripError):
+    """The shared "no faces" / "others" rows of photos_tagface are missing or wrong.
+
+    A job refuses to write while they are: on the web app's fresh database its migrations
+    create neither, and a person folder would take id 1 or 2 and be shown as "no faces".
+    """
+
+
+SHARED_FOLDERS: tuple[tuple[int, int, str], ...] = (
+    (NO_FACE_TAG_ID, -2, "no faces"),
+    (OTHERS_TAG_ID, -1, "others"),
+)
+"""(id, tag_num, custom_name) of the two folders every trip shares."""
+
+
+def check_shared_folders(*, session: Session) -> None:
+    """Raise `SharedFoldersError` unless ids 1 and 2 of photos_tagface hold tag_num -2 and -1."""
+    found = dict(
+        session.execute(
+            select(TagFace.id, TagFace.tag_num).where(TagFace.id.in_(SHARED_TAG_IDS))
+        ).all()
+    )
+    problems = []
+    for tag_id, tag_num, name in SHARED_FOLDERS:
+        if tag_id not in found:
+            problems.append(f"id {tag_id} ({name!r}, tag_num {tag_num}) is missing")
+        elif found[tag_id] != tag_num:
+            problems.append(
+                f"id {tag_id} holds tag_num {found[tag_id]}, not {tag_num} ({name!r}): "
+                "a person folder took its place"
+            )
+    if problems:
+        raise SharedFoldersError(
+            "the shared folders of photos_tagface are not in place: "
+            + "; ".join(problems)
+            + ". Run `aftertrip-faces db upgrade` (it creates missing ones); a person folder "
+            "holding id 1 or 2 must be moved to a new id by hand first. Nothing was written."
+        )
+
+
+def ensure_shared_folders(*, session: Session) -> list[int]:
+    """Create the shared folders where they are missing (idempotent); returns the ids created.
+
+    Runs in the caller's transaction. On PostgreSQL the id sequence is moved past them, or the
+    next new folder would collide with id 1. A row at id 1 or 2 with another tag_num is not
+    overwritten: `check_shared_folders` then names the problem.
+    """
+    present = set(session.scalars(select(TagFace.id).where(TagFace.id.in_(SHARED_TAG_IDS))))
+    created = []
+    for tag_id, tag_num, name in SHARED_FOLDERS:
+        if tag_id not in present:
+            session.add(TagFace(id=tag_id, tag_num=tag_num, custom_name=name))
+            created.append(tag_id)
+    session.flush()
+    if created and session.get_bind().dialect.name == "postgresql":
+        # Explicit ids do not advance an identity column (Django's loaddata resets it the
+        # same way).
+        session.execute(
+            text(
+                "SELECT setval(pg_get_serial_sequence('photos_tagface', 'id'), "
+                "GREATEST((SELECT max(id) FROM photos_tagface), 1))"
+            )
+        )
+    if created:
+        logger.info("shared folders created", extra={"tag_ids": created})
+    check_shared_folders(session=session)
+    return created
+
+
 def create_webapp_tables(engine: Engine) -> None:
     """Create the web app's four tables as Django's migrations do, plus tags 1 and 2.
 
@@ -270,18 +340,4 @@ def create_webapp_tables(engine: Engine) -> None:
             for statement in ddl[table]:
                 conn.execute(text(statement))
     with Session(engine) as session, session.begin():
-        present = set(session.scalars(select(TagFace.id).where(TagFace.id.in_(SHARED_TAG_IDS))))
-        shared = ((NO_FACE_TAG_ID, -2, "no faces"), (OTHERS_TAG_ID, -1, "others"))
-        for tag_id, tag_num, name in shared:
-            if tag_id not in present:
-                session.add(TagFace(id=tag_id, tag_num=tag_num, custom_name=name))
-        session.flush()
-        if engine.dialect.name == "postgresql" and len(present) < len(SHARED_TAG_IDS):
-            # Explicit ids do not advance an identity column (Django's loaddata resets it
-            # the same way), or the next new folder would collide with id 1.
-            session.execute(
-                text(
-                    "SELECT setval(pg_get_serial_sequence('photos_tagface', 'id'), "
-                    "(SELECT max(id) FROM photos_tagface))"
-                )
-            )
+        ensure_shared_folders(session=session)
