@@ -13,13 +13,11 @@ import hashlib
 import logging
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal, TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
-from scipy.optimize import linear_sum_assignment
 from sqlalchemy import Select, delete, exists, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -46,8 +44,18 @@ from db.webapp import (
     Trip,
     check_shared_folders,
 )
-from worker.cluster import MIN_DETECTION_SCORE, cluster_faces, default_threshold
-from worker.detect import box_iou, cover_score
+from worker.cluster import MIN_DETECTION_SCORE, default_threshold
+from worker.folders import (
+    Folder,
+    FolderPlan,
+    GroupingRule,
+    NewFolder,
+    SharedFolders,
+    TripFace,
+    carry_folders,
+    folder_directions,
+    plan_folders,
+)
 from worker.settings import PipelineSettings
 from worker.types import ModelInfo, PhotoStatus
 
@@ -75,9 +83,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-BOX_MATCH_IOU = 0.5
-"""A re-detected face inherits the folder of the old face it overlaps at least this much."""
 
 UNNAMED = ""
 """custom_name of a folder the worker creates: Django's CharField(blank=True) is NOT NULL."""
@@ -608,7 +613,13 @@ def _replace_faces(
     Each row's folder becomes that of the old face at the same place (a vote the next
     regroup counts). Returns the ids of the rows removed (the photo has fewer faces now).
     """
-    votes = _carry_tags(vote_sources, outcome.faces)
+    tagged = [f for f in vote_sources if f.tagface_id is not None]
+    tagged = [f for f in tagged if f.tagface_id not in SHARED_TAG_IDS]
+    votes = carry_folders(
+        [f.box for f in tagged],
+        [f.tagface_id for f in tagged if f.tagface_id is not None],
+        [list(found.box) for found in outcome.faces],
+    )
     by_index = {face.face_index: face for face in old}
     for index, found in enumerate(outcome.faces):
         row = by_index.pop(index, None)
@@ -635,17 +646,8 @@ def _replace_faces(
 # -- regrouping
 
 
-@dataclass
-class _Grouped:
-    faces: list[Face]
-    labels: NDArray[np.int64]
-    matched: NDArray[np.int64]
-    similarity: NDArray[np.float32]
-    vectors: NDArray[np.float32]
-
-
 class _Regroup:
-    """One regroup of a trip inside an open transaction, split into steps."""
+    """One regroup of a trip inside an open transaction: load, plan (`worker.folders`), save."""
 
     def __init__(
         self,
@@ -658,11 +660,16 @@ class _Regroup:
         self.session = session
         self.trip_id = trip_id
         self.embedder = embedder
-        self.settings = settings
-        self.threshold = (
-            settings.similarity_threshold
-            if settings.similarity_threshold is not None
-            else default_threshold(settings.grouping, embedder.name)
+        self.rule = GroupingRule(
+            method=settings.grouping,
+            embedder=embedder.name,
+            threshold=(
+                settings.similarity_threshold
+                if settings.similarity_threshold is not None
+                else default_threshold(settings.grouping, embedder.name)
+            ),
+            explicit_threshold=settings.similarity_threshold,
+            min_quality=MIN_DETECTION_SCORE.get(settings.detector),
         )
         self.job_id = job_id
         self.now = utcnow()
@@ -708,7 +715,7 @@ class _Regroup:
             )
         )
 
-    def run(self, old_tag_vectors: dict[int, NDArray[np.float32]]) -> TripWriteSummary:
+    def run(self, directions: dict[int, NDArray[np.float32]]) -> TripWriteSummary:
         session = self.session
         deleted_by_photo = dict(
             session.execute(
@@ -716,29 +723,45 @@ class _Regroup:
             ).all()
         )
         all_faces = self._faces()
-        live_photo_ids = sorted(p for p, deleted in deleted_by_photo.items() if deleted is None)
-        grouped = self._group(
-            [f for f in all_faces if deleted_by_photo.get(f.photo_id) is None], live_photo_ids
-        )
+        faces = [f for f in all_faces if deleted_by_photo.get(f.photo_id) is None]
         trip_tags = self._trip_tags()
-        group_tags, created = self._assign_tags(grouped, trip_tags, old_tag_vectors)
-        self._update_faces(grouped, group_tags, all_faces, deleted_by_photo)
+        analysed_photos = self._analysed_photos()
+        _stack_vectors(faces)  # one embedding length, or a clear error
+        plan = plan_folders(
+            [
+                TripFace(
+                    photo_id=f.photo_id,
+                    vector=f.vector,
+                    score=f.score,
+                    box=(f.x1, f.y1, f.x2, f.y2),
+                    folder=f.tagface_id if f.tagface_id in trip_tags else None,
+                )
+                for f in faces
+            ],
+            folders=[Folder(t.id, t.tag_num, t.is_named) for t in trip_tags.values()],
+            directions=directions,
+            analysed_photos=analysed_photos,
+            shared=SharedFolders(no_face=NO_FACE_TAG_ID, others=OTHERS_TAG_ID),
+            rule=self.rule,
+        )
+        ids = self._create_folders(plan.new_folders)
+        self._update_faces(faces, plan, ids, all_faces, deleted_by_photo)
         session.flush()
 
-        analysed_photos = self._analysed_photos()
-        desired = _desired_links(analysed_photos, grouped, group_tags)
+        desired = {(photo, ids.get(tag, tag)) for photo, tag in plan.links}
         added, removed = _replace_links(session, trip_id=self.trip_id, desired=desired)
-        doomed = self._delete_empty_tags(trip_tags, set(group_tags.values()))
+        in_use = {ids.get(tag, tag) for tag in plan.group_folders.values()}
+        doomed = self._delete_empty_tags(trip_tags, in_use)
         self._save_folder_vectors([f for f in all_faces if f.tagface_id not in doomed])
 
         summary = TripWriteSummary(
             photos=len(analysed_photos),
-            faces=len(grouped.faces),
-            people=len(group_tags),
+            faces=len(faces),
+            people=plan.people,
             others=sum(1 for _, tag in desired if tag == OTHERS_TAG_ID),
             no_face=sum(1 for _, tag in desired if tag == NO_FACE_TAG_ID),
             errors=0,
-            tags_created=created,
+            tags_created=len(plan.new_folders),
             tags_deleted=len(doomed),
             links_added=added,
             links_removed=removed,
@@ -752,30 +775,6 @@ class _Regroup:
     def _trip_photo_ids(self) -> Select[int]:
         return select(Photo.id).where(Photo.trip_id == self.trip_id)
 
-    # -- step 1: grouping
-
-    def _group(self, faces: list[Face], live_photo_ids: list[int]) -> _Grouped:
-        if not faces:
-            empty = np.zeros(0, np.int64)
-            return _Grouped([], empty, empty, np.zeros(0, np.float32), np.zeros((0, 0), np.float32))
-        vectors = _stack_vectors(faces)
-        dense = {pid: i for i, pid in enumerate(live_photo_ids)}
-        photo_index = np.asarray([dense[f.photo_id] for f in faces], np.int64)
-        clustering = cluster_faces(
-            vectors,
-            photo_index,
-            method=self.settings.grouping,
-            threshold=self.settings.similarity_threshold,
-            embedder=self.embedder.name,
-            quality=np.asarray([f.score for f in faces], np.float32),
-            min_quality=MIN_DETECTION_SCORE.get(self.settings.detector),
-        )
-        return _Grouped(
-            faces, clustering.labels, clustering.matched_face, clustering.similarity, vectors
-        )
-
-    # -- step 2: which folder each group is
-
     def _trip_tags(self) -> dict[int, TagFace]:
         """The trip's person folders: linked to its photos or holding its faces (any embedder)."""
         linked = select(PhotoTagFace.tagface_id).where(
@@ -788,104 +787,43 @@ class _Regroup:
         ids -= SHARED_TAG_IDS
         if not ids:
             return {}
-        tags = self.session.scalars(select(TagFace).where(TagFace.id.in_(sorted(ids))))
+        tags = self.session.scalars(
+            select(TagFace).where(TagFace.id.in_(sorted(ids))).order_by(TagFace.id)
+        )
         return {tag.id: tag for tag in tags}
 
-    def _assign_tags(
-        self,
-        grouped: _Grouped,
-        trip_tags: dict[int, TagFace],
-        old_tag_vectors: dict[int, NDArray[np.float32]],
-    ) -> tuple[dict[int, int], int]:
-        """Folder id for each group label; creates folders for new people."""
-        labels = sorted({int(x) for x in grouped.labels if x >= 0})
-        if not labels:
-            return {}, 0
-        tag_ids = sorted(trip_tags)
-        assigned: dict[int, int] = {}
-
-        # 1) Votes: faces that were already in a folder (kept, or re-detected in place).
-        if tag_ids:
-            col = {t: j for j, t in enumerate(tag_ids)}
-            row = {g: i for i, g in enumerate(labels)}
-            votes = np.zeros((len(labels), len(tag_ids)), np.int64)
-            for face, label in zip(grouped.faces, grouped.labels, strict=True):
-                vote = face.tagface_id
-                if label >= 0 and vote in col:
-                    votes[row[int(label)], col[vote]] += 1
-            # Equal votes (two folders merged into one group): the named folder wins.
-            named = np.asarray([trip_tags[t].is_named for t in tag_ids])
-            score = 2 * votes + ((votes > 0) & named[None, :])
-            for i, j in zip(*linear_sum_assignment(score, maximize=True), strict=True):
-                if votes[i, j] > 0:
-                    assigned[labels[i]] = tag_ids[j]
-
-        # 2) Similarity of mean embeddings, for groups no face voted for.
-        free_groups = [g for g in labels if g not in assigned]
-        taken = set(assigned.values())
-        free_tags = [t for t in tag_ids if t not in taken and t in old_tag_vectors]
-        if free_groups and free_tags:
-            means = np.stack(
-                [_mean_direction(grouped.vectors[grouped.labels == g]) for g in free_groups]
-            )
-            olds = np.stack([old_tag_vectors[t] for t in free_tags])
-            if means.shape[1] == olds.shape[1]:
-                sim = means @ olds.T
-                for i, j in zip(*linear_sum_assignment(sim, maximize=True), strict=True):
-                    if sim[i, j] >= self.threshold:
-                        assigned[free_groups[i]] = free_tags[j]
-
-        # 3) New people: new folders, numbered after the trip's existing ones.
-        used_nums = {tag.tag_num for tag in trip_tags.values()}
-        created = 0
-        for label in labels:
-            if label in assigned:
-                continue
-            tag_num = next(n for n in range(len(used_nums) + 1) if n not in used_nums)
-            used_nums.add(tag_num)
-            tag = TagFace(tag_num=tag_num, custom_name=UNNAMED)
+    def _create_folders(self, new_folders: list[NewFolder]) -> dict[int, int]:
+        """Create the plan's new folders; returns plan key -> new folder id."""
+        ids: dict[int, int] = {}
+        for new in new_folders:
+            tag = TagFace(tag_num=new.tag_num, custom_name=UNNAMED)
             self.session.add(tag)
             self.session.flush()
-            assigned[label] = tag.id
-            created += 1
-        return assigned, created
-
-    # -- step 3: faces get their folder, match and cover
+            ids[new.key] = tag.id
+        return ids
 
     def _update_faces(
         self,
-        grouped: _Grouped,
-        group_tags: dict[int, int],
-        old_faces: list[Face],
+        faces: list[Face],
+        plan: FolderPlan,
+        ids: dict[int, int],
+        all_faces: list[Face],
         deleted_by_photo: Mapping[int, object],
     ) -> None:
-        # The face that shows each person best, by the result file's rule.
-        values = cover_score(
-            np.array([face.score for face in grouped.faces], np.float64),
-            np.array([[f.x1, f.y1, f.x2, f.y2] for f in grouped.faces], np.float64).reshape(-1, 4),
-        )
-        cover: dict[int, int] = {}
-        for i, label in enumerate(grouped.labels):
-            if label >= 0 and (int(label) not in cover or values[i] > values[cover[int(label)]]):
-                cover[int(label)] = i
-        for i, face in enumerate(grouped.faces):
-            label = int(grouped.labels[i])
-            match = int(grouped.matched[i])
-            sim = float(grouped.similarity[i])
+        for i, face in enumerate(faces):
+            label = int(plan.labels[i])
+            match = int(plan.matched[i])
+            sim = float(plan.similarity[i])
             _set_if_changed(face, "group_label", label)
-            _set_if_changed(face, "tagface_id", group_tags[label] if label >= 0 else OTHERS_TAG_ID)
-            _set_if_changed(
-                face, "matched_face_id", grouped.faces[match].id if match >= 0 else None
-            )
+            _set_if_changed(face, "tagface_id", ids.get(plan.folders[i], plan.folders[i]))
+            _set_if_changed(face, "matched_face_id", faces[match].id if match >= 0 else None)
             _set_if_changed(face, "similarity", sim if np.isfinite(sim) else None)
-            _set_if_changed(face, "is_cover", label >= 0 and cover[label] == i)
-        for face in old_faces:
+            _set_if_changed(face, "is_cover", plan.covers[i])
+        for face in all_faces:
             # Faces of deleted photos keep their folder (it remembers the person) but never
             # stand for it.
             if deleted_by_photo.get(face.photo_id) is not None and face.is_cover:
                 face.is_cover = False
-
-    # -- step 4: links and empty folders
 
     def _analysed_photos(self) -> list[int]:
         """Live photos with a successful analysis for this embedder (ordered by id)."""
@@ -958,29 +896,6 @@ class _Regroup:
                 row.updated_at = self.now
 
 
-def _desired_links(
-    analysed_photos: list[int], grouped: _Grouped, group_tags: dict[int, int]
-) -> set[tuple[int, int]]:
-    """(photo_id, tagface_id) pairs the trip should have.
-
-    As the prototype's `group_idx`: a photo is in each of its people's folders, and also in
-    "others" when one of its faces is seen only once; a photo without a face is in "no faces".
-    """
-    labels_by_photo: dict[int, list[int]] = defaultdict(list)
-    for face, label in zip(grouped.faces, grouped.labels, strict=True):
-        labels_by_photo[face.photo_id].append(int(label))
-    desired: set[tuple[int, int]] = set()
-    for photo_id in analysed_photos:
-        labels = labels_by_photo.get(photo_id, [])
-        if not labels:
-            desired.add((photo_id, NO_FACE_TAG_ID))
-            continue
-        desired.update((photo_id, group_tags[label]) for label in labels if label >= 0)
-        if any(label < 0 for label in labels):
-            desired.add((photo_id, OTHERS_TAG_ID))
-    return desired
-
-
 def _replace_links(
     session: Session, *, trip_id: int, desired: set[tuple[int, int]]
 ) -> tuple[int, int]:
@@ -1040,6 +955,8 @@ def _fill_face(row: Face, found: FaceOutcome, embedder_name: str) -> None:
 
 
 def _stack_vectors(faces: list[Face]) -> NDArray[np.float32]:
+    if not faces:
+        return np.zeros((0, 0), np.float32)
     vectors = [face.vector for face in faces]
     dims = {v.shape[0] for v in vectors}
     if len(dims) != 1:
@@ -1047,39 +964,10 @@ def _stack_vectors(faces: list[Face]) -> NDArray[np.float32]:
     return np.stack(vectors).astype(np.float32)
 
 
-def _mean_direction(vectors: NDArray[np.float32]) -> NDArray[np.float32]:
-    mean = vectors.astype(np.float64).mean(axis=0)
-    norm = np.linalg.norm(mean)
-    return (mean / norm if norm > 0 else mean).astype(np.float32)
-
-
 def _tag_vectors(faces: list[Face]) -> dict[int, NDArray[np.float32]]:
-    """Mean embedding direction of each person folder's faces before this write."""
-    by_tag: dict[int, list[NDArray[np.float32]]] = defaultdict(list)
-    for face in faces:
-        if face.tagface_id is not None and face.tagface_id not in SHARED_TAG_IDS:
-            by_tag[face.tagface_id].append(face.vector)
-    out: dict[int, NDArray[np.float32]] = {}
-    for tag_id, vectors in by_tag.items():
-        if len({v.shape[0] for v in vectors}) == 1:
-            out[tag_id] = _mean_direction(np.stack(vectors))
-    return out
-
-
-def _carry_tags(old: list[Face], new: list[FaceOutcome]) -> list[int | None]:
-    """For each new face, the person folder of the old face it overlaps (IoU >= 0.5), one-to-one."""
-    votes: list[int | None] = [None] * len(new)
-    tagged = [f for f in old if f.tagface_id is not None and f.tagface_id not in SHARED_TAG_IDS]
-    if not tagged or not new:
-        return votes
-    iou = box_iou(
-        np.asarray([f.box for f in tagged], np.float64),
-        np.asarray([list(f.box) for f in new], np.float64).reshape(-1, 4),
-    )
-    for i, j in zip(*linear_sum_assignment(iou, maximize=True), strict=True):
-        if iou[i, j] >= BOX_MATCH_IOU:
-            votes[j] = tagged[i].tagface_id
-    return votes
+    """Mean embedding direction of each person folder's faces."""
+    person = [f for f in faces if f.tagface_id is not None and f.tagface_id not in SHARED_TAG_IDS]
+    return folder_directions([f.vector for f in person], [f.tagface_id for f in person])
 
 
 def trip_thumbnail_keys(*, session: Session, trip_id: int) -> set[str]:
