@@ -43,6 +43,7 @@ from db.webapp import (
     PhotoTagFace,
     TagFace,
     Trip,
+    check_shared_folders,
 )
 from worker.cluster import MIN_DETECTION_SCORE, cluster_faces, default_threshold
 from worker.detect import box_iou, cover_score
@@ -451,6 +452,7 @@ class _TripWrite:
         ).first()
         if trip is None:
             raise TripNotFound(self.trip_id)
+        check_shared_folders(session=session)  # else a person could be filed as "no faces"
 
         deleted_by_photo = dict(
             session.execute(
