@@ -682,6 +682,7 @@ class _Regroup:
         ).first()
         if trip is None:
             raise TripNotFound(self.trip_id)
+        # Else a person could be filed as "no faces".
         check_shared_folders(session=self.session)
 
     def folder_vectors(self) -> dict[int, NDArray[np.float32]]:

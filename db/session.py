@@ -76,9 +76,39 @@ def alembic_config(url: str | None = None) -> Config:
     return config
 
 
-def upgrade(url: str, revision: str = "head") -> None:
-    """Apply the worker's migrations up to `revision`; the web app's tables are never touched."""
+def upgrade(url: str, revision: str = "head", *, shared_folders: bool = True) -> list[int]:
+    """Apply the worker's migrations up to `revision`, then create the shared folders.
+
+    This is what `aftertrip-faces db upgrade` runs. The web app's migrations create its tables
+    but not the two folders every trip shares (photos_tagface id 1 "no faces", id 2
+    "others"); unless `shared_folders` is False, they are added where missing (idempotent; on
+    PostgreSQL the id sequence is moved past them) once photos_tagface exists. The web app's
+    tables are otherwise never touched. Returns the ids of the folders created.
+    Raises `db.webapp.SharedFoldersError` when id 1 or 2 holds a person folder.
+    """
     _run_alembic(url, lambda config: command.upgrade(config, revision))
+    if not shared_folders:
+        return []
+    return _ensure_shared_folders(url)
+
+
+def _ensure_shared_folders(url: str) -> list[int]:
+    from sqlalchemy import inspect
+
+    from db.webapp import TagFace, ensure_shared_folders
+
+    engine = make_engine(url)
+    try:
+        if not inspect(engine).has_table(TagFace.__tablename__):
+            logger.warning(
+                "photos_tagface does not exist yet: the shared folders were not created; "
+                "run the web app's migrations, then `aftertrip-faces db upgrade` again"
+            )
+            return []
+        with Session(engine) as session, session.begin():
+            return ensure_shared_folders(session=session)
+    finally:
+        engine.dispose()
 
 
 def downgrade(url: str, revision: str) -> None:

@@ -291,9 +291,19 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
             create_webapp_tables(engine)
         finally:
             engine.dispose()
-    upgrade(url, args.revision)
+    from rich.markup import escape
+
+    from db.webapp import SharedFoldersError
+
+    try:
+        created = upgrade(url, args.revision)
+    except SharedFoldersError as exc:
+        console.print(f"[red]error:[/red] {escape(str(exc))}")
+        return 1
     where = make_url(url).render_as_string(hide_password=True)
     console.print(f"database {where} at revision {current_revision(url)}")
+    if created:
+        console.print(f"shared folders created: ids {', '.join(map(str, created))}")
     return 0
 
 

@@ -7,6 +7,7 @@ import threading
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -41,11 +42,16 @@ from db.webapp import (
 from tests.dbfixtures import (  # noqa: F401  (fixtures)
     add_photos,
     add_trip,
+    create_webapp_schema,
     db_backend,
     db_engine,
     db_url,
     empty_db_url,
+    ensure_group,
+    fresh_database,
     fresh_db_url,
+    load_webapp_schema,
+    require_webapp_schema,
 )
 from worker.settings import PipelineSettings
 from worker.types import ModelInfo
@@ -228,7 +234,7 @@ def _schema(engine: Engine, tables: tuple[str, ...]) -> dict[str, object]:
 def test_migrations_leave_the_web_app_tables_unchanged(empty_db_url: str) -> None:
     engine = make_engine(empty_db_url)
     try:
-        create_webapp_tables(engine)
+        create_webapp_schema(empty_db_url)
         before = _schema(engine, WEBAPP_TABLES)
         assert current_revision(empty_db_url) is None
 
@@ -253,6 +259,32 @@ def test_migrations_leave_the_web_app_tables_unchanged(empty_db_url: str) -> Non
         assert [tuple(row) for row in shared] == [(NO_FACE_TAG_ID, -2), (OTHERS_TAG_ID, -1)]
     finally:
         engine.dispose()
+
+
+@pytest.mark.services
+@pytest.mark.parametrize("backend", ["postgresql", "mariadb"])
+def test_project_copy_of_the_web_app_tables_matches_the_real_dump(
+    backend: str, tmp_path: Path
+) -> None:
+    """create_webapp_tables (fresh clones, SQLite) lays out the columns the app's dump has."""
+    dump = require_webapp_schema(backend)
+    with fresh_database(backend, tmp_path) as real_url, fresh_database(backend, tmp_path) as url:
+        load_webapp_schema(real_url, dump)
+        real, copy = make_engine(real_url), make_engine(url)
+        try:
+            create_webapp_tables(copy)
+            for table in WEBAPP_TABLES:
+                assert (
+                    _schema(copy, [table])[table]["columns"]
+                    == (_schema(real, [table])[table]["columns"])
+                ), table
+                assert (
+                    _schema(copy, [table])[table]["unique"]
+                    == (_schema(real, [table])[table]["unique"])
+                ), table
+        finally:
+            real.dispose()
+            copy.dispose()
 
 
 def test_models_match_the_migration(db_engine: Engine) -> None:
@@ -298,6 +330,8 @@ def test_file_key_is_stored_like_django_and_read_as_the_s3_key(db_engine: Engine
 def test_rows_written_by_django_sql_are_read(db_engine: Engine) -> None:
     key = uuid.uuid4()
     stored = str(key) if db_engine.dialect.name == "postgresql" else key.hex
+    with Session(db_engine) as session, session.begin():
+        ensure_group(session, 7)
     with db_engine.begin() as conn:
         conn.execute(
             text(

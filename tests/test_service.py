@@ -33,11 +33,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import Face, Job, PhotoAnalysis
 from db.session import make_engine, make_sessionmaker
-from db.webapp import NO_FACE_TAG_ID, OTHERS_TAG_ID, Photo, PhotoTagFace, TagFace, Trip
+from db.webapp import NO_FACE_TAG_ID, OTHERS_TAG_ID, Photo, PhotoTagFace, TagFace
 from storage import S3Store
 from tasks.client import enqueue_trip
 from tests import s3fixtures
-from tests.dbfixtures import fresh_database, prepare_database
+from tests.dbfixtures import add_trip, fresh_database, prepare_database
 from tests.s3fixtures import MOTO_ENV, moto_client
 from tests.servicefixtures import (
     REDIS_URL,
@@ -87,9 +87,7 @@ class Service:
     def add_trip(self, photos: list[tuple[str, bytes | None]]) -> tuple[int, list[int]]:
         """A trip with these photos, uploaded under their `str(file_key)`; None = no object."""
         with self.sessions() as session:
-            trip = Trip(place="Jeju", group_id=1)
-            session.add(trip)
-            session.flush()
+            trip = add_trip(session)
             ids = [self._add_photo(session, trip.id, name, data) for name, data in photos]
             session.commit()
             return trip.id, ids
