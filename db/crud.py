@@ -22,8 +22,18 @@ from sqlalchemy import Select, delete, exists, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from db.models import Face, FolderCentroid, Job, JobMode, JobStatus, PhotoAnalysis
+from db.models import (
+    Face,
+    FolderCentroid,
+    Job,
+    JobMode,
+    JobStatus,
+    LinkRecord,
+    LinkState,
+    PhotoAnalysis,
+)
 from db.schemas import (
+    CorrectionView,
     FaceOutcome,
     FolderView,
     JobView,
@@ -46,6 +56,8 @@ from db.webapp import (
 )
 from worker.cluster import MIN_DETECTION_SCORE, default_threshold
 from worker.folders import (
+    Correction,
+    CorrectionKind,
     Folder,
     FolderPlan,
     GroupingRule,
@@ -69,6 +81,7 @@ __all__ = [
     "create_job",
     "fail_job",
     "find_queued_or_running_job",
+    "forget_corrections",
     "trip_thumbnail_keys",
     "finish_job",
     "get_job",
@@ -76,6 +89,7 @@ __all__ = [
     "regroup_trip",
     "start_job",
     "store_photo_outcomes",
+    "trip_corrections",
     "trip_folders",
     "trip_photos",
     "trip_status",
@@ -372,7 +386,66 @@ def trip_status(
             for j in jobs
         ],
         errors=errors,
+        corrections=trip_corrections(session=session, trip_id=trip_id),
     )
+
+
+def trip_corrections(*, session: Session, trip_id: int) -> list[CorrectionView]:
+    """The corrections in force for a trip (links people added or removed), oldest first."""
+    rows = session.execute(
+        select(LinkRecord, Photo.file_name, Photo.deleted_at, TagFace.custom_name)
+        .join(Photo, Photo.id == LinkRecord.photo_id)
+        .join(TagFace, TagFace.id == LinkRecord.tagface_id)
+        .where(
+            LinkRecord.trip_id == trip_id,
+            LinkRecord.state.in_([LinkState.ADDED.value, LinkState.REMOVED.value]),
+        )
+        .order_by(LinkRecord.id)
+    ).all()
+    return [
+        CorrectionView(
+            kind=record.state,
+            photo_id=record.photo_id,
+            file_name=file_name,
+            tag_id=record.tagface_id,
+            folder_name=name or "",
+            job_id=record.job_id,
+            noticed_at=record.noticed_at,
+            active=deleted_at is None,
+        )
+        for record, file_name, deleted_at, name in rows
+    ]
+
+
+def forget_corrections(*, session: Session, trip_id: int) -> int:
+    """Forget every correction of a trip, and commit; returns how many were in force.
+
+    The worker's record of its own links goes too, so the next job notices nothing and
+    writes the worker's own grouping over what people changed. The session must have no
+    transaction open.
+    """
+    _require_no_transaction(session, "forget_corrections")
+    with session.begin():
+        _begin_immediate(session)
+        if (
+            session.scalars(select(Trip).where(Trip.id == trip_id).with_for_update()).first()
+            is None
+        ):
+            raise TripNotFound(trip_id)
+        forgotten = (
+            session.scalar(
+                select(func.count())
+                .select_from(LinkRecord)
+                .where(
+                    LinkRecord.trip_id == trip_id,
+                    LinkRecord.state.in_([LinkState.ADDED.value, LinkState.REMOVED.value]),
+                )
+            )
+            or 0
+        )
+        session.execute(delete(LinkRecord).where(LinkRecord.trip_id == trip_id))
+    logger.info("corrections forgotten", extra={"trip_id": trip_id, "corrections": forgotten})
+    return forgotten
 
 
 # ---------------------------------------------------------------------------- the write
@@ -725,6 +798,9 @@ class _Regroup:
         )
         all_faces = self._faces()
         faces = [f for f in all_faces if deleted_by_photo.get(f.photo_id) is None]
+        live = {p for p, deleted in deleted_by_photo.items() if deleted is None}
+        corrections = _Corrections(session, self.trip_id, self.job_id, self.now)
+        noticed = corrections.notice(live)
         trip_tags = self._trip_tags()
         analysed_photos = self._analysed_photos()
         _stack_vectors(faces)  # one embedding length, or a clear error
@@ -744,6 +820,7 @@ class _Regroup:
             analysed_photos=analysed_photos,
             shared=SharedFolders(no_face=NO_FACE_TAG_ID, others=OTHERS_TAG_ID),
             rule=self.rule,
+            corrections=corrections.in_force(live),
         )
         ids = self._create_folders(plan.new_folders)
         self._update_faces(faces, plan, ids, all_faces, deleted_by_photo)
@@ -751,6 +828,7 @@ class _Regroup:
 
         desired = {(photo, ids.get(tag, tag)) for photo, tag in plan.links}
         added, removed = _replace_links(session, trip_id=self.trip_id, desired=desired)
+        corrections.record(desired, plan.corrections.overruled)
         in_use = {ids.get(tag, tag) for tag in plan.group_folders.values()}
         doomed = self._delete_empty_tags(trip_tags, in_use)
         self._save_folder_vectors([f for f in all_faces if f.tagface_id not in doomed])
@@ -766,6 +844,11 @@ class _Regroup:
             tags_deleted=len(doomed),
             links_added=added,
             links_removed=removed,
+            corrections=len(plan.corrections.honoured) + len(plan.corrections.overruled),
+            corrections_noticed=noticed,
+            corrections_honoured=len(plan.corrections.honoured),
+            corrections_overruled=len(plan.corrections.overruled),
+            corrections_followers=plan.corrections.followers,
         )
         logger.info(
             "trip regrouped",
@@ -784,7 +867,9 @@ class _Regroup:
         held = select(Face.tagface_id).where(
             Face.photo_id.in_(self._trip_photo_ids()), Face.tagface_id.is_not(None)
         )
+        corrected = select(LinkRecord.tagface_id).where(LinkRecord.trip_id == self.trip_id)
         ids = set(self.session.scalars(linked)) | set(self.session.scalars(held))
+        ids |= set(self.session.scalars(corrected))
         ids -= SHARED_TAG_IDS
         if not ids:
             return {}
@@ -895,6 +980,137 @@ class _Regroup:
                 row.centroid = data
                 row.face_count = len(by_tag[tag_id])
                 row.updated_at = self.now
+
+
+class _Corrections:
+    """The trip's aftertrip_link records: corrections noticed, kept, and the worker's links."""
+
+    def __init__(self, session: Session, trip_id: int, job_id: int | None, now: datetime) -> None:
+        self.session = session
+        self.trip_id = trip_id
+        self.job_id = job_id
+        self.now = now
+
+    def _records(self) -> dict[tuple[int, int], LinkRecord]:
+        rows = self.session.scalars(
+            select(LinkRecord).where(LinkRecord.trip_id == self.trip_id).order_by(LinkRecord.id)
+        )
+        return {(r.photo_id, r.tagface_id): r for r in rows}
+
+    def notice(self, live: set[int]) -> int:
+        """Compare the trip's links with the worker's record of them; record what people
+        changed since as corrections. Returns how many were noticed.
+
+        A trip without a record (never regrouped since aftertrip_link existed, or its
+        corrections forgotten) has none to notice: this regroup starts the record.
+        Changes to the shared folders and to deleted photos are not corrections.
+        """
+        records = self._records()
+        if not records:
+            return 0
+        links = dict(
+            (
+                (photo_id, tag_id),
+                link_id,
+            )
+            for link_id, photo_id, tag_id in self.session.execute(
+                select(PhotoTagFace.id, PhotoTagFace.photo_id, PhotoTagFace.tagface_id).where(
+                    PhotoTagFace.photo_id.in_(select(Photo.id).where(Photo.trip_id == self.trip_id))
+                )
+            )
+        )
+        removed: list[tuple[int, int]] = []
+        added: list[tuple[int, int]] = []
+        for key, record in records.items():
+            photo_id, tag_id = key
+            if photo_id not in live or tag_id in SHARED_TAG_IDS:
+                continue
+            present = key in links
+            if record.state in (LinkState.WORKER, LinkState.ADDED) and not present:
+                removed.append(key)
+            elif record.state == LinkState.REMOVED and present:
+                added.append(key)
+        added += [
+            key
+            for key in links
+            if key not in records and key[0] in live and key[1] not in SHARED_TAG_IDS
+        ]
+        if not removed and not added:
+            return 0
+        # A correction replaces the record of its link, under a new id: ids order corrections.
+        # Within one regroup: removals, then additions in the order the links were made.
+        added.sort(key=lambda key: links[key])
+        stale = [records[key].id for key in removed + added if key in records]
+        for ids in _chunks(sorted(stale)):
+            self.session.execute(delete(LinkRecord).where(LinkRecord.id.in_(ids)))
+        rows = [(key, LinkState.REMOVED) for key in sorted(removed)]
+        rows += [(key, LinkState.ADDED) for key in added]
+        for (photo_id, tag_id), state in rows:
+            self.session.execute(
+                insert(LinkRecord).values(
+                    trip_id=self.trip_id,
+                    photo_id=photo_id,
+                    tagface_id=tag_id,
+                    state=state.value,
+                    job_id=self.job_id,
+                    noticed_at=self.now,
+                )
+            )
+        logger.info(
+            "corrections noticed",
+            extra={"trip_id": self.trip_id, "added": len(added), "removed": len(removed)},
+        )
+        return len(rows)
+
+    def in_force(self, live: set[int]) -> list[Correction]:
+        """The corrections of live photos, for the plan (order: the record's id)."""
+        return [
+            Correction(
+                photo_id=r.photo_id,
+                folder_id=r.tagface_id,
+                kind=CorrectionKind(r.state),
+                order=r.id,
+            )
+            for r in self._records().values()
+            if r.state != LinkState.WORKER and r.photo_id in live
+        ]
+
+    def record(self, desired: set[tuple[int, int]], overruled: Sequence[Correction]) -> None:
+        """After the links are written: drop overruled corrections (a later one won), and
+        make the `worker` records exactly the links written that no correction holds."""
+        records = self._records()
+        drop = [records[(c.photo_id, c.folder_id)].id for c in overruled]
+        drop += [
+            r.id for key, r in records.items() if r.state == LinkState.WORKER and key not in desired
+        ]
+        for ids in _chunks(sorted(drop)):
+            self.session.execute(delete(LinkRecord).where(LinkRecord.id.in_(ids)))
+        # An added link of a deleted photo went with the photo's links: the correction goes
+        # too (were the photo restored, its missing link would read as a removal).
+        gone = [
+            r.id
+            for r in records.values()
+            if r.state == LinkState.ADDED and (r.photo_id, r.tagface_id) not in desired
+        ]
+        for ids in _chunks(sorted(set(gone) - set(drop))):
+            self.session.execute(delete(LinkRecord).where(LinkRecord.id.in_(ids)))
+        dropped = {(c.photo_id, c.folder_id) for c in overruled}
+        new = sorted(key for key in desired if key not in records or key in dropped)
+        for pairs in _chunks(new):
+            self.session.execute(
+                insert(LinkRecord),
+                [
+                    {
+                        "trip_id": self.trip_id,
+                        "photo_id": photo_id,
+                        "tagface_id": tag_id,
+                        "state": LinkState.WORKER.value,
+                        "job_id": self.job_id,
+                        "noticed_at": self.now,
+                    }
+                    for photo_id, tag_id in pairs
+                ],
+            )
 
 
 def _replace_links(

@@ -2,7 +2,9 @@
 
 - `aftertrip_job`: one grouping run of a trip (a Celery task, possibly delivered twice);
 - `aftertrip_photo`: what happened to one photo for one embedder (ok, or its error);
-- `aftertrip_face`: every face found, with its embedding and the folder it went to.
+- `aftertrip_face`: every face found, with its embedding and the folder it went to;
+- `aftertrip_folder`: each person folder's direction as the last regroup left it;
+- `aftertrip_link`: the links the worker wrote, and the corrections people made to them.
 
 Foreign keys into the web app's tables cascade (or set NULL) in the database, because the
 web app deletes in Python and does not know these tables exist.
@@ -72,6 +74,14 @@ class JobMode(StrEnum):
 
     MISSING = "missing"
     ALL = "all"
+
+
+class LinkState(StrEnum):
+    """Whose a photo-to-folder link is, as the worker knows it."""
+
+    WORKER = "worker"  # the worker wrote it (and it was there after its last regroup)
+    ADDED = "added"  # a person added it: the worker keeps it
+    REMOVED = "removed"  # a person removed it: the worker never writes it again
 
 
 class Job(Base):
@@ -209,3 +219,38 @@ class FolderCentroid(Base):
     def vector(self) -> NDArray[np.float32]:
         """The stored direction as a float32 vector."""
         return np.frombuffer(self.centroid, dtype="<f4").astype(np.float32)
+
+
+class LinkRecord(Base):
+    """aftertrip_link: a photos_photo_tag_face link as the worker last left it.
+
+    `worker` rows are the links the last regroup wrote. The next regroup compares them with
+    the links there are: one of them gone (its photo not deleted) was removed by a person,
+    and a person folder's link it did not write was added by one. Such corrections stay
+    here as `added` / `removed` rows while the photo and the folder exist (the foreign keys
+    cascade). `id` orders them: a correction noticed later has a higher id (the latest wins);
+    `job_id` is the job that noticed it (or wrote the link).
+    """
+
+    __tablename__ = "aftertrip_link"
+    __table_args__ = (
+        UniqueConstraint("photo_id", "tagface_id"),
+        Index(None, "trip_id", "state"),
+        _SQLITE_AUTOINCREMENT,
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    trip_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey(Trip.id, ondelete="CASCADE"), nullable=False
+    )
+    photo_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey(Photo.id, ondelete="CASCADE"), nullable=False
+    )
+    tagface_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey(TagFace.id, ondelete="CASCADE"), nullable=False, index=True
+    )
+    state: Mapped[str] = mapped_column(String(16), nullable=False)
+    job_id: Mapped[int | None] = mapped_column(
+        BigInteger, ForeignKey("aftertrip_job.id", ondelete="SET NULL"), index=True
+    )
+    noticed_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)

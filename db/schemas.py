@@ -40,6 +40,10 @@ class TripWriteSummary:
     photos: photos sorted into folders (not deleted, analysed at least once); faces: faces
     grouped; people: person folders; others / no_face: photos in the shared "others" and
     "no faces" folders; errors: photos of this write whose analysis failed.
+    corrections: people's corrections in force (links added or removed in the web app);
+    _noticed: those this regroup saw first; _honoured: those it applied; _overruled: those a
+    later correction contradicted (they are dropped); _followers: faces that followed a
+    corrected face they are nearest to.
     """
 
     photos: int
@@ -52,6 +56,11 @@ class TripWriteSummary:
     tags_deleted: int
     links_added: int = 0
     links_removed: int = 0
+    corrections: int = 0
+    corrections_noticed: int = 0
+    corrections_honoured: int = 0
+    corrections_overruled: int = 0
+    corrections_followers: int = 0
 
 
 @dataclass
@@ -92,6 +101,24 @@ class FolderView:
 
 
 @dataclass
+class CorrectionView:
+    """A person's correction in force: a link they added or removed in the web app.
+
+    `active`: false while its photo is deleted (it then blocks nothing). `job_id`: the job
+    that noticed it.
+    """
+
+    kind: str
+    photo_id: int
+    file_name: str
+    tag_id: int
+    folder_name: str
+    job_id: int | None
+    noticed_at: datetime
+    active: bool
+
+
+@dataclass
 class TripStatus:
     """Where a trip stands: recent jobs, how many photos are done, and which failed.
 
@@ -106,3 +133,4 @@ class TripStatus:
     people: int
     jobs: list[JobView]
     errors: list[PhotoProblem]
+    corrections: list[CorrectionView] = field(default_factory=list)

@@ -227,14 +227,12 @@ def test_corrections_on_unknown_photos_or_folders_block_nothing() -> None:
     photos = [["A"], ["A"]]
     faces = cast.faces(photos, folders={"A": 10})
     recorder = Recorder(_truth(photos))
-    gone = [
-        Correction(photo_id=999, folder_id=10, kind=REMOVED, order=1),  # photo not analysed
-        Correction(photo_id=100, folder_id=77, kind=ADDED, order=2),  # folder not the trip's
-    ]
-    plan = _plan(faces, [Folder(10, 0, False)], corrections=gone, clusterer=recorder)
+    no_face = Correction(photo_id=999, folder_id=10, kind=ADDED, order=1)  # not analysed yet
+    unknown = Correction(photo_id=100, folder_id=77, kind=REMOVED, order=2)  # not the trip's
+    plan = _plan(faces, [Folder(10, 0, False)], corrections=[no_face, unknown], clusterer=recorder)
     assert recorder.constraints is not None and not recorder.constraints
-    assert plan.corrections.honoured == [] and plan.corrections.overruled == []
-    assert _folders_of(plan, 100) == {10}
+    assert plan.corrections.honoured == [no_face] and plan.corrections.overruled == []
+    assert _folders_of(plan, 100) == {10} and (999, 10) in plan.links
 
 
 @pytest.mark.parametrize("kind", [ADDED, REMOVED])

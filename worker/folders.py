@@ -247,11 +247,11 @@ def plan_folders(
     `faces` must be in a fixed order (the db uses photo id, face index): the same input gives
     the same plan. `analysed_photos`: live photos analysed at least once (a photo without a
     face goes to "no faces"). `directions`: each folder's direction from the last regroup.
-    Corrections on photos not analysed or folders not given are ignored (they block nothing).
+    Give only corrections of live photos. One on a folder not given is ignored; one on a photo
+    without faces here (not analysed yet, or no face found) is a link and nothing more.
     """
     by_id = {f.id: f for f in folders}
-    live = set(analysed_photos)
-    usable = [c for c in corrections if c.folder_id in by_id and c.photo_id in live]
+    usable = [c for c in corrections if c.folder_id in by_id]
     n = len(faces)
     vectors = (
         np.stack([f.vector for f in faces]).astype(np.float32)
