@@ -8,6 +8,8 @@ import pytest
 from numpy.typing import NDArray
 
 from worker.cluster import (
+    ConstraintConflict,
+    InvalidConstraint,
     UnknownGroupingMethod,
     cluster_faces,
     default_threshold,
@@ -273,6 +275,162 @@ def test_default_groups_a_big_trip() -> None:
     labels = cluster_faces(emb, photos).labels
     assert (labels >= 0).all()
     assert same_partition(labels, truth)
+
+
+# --- constraints: a person's corrections --------------------------------------------------------
+
+
+def two_people(size: int = 4, within: float = 0.7) -> NDArray[np.float32]:
+    """Two people of `size` faces each, `within` alike, nothing alike across."""
+    return two_looks(size, within, 0.0)
+
+
+def test_must_link_joins_faces_that_look_nothing_alike() -> None:
+    emb = two_people()
+    plain = cluster_faces(emb, np.arange(8)).labels
+    assert plain[0] != plain[4]
+    labels = cluster_faces(emb, np.arange(8), must_link=[[0, 4]]).labels
+    assert labels[0] == labels[4] >= 0
+    # A set never splits, whatever linkage then does: three faces from the two people.
+    labels = cluster_faces(emb, np.arange(8), must_link=[[0, 4], [4, 5]]).labels
+    assert labels[0] == labels[4] == labels[5] >= 0
+
+
+def test_must_link_holds_for_weak_faces_and_loners() -> None:
+    # A face that matches nothing (a stranger by similarity) and is a weak detection, linked by
+    # a person to two faces of a group (its "anchors"): it ends in that group.
+    gram = np.eye(6)
+    gram[:5, :5] = 0.7
+    gram[5, :5] = gram[:5, 5] = -0.05
+    np.fill_diagonal(gram, 1.0)
+    emb = vectors_with_gram(gram)
+    quality = np.array([0.99] * 5 + [0.5])
+    kwargs = {"quality": quality, "min_quality": 0.9}
+    assert cluster_faces(emb, np.arange(6), **kwargs).labels[5] == -1
+    labels = cluster_faces(emb, np.arange(6), must_link=[[5, 0, 1]], **kwargs).labels
+    assert labels.tolist() == [0] * 6
+    # Two lone weak faces linked together are a group of their own.
+    gram = np.eye(4)
+    gram[:2, :2] = 0.8
+    np.fill_diagonal(gram, 1.0)
+    labels = cluster_faces(
+        vectors_with_gram(gram),
+        np.arange(4),
+        quality=np.array([0.99, 0.99, 0.5, 0.5]),
+        min_quality=0.9,
+        must_link=[[2, 3]],
+    ).labels
+    assert labels.tolist() == [0, 0, 1, 1]
+
+
+def test_a_must_linked_face_is_never_the_one_a_photo_gives_up() -> None:
+    # Five faces of a person; face 5 (less like them) is in the photo of face 1. Unlinked, face
+    # 5 is left out; linked to faces 0 and 2, it stays and face 1 leaves.
+    gram = np.eye(6)
+    gram[:5, :5] = 0.7
+    gram[5, :5] = gram[:5, 5] = 0.5
+    np.fill_diagonal(gram, 1.0)
+    emb = vectors_with_gram(gram)
+    photos = np.array([0, 1, 2, 3, 4, 1])
+    assert cluster_faces(emb, photos).labels.tolist() == [0, 0, 0, 0, 0, -1]
+    labels = cluster_faces(emb, photos, must_link=[[5, 0, 2]]).labels
+    assert labels.tolist() == [0, -1, 0, 0, 0, 0]
+    # The same at the attach stage: a must-linked pair that joins the person by its mean
+    # similarity takes the place of the unlinked face of its photo.
+    gram = np.eye(7)
+    gram[:5, :5] = 0.7
+    gram[5:, :5] = gram[:5, 5:] = 0.28
+    gram[5, 6] = gram[6, 5] = 0.2
+    np.fill_diagonal(gram, 1.0)
+    emb = vectors_with_gram(gram)
+    photos = np.array([0, 1, 2, 3, 4, 1, 5])
+    assert cluster_faces(emb, photos).labels.tolist() == [0, 0, 0, 0, 0, -1, 0]
+    labels = cluster_faces(emb, photos, must_link=[[5, 6]]).labels
+    assert labels.tolist() == [0, -1, 0, 0, 0, 0, 0]
+
+
+def test_cannot_link_splits_what_linkage_would_merge() -> None:
+    emb = two_people(6)
+    labels = cluster_faces(emb, np.arange(12), cannot_link=[(0, 1)]).labels
+    assert labels[0] != labels[1] or labels[0] == -1
+    assert len(set(labels[6:])) == 1 and labels[6] >= 0
+
+
+def test_cannot_link_overrides_the_shared_photo_exception() -> None:
+    # The collage case: two looks of one person merge although one photo shows both.
+    emb = two_looks(12, 0.7, 0.45)
+    photos = np.arange(24)
+    photos[12] = 0
+    assert len(np.unique(cluster_faces(emb, photos).labels)) == 2  # one person and -1
+    labels = cluster_faces(emb, photos, cannot_link=[(1, 13)]).labels
+    assert len(set(labels[:12])) == 1 and len(set(labels[13:])) == 1
+    assert labels[1] != labels[13] and labels[1] >= 0 and labels[13] >= 0
+
+
+def test_cannot_link_keeps_a_face_from_attaching() -> None:
+    gram = np.full((6, 6), 0.7)
+    gram[4, :4] = gram[:4, 4] = 0.3
+    gram[5, :4] = gram[:4, 5] = 0.28
+    gram[4, 5] = gram[5, 4] = 0.0
+    np.fill_diagonal(gram, 1.0)
+    emb = vectors_with_gram(gram)
+    assert cluster_faces(emb, np.arange(6)).labels.tolist() == [0] * 6
+    # Cannot-linked to one face of the group: face 4 stays out, face 5 still joins.
+    labels = cluster_faces(emb, np.arange(6), cannot_link=[(4, 2)]).labels
+    assert labels.tolist() == [0, 0, 0, 0, -1, 0]
+    # Cannot-linked to each other: the stronger (4) joins first, then 5 may not.
+    labels = cluster_faces(emb, np.arange(6), cannot_link=[(5, 4)]).labels
+    assert labels.tolist() == [0, 0, 0, 0, 0, -1]
+
+
+def test_must_link_sets_of_one_photo_never_merge() -> None:
+    # Two must-linked pairs whose faces share photos: they may not end as one group even if
+    # their faces are one person by similarity (one of them would have to leave).
+    gram = np.full((4, 4), 0.8)
+    np.fill_diagonal(gram, 1.0)
+    labels = cluster_faces(
+        vectors_with_gram(gram), np.array([0, 1, 0, 2]), must_link=[[0, 1], [2, 3]]
+    ).labels
+    assert labels[0] == labels[1] >= 0 and labels[2] == labels[3] >= 0
+    assert labels[0] != labels[2]
+
+
+def test_contradicting_constraints_are_refused() -> None:
+    emb = two_people()
+    with pytest.raises(ConstraintConflict, match="cannot-linked"):
+        # 0-1 and 1-2 make 0 and 2 one person; the pair says they are two.
+        cluster_faces(emb, np.arange(8), must_link=[[0, 1], [1, 2]], cannot_link=[(2, 0)])
+    with pytest.raises(ConstraintConflict, match="one photo"):
+        cluster_faces(emb, np.array([0, 0, 1, 2, 3, 4, 5, 6]), must_link=[[0, 1]])
+    with pytest.raises(InvalidConstraint, match="8 faces"):
+        cluster_faces(emb, np.arange(8), must_link=[[0, 8]])
+    with pytest.raises(InvalidConstraint, match="itself"):
+        cluster_faces(emb, np.arange(8), cannot_link=[(3, 3)])
+    with pytest.raises(InvalidConstraint, match="seed"):
+        cluster_faces(emb, np.arange(8), method="seed", cannot_link=[(0, 1)])
+    assert issubclass(ConstraintConflict, ValueError) and issubclass(InvalidConstraint, ValueError)
+
+
+def test_constraints_already_met_change_nothing() -> None:
+    # Seeded random trips with shared photos and weak faces: cannot-links between faces the
+    # grouping already separates, and must-link sets of one face, give exactly the same result.
+    for seed in range(4):
+        rng = np.random.default_rng(seed)
+        emb, truth = people(list(rng.integers(1, 30, size=25)), spread=0.12, seed=seed, dim=128)
+        photos = rng.integers(0, int(len(truth) * 0.6), size=len(truth))
+        quality = rng.uniform(0.7, 1.0, size=len(truth))
+        kwargs = {"quality": quality, "min_quality": 0.9}
+        plain = cluster_faces(emb, photos, **kwargs)
+        grouped = np.flatnonzero(plain.labels >= 0)
+        apart = [
+            (int(a), int(b))
+            for a, b in zip(grouped[:-1], grouped[1:], strict=True)
+            if plain.labels[a] != plain.labels[b]
+        ]
+        assert len(apart) >= 5
+        again = cluster_faces(emb, photos, cannot_link=apart, must_link=[[3]], **kwargs)
+        for name in ("labels", "matched_face", "similarity"):
+            np.testing.assert_array_equal(getattr(again, name), getattr(plain, name))
 
 
 # --- the bench's metrics and baseline ---------------------------------------------------------

@@ -15,11 +15,16 @@ Two methods:
      0.25): a mean over a whole group is steadier than the single pair stage 1 needed.
   Whatever is still alone is "others" (-1). Thresholds and the evidence for them:
   bench/QUALITY.md.
+
+Corrections a person made enter `default` as constraints (`must_link`, `cannot_link`): a
+must-link set starts stage 1 as one cluster that linkage only grows, a cannot-link pair never
+shares a group; see `cluster_faces`.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,6 +41,133 @@ METHODS = ("default", "seed")
 
 class UnknownGroupingMethod(ValueError):
     """The grouping method named in the settings does not exist."""
+
+
+class InvalidConstraint(ValueError):
+    """A must-link or cannot-link constraint names faces that do not exist, or a face twice."""
+
+
+class ConstraintConflict(ValueError):
+    """Constraints contradict each other: a pair is both must- and cannot-linked, or a must-link
+    set holds two faces of one photo. The caller resolves which correction wins first."""
+
+
+@dataclass(frozen=True)
+class Constraints:
+    """Must-link and cannot-link constraints, resolved against the faces.
+
+    anchor: (n,) the must-link component of each face (sets sharing a face are one), -1 if none;
+    cannot: (k, 2) face pairs that may not share a group: the caller's pairs, plus faces of one
+    photo that belong to two different must-link components (one would have to leave the
+    group, and a must-linked face never does).
+    """
+
+    anchor: NDArray[np.int64]
+    cannot: NDArray[np.int64]
+
+    @property
+    def empty(self) -> bool:
+        return not (self.anchor >= 0).any() and len(self.cannot) == 0
+
+    def cannot_partners(self) -> dict[int, set[int]]:
+        """For each face with a cannot-link, the faces it may not share a group with."""
+        out: dict[int, set[int]] = {}
+        for a, b in self.cannot.tolist():
+            out.setdefault(a, set()).add(b)
+            out.setdefault(b, set()).add(a)
+        return out
+
+
+def resolve_constraints(
+    n: int,
+    photo_index: NDArray[np.int64],
+    must_link: Sequence[Sequence[int]] = (),
+    cannot_link: Sequence[tuple[int, int]] = (),
+) -> Constraints:
+    """Check the constraints against `n` faces and join overlapping must-link sets.
+
+    Raises `InvalidConstraint` for a face index outside 0..n-1 or a face cannot-linked to
+    itself, and `ConstraintConflict` when a cannot-link pair ends in one must-link component or
+    a component holds two faces of one photo. Sets of fewer than two faces constrain nothing.
+    """
+    parent = np.arange(n)
+
+    def find(x: int) -> int:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = int(parent[x])
+        return x
+
+    def check(face: int) -> int:
+        if not 0 <= int(face) < n:
+            raise InvalidConstraint(
+                f"constraint names face {face}, but there are {n} faces (0..{n - 1}); "
+                "build constraints from the same face list as the embeddings"
+            )
+        return int(face)
+
+    linked = np.zeros(n, bool)
+    for group in must_link:
+        faces = [check(f) for f in group]
+        if len(set(faces)) < 2:
+            continue
+        linked[faces] = True
+        root = find(faces[0])
+        for face in faces[1:]:
+            other = find(face)
+            if other != root:
+                parent[other] = root
+    anchor = np.full(n, -1, np.int64)
+    if linked.any():
+        roots = np.array([find(int(f)) for f in np.flatnonzero(linked)])
+        _, anchor[linked] = np.unique(roots, return_inverse=True)
+        members = np.flatnonzero(linked)
+        key = anchor[members] * (int(photo_index.max()) + 1) + photo_index[members]
+        uniq, counts = np.unique(key, return_counts=True)
+        if (counts > 1).any():
+            clash = members[key == uniq[counts > 1][0]]
+            raise ConstraintConflict(
+                f"faces {clash.tolist()} are must-linked into one person but come from one "
+                f"photo (index {int(photo_index[clash[0]])}); keep one of them in the set"
+            )
+    pairs: list[tuple[int, int]] = []
+    for a, b in cannot_link:
+        a, b = check(a), check(b)
+        if a == b:
+            raise InvalidConstraint(f"face {a} is cannot-linked to itself; drop that pair")
+        if anchor[a] >= 0 and anchor[a] == anchor[b]:
+            raise ConstraintConflict(
+                f"faces {a} and {b} are both must-linked (through must-link sets sharing "
+                "faces) and cannot-linked; resolve which correction wins before grouping"
+            )
+        pairs.append((min(a, b), max(a, b)))
+    if linked.any():
+        # Faces of one photo in two must-link components: the components may not merge.
+        members = np.flatnonzero(linked)
+        order = members[np.argsort(photo_index[members], kind="stable")]
+        photos = photo_index[order]
+        for start, stop in _runs(photos):
+            for x in range(start, stop):
+                for y in range(x + 1, stop):
+                    a, b = int(order[x]), int(order[y])
+                    pairs.append((min(a, b), max(a, b)))
+    cannot = np.array(sorted(set(pairs)), np.int64).reshape(-1, 2)
+    return Constraints(anchor, cannot)
+
+
+def _runs(values: NDArray[np.int64]) -> list[tuple[int, int]]:
+    """(start, stop) of each run of equal values longer than one in a sorted array."""
+    if len(values) == 0:
+        return []
+    edges = np.flatnonzero(np.diff(values)) + 1
+    starts = np.concatenate([[0], edges])
+    stops = np.concatenate([edges, [len(values)]])
+    return [(int(a), int(b)) for a, b in zip(starts, stops, strict=True) if b - a > 1]
+
+
+def no_constraints(n: int) -> Constraints:
+    """Constraints that constrain nothing, for `n` faces."""
+    return Constraints(np.full(n, -1, np.int64), np.zeros((0, 2), np.int64))
 
 
 @dataclass(frozen=True)
@@ -124,7 +256,11 @@ def _shared_photo_limit(
 
 
 def _average_linkage(
-    sim: NDArray[np.float64], shared: NDArray[np.floating], threshold: float
+    sim: NDArray[np.float64],
+    shared: NDArray[np.floating],
+    threshold: float,
+    start: NDArray[np.int64] | None = None,
+    cannot: NDArray[np.int64] | None = None,
 ) -> NDArray[np.int64]:
     """Cluster ids (0..k-1, by first face) from constrained average-linkage merging.
 
@@ -138,14 +274,34 @@ def _average_linkage(
     Keeps, per cluster, the sum of its similarities to every other cluster and its best
     partner, so a merge costs O(m) plus the rows whose best partner it touched (instead of
     a full O(m^2) scan): a 3000-face trip groups in well under a second.
+
+    `start` (m,): the initial cluster of each face (0..c-1; must-link sets), instead of one
+    cluster per face; `cannot` (k, 2): face pairs whose clusters may never merge.
     """
-    m = sim.shape[0]
-    total = np.array(sim, np.float64, copy=True)
-    pairs = np.array(shared, np.float64, copy=True)
-    np.fill_diagonal(pairs, 0.0)
-    sizes = np.ones(m)
+    if start is None:
+        m = sim.shape[0]
+        total = np.array(sim, np.float64, copy=True)
+        pairs = np.array(shared, np.float64, copy=True)
+        np.fill_diagonal(pairs, 0.0)
+        sizes = np.ones(m)
+    else:
+        m = int(start.max()) + 1
+        member = np.zeros((sim.shape[0], m))
+        member[np.arange(sim.shape[0]), start] = 1.0
+        total = member.T @ np.asarray(sim, np.float64) @ member
+        pairs = member.T @ np.asarray(shared, np.float64) @ member
+        np.fill_diagonal(pairs, 0.0)
+        sizes = member.sum(axis=0)
+    forbid = None
+    if cannot is not None and len(cannot):
+        forbid = np.zeros((m, m), bool)
+        ends = cannot if start is None else start[cannot]
+        forbid[ends[:, 0], ends[:, 1]] = forbid[ends[:, 1], ends[:, 0]] = True
     alive = np.ones(m, bool)
-    score = np.where(pairs > 0, -np.inf, total)
+    limit = _shared_photo_limit(sizes[:, None], sizes[None, :])
+    score = np.where(pairs > limit, -np.inf, total / np.outer(sizes, sizes))
+    if forbid is not None:
+        score[forbid] = -np.inf
     np.fill_diagonal(score, -np.inf)
     best = np.argmax(score, axis=1)
     best_score = score[np.arange(m), best]
@@ -165,6 +321,10 @@ def _average_linkage(
         owner[owner == j] = i
         row = total[i] / (sizes[i] * sizes)
         row[(pairs[i] > _shared_photo_limit(sizes[i], sizes)) | ~alive] = -np.inf
+        if forbid is not None:
+            forbid[i, :] |= forbid[j, :]
+            forbid[:, i] = forbid[i, :]
+            row[forbid[i]] = -np.inf
         row[i] = -np.inf
         score[i, :] = row
         score[:, i] = row
@@ -181,16 +341,22 @@ def _average_linkage(
         best_score[better] = row[better]
         best[i] = int(np.argmax(score[i]))
         best_score[i] = score[i, best[i]]
+    if start is not None:
+        owner = owner[start]
     _, ids = np.unique(owner, return_inverse=True)
     return ids.astype(np.int64)
 
 
 def _one_face_per_photo(
-    sim: NDArray[np.float32], photo_index: NDArray[np.int64], labels: NDArray[np.int64]
+    sim: NDArray[np.float32],
+    photo_index: NDArray[np.int64],
+    labels: NDArray[np.int64],
+    pinned: NDArray[np.bool_] | None = None,
 ) -> NDArray[np.int64]:
     """In each group, of the faces that share a photo only the one most similar on average to
-    the group's other photos stays; the rest leave the group (-1), as does a group left with
-    a single face."""
+    the group's other photos stays (a `pinned`, must-linked, face always: there is at most one
+    per photo in a group); the rest leave the group (-1), as does a group left with a single
+    face."""
     out = labels.copy()
     for label in np.unique(labels[labels >= 0]):
         members = np.flatnonzero(labels == label)
@@ -199,7 +365,9 @@ def _one_face_per_photo(
         for photo in shared[counts > 1]:
             faces = members[photos == photo]
             rest = members[photos != photo]
-            if len(rest):
+            if pinned is not None and pinned[faces].any():
+                keep = faces[np.flatnonzero(pinned[faces])[0]]
+            elif len(rest):
                 keep = faces[int(np.argmax(sim[np.ix_(faces, rest)].mean(axis=1)))]
             else:
                 keep = faces[0]
@@ -231,15 +399,25 @@ def _core_groups(
     photo_index: NDArray[np.int64],
     threshold: float,
     strong: NDArray[np.bool_],
+    constraints: Constraints,
 ) -> NDArray[np.int64]:
     """Stage 1: constrained average linkage of the `strong` faces at `threshold`; groups of
-    one face, and weak faces, get -1."""
+    one face, and weak faces, get -1. Must-linked faces count as strong, and each must-link
+    component starts as one cluster."""
     n = sim.shape[0]
     labels = np.full(n, -1, np.int64)
+    anchor = constraints.anchor
+    pinned = anchor >= 0
+    strong = strong | pinned
     # Faces that share no edge above the threshold can never merge: cluster each
     # connected component of the threshold graph on its own (keeps big trips tractable).
     # Weak faces have no edges, so they can neither found a group nor bridge two.
     edges = (sim > threshold) & strong[:, None] & strong[None, :]
+    if pinned.any():
+        faces = np.flatnonzero(pinned)
+        order = faces[np.argsort(anchor[faces], kind="stable")]
+        same = anchor[order[1:]] == anchor[order[:-1]]
+        edges[order[1:][same], order[:-1][same]] = True
     n_comp, component = connected_components(csr_matrix(edges), directed=False)
     next_label = 0
     for comp in range(n_comp):
@@ -248,13 +426,38 @@ def _core_groups(
             continue
         block = sim[np.ix_(members, members)].astype(np.float64)
         photos = photo_index[members]
-        ids = _average_linkage(block, photos[:, None] == photos[None, :], threshold)
+        shared = photos[:, None] == photos[None, :]
+        if pinned.any():
+            # A must-linked face and an unlinked one of the same photo do not keep their
+            # clusters apart: the unlinked one leaves afterwards (`_one_face_per_photo`).
+            shared &= pinned[members][:, None] == pinned[members][None, :]
+        start, cannot = _local_constraints(members, constraints)
+        ids = _average_linkage(block, shared, threshold, start=start, cannot=cannot)
         for cid in np.unique(ids):
             faces = members[ids == cid]
             if len(faces) >= 2:
                 labels[faces] = next_label
                 next_label += 1
-    return _one_face_per_photo(sim, photo_index, labels)
+    return _one_face_per_photo(sim, photo_index, labels, pinned if pinned.any() else None)
+
+
+def _local_constraints(
+    members: NDArray[np.int64], constraints: Constraints
+) -> tuple[NDArray[np.int64] | None, NDArray[np.int64] | None]:
+    """The constraints of one component (`members`, sorted face indices) in its own indices:
+    the initial cluster of each member (None: one each) and its cannot-link pairs (None)."""
+    anchor = constraints.anchor[members]
+    start = None
+    if (anchor >= 0).any():
+        key = np.where(anchor >= 0, anchor, -1 - np.arange(len(members)))
+        _, start = np.unique(key, return_inverse=True)
+        start = start.astype(np.int64)
+    cannot = None
+    if len(constraints.cannot):
+        inside = np.isin(constraints.cannot, members).all(axis=1)
+        if inside.any():
+            cannot = np.searchsorted(members, constraints.cannot[inside])
+    return start, cannot
 
 
 MIN_DETECTION_SCORE: dict[str, float] = {"mtcnn": 0.9}
@@ -273,6 +476,7 @@ def _attach_small_groups(
     photo_index: NDArray[np.int64],
     labels: NDArray[np.int64],
     threshold: float,
+    constraints: Constraints,
 ) -> NDArray[np.int64]:
     """Stage 2: faces left alone and pairs join, as a unit, the established group (3+ faces)
     they resemble most on average, if that mean similarity is above `threshold` and the group
@@ -280,7 +484,9 @@ def _attach_small_groups(
 
     A mean over a whole group is a steadier estimate than the one pair that stage 1 needed
     above its cut, so it can use a lower bar; loners never form new groups here, and units join
-    strongest first so that a photo gives a group at most one face.
+    strongest first so that a photo gives a group at most one face. A unit never joins a group
+    that holds a face cannot-linked to one of its faces (including faces that joined earlier in
+    this stage); a must-linked pair is a small group like any other, and joins as a whole.
     """
     ids, counts = np.unique(labels[labels >= 0], return_counts=True)
     groups = ids[counts >= ESTABLISHED_GROUP]
@@ -302,8 +508,27 @@ def _attach_small_groups(
     photos_in = np.zeros((int(photo_index.max()) + 1, len(groups)), bool)
     grouped = np.isin(labels, groups)
     photos_in[photo_index[grouped], np.searchsorted(groups, labels[grouped])] = True
+    # A must-linked face only gives way to a must-linked face of its photo in the group; an
+    # unlinked face there leaves the group when it joins.
+    pinned = constraints.anchor >= 0
+    pinned_in = np.zeros_like(photos_in)
+    held = grouped & pinned
+    pinned_in[photo_index[held], np.searchsorted(groups, labels[held])] = True
+
+    def blocked(unit_faces: NDArray[np.int64]) -> NDArray[np.bool_]:
+        rows = photo_index[unit_faces]
+        return np.where(pinned[unit_faces][:, None], pinned_in[rows], photos_in[rows])
+
     conflict = np.zeros((n_units, len(groups)), bool)
-    np.logical_or.at(conflict, unit, photos_in[photo_index[faces]])
+    np.logical_or.at(conflict, unit, blocked(faces))
+    partners = constraints.cannot_partners()
+    unit_of = np.full(len(labels), -1, np.int64)
+    unit_of[faces] = unit
+    for a, others in partners.items():
+        if unit_of[a] >= 0:
+            for b in others:
+                if labels[b] in groups:
+                    conflict[unit_of[a], np.searchsorted(groups, labels[b])] = True
     mean[conflict] = -np.inf
     choice = np.argmax(mean, axis=1)
     value = mean[np.arange(n_units), choice]
@@ -313,8 +538,15 @@ def _attach_small_groups(
             break
         unit_faces = faces[unit == u]
         group = choice[u]
-        if photos_in[photo_index[unit_faces], group].any():
+        if blocked(unit_faces)[:, group].any():
             continue  # a unit that joined before took this photo's place in the group
+        if any(out[b] == groups[group] for a in unit_faces for b in partners.get(int(a), ())):
+            continue  # a unit that joined before holds a face this one may not be with
+        for face in unit_faces[pinned[unit_faces]]:
+            if photos_in[photo_index[face], group]:
+                gives_way = (out == groups[group]) & (photo_index == photo_index[face])
+                out[gives_way] = -1
+            pinned_in[photo_index[face], group] = True
         photos_in[photo_index[unit_faces], group] = True
         out[unit_faces] = groups[group]
     return out
@@ -326,9 +558,10 @@ def _default_clustering(
     threshold: float,
     attach_threshold: float,
     strong: NDArray[np.bool_],
+    constraints: Constraints,
 ) -> Clustering:
-    labels = _core_groups(sim, photo_index, threshold, strong)
-    labels = _attach_small_groups(sim, photo_index, labels, attach_threshold)
+    labels = _core_groups(sim, photo_index, threshold, strong, constraints)
+    labels = _attach_small_groups(sim, photo_index, labels, attach_threshold, constraints)
     labels = _relabel_by_first_face(labels)
     matched, similarity = _explain(sim, labels)
     return Clustering(labels, matched, similarity)
@@ -354,6 +587,8 @@ def cluster_faces(
     attach_threshold: float | None = None,
     quality: NDArray[np.floating] | None = None,
     min_quality: float | None = None,
+    must_link: Sequence[Sequence[int]] = (),
+    cannot_link: Sequence[tuple[int, int]] = (),
 ) -> Clustering:
     """Group L2-normalised face embeddings (n, d); `photo_index` says which photo each face is in.
 
@@ -364,10 +599,29 @@ def cluster_faces(
     `MIN_DETECTION_SCORE[detector]`): faces under `min_quality` (blurred, cut off, or no face at
     all) never found or bridge a group in stage 1; they may still join an established group in
     stage 2.
+
+    Constraints (face indices; a person's corrections, `default` only):
+    - `must_link`: each set of faces ends in one group (label >= 0), whatever their similarity
+      or quality: sets sharing a face are one set, which starts stage 1 as one cluster that
+      average linkage grows but never splits; the one-face-per-photo rule never removes a
+      must-linked face; a set still small after stage 1 may join an established group whole;
+    - `cannot_link`: the two faces of a pair never end in one group (not by linkage, not by the
+      shared-photo exception, not by attach).
+    `ConstraintConflict` when they contradict each other (a pair both must- and cannot-linked,
+    or two faces of one photo must-linked), `InvalidConstraint` for an unknown face index.
+    Without constraints the result is exactly the unconstrained grouping.
     """
     if method not in METHODS:
         raise UnknownGroupingMethod(f"unknown grouping method {method!r}; use one of {METHODS}")
     n = embeddings.shape[0]
+    photo_index = np.asarray(photo_index, np.int64)
+    constraints = (
+        resolve_constraints(n, photo_index, must_link, cannot_link)
+        if len(must_link) or len(cannot_link)
+        else no_constraints(n)
+    )
+    if method == "seed" and not constraints.empty:
+        raise InvalidConstraint("the seed grouping takes no constraints; use method='default'")
     if n == 0:
         empty = np.zeros(0, np.int64)
         return Clustering(empty, empty.copy(), np.zeros(0, np.float32))
@@ -381,4 +635,4 @@ def cluster_faces(
     strong = np.ones(n, bool)
     if quality is not None and min_quality is not None:
         strong = np.asarray(quality) >= min_quality
-    return _default_clustering(sim, np.asarray(photo_index, np.int64), cut, attach, strong)
+    return _default_clustering(sim, photo_index, cut, attach, strong, constraints)
