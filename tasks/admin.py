@@ -44,6 +44,12 @@ def register(subparsers: Any) -> None:
         action="store_true",
         help="analyse every photo again (default: only new photos and those that failed)",
     )
+    rerun.add_argument(
+        "--forget-corrections",
+        action="store_true",
+        help="first forget the trip's corrections (links people added or removed in the web "
+        "app): the job then writes the worker's own grouping over them",
+    )
     rerun.add_argument("--wait", action="store_true", help="show the job's progress until it ends")
     rerun.add_argument(
         "--timeout", type=float, default=None, help="with --wait: give up waiting after SECONDS"
@@ -106,6 +112,8 @@ def register(subparsers: Any) -> None:
 
 def cmd_rerun(args: argparse.Namespace) -> int:
     """Queue `aftertrip.group_trip` for a trip; with --wait, follow its PROGRESS."""
+    if args.forget_corrections and _forget_corrections(args.trip) != 0:
+        return 1
     if args.inline:
         return _run_inline(args)
     from tasks.client import enqueue_trip
@@ -120,6 +128,27 @@ def cmd_rerun(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         console.print(f"still queued or running: `aftertrip-faces status --trip {args.trip}`")
         return 130
+
+
+def _forget_corrections(trip_id: int) -> int:
+    from db.crud import TripNotFound, forget_corrections
+    from db.session import make_engine, make_sessionmaker
+
+    console = _console()
+    engine = make_engine(_settings().database_url)
+    try:
+        with make_sessionmaker(engine)() as session:
+            forgotten = forget_corrections(session=session, trip_id=trip_id)
+    except TripNotFound as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        return 1
+    finally:
+        engine.dispose()
+    console.print(
+        f"forgot {forgotten} correction(s) of trip {trip_id}: "
+        "the next job writes the worker's own grouping"
+    )
+    return 0
 
 
 def _run_inline(args: argparse.Namespace) -> int:
@@ -201,6 +230,7 @@ def _follow(result: Any, timeout: float | None, console: Console) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     """Print a trip's recent jobs, photo and face counts, and the photos that failed."""
     from rich.table import Table
+    from rich.text import Text
 
     from db.crud import TripNotFound, trip_folders, trip_status
     from db.session import make_engine, make_sessionmaker
@@ -249,6 +279,23 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"{len(folder.photo_files)}: {shown}{more}",
         )
     console.print(table)
+    if status.corrections:
+        corrections = Table(title="corrections in force (links people changed)")
+        for column in ("kind", "photo", "file", "folder", "since job", "noticed"):
+            corrections.add_column(column)
+        for c in status.corrections:
+            where = f"{c.tag_id} {c.folder_name}".strip()
+            kind = c.kind if c.active else f"{c.kind} (photo deleted: blocks nothing)"
+            # Names are the users' own: printed as text, never as markup.
+            corrections.add_row(
+                kind,
+                str(c.photo_id),
+                Text(c.file_name),
+                Text(where),
+                str(c.job_id) if c.job_id is not None else "-",
+                _when(c.noticed_at),
+            )
+        console.print(corrections)
     if status.errors:
         errors = Table(title="photos that failed")
         for column in ("photo", "file", "status", "error"):

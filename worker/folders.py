@@ -169,9 +169,6 @@ def default_clusterer(
     rule: GroupingRule,
 ) -> Clustering:
     """`worker.cluster.cluster_faces` with the rule's settings and the constraints."""
-    extra: dict[str, object] = {}
-    if constraints:
-        extra = {"must_link": constraints.must_link, "cannot_link": constraints.cannot_link}
     return cluster_faces(
         vectors,
         photo_index,
@@ -180,7 +177,8 @@ def default_clusterer(
         embedder=rule.embedder,
         quality=quality,
         min_quality=rule.min_quality,
-        **extra,  # type: ignore[arg-type]
+        must_link=constraints.must_link,
+        cannot_link=constraints.cannot_link,
     )
 
 
@@ -500,13 +498,14 @@ class _Resolver:
         for a in range(len(reps)):
             for b in range(a + 1, len(reps)):
                 out.cannot_link.append((reps[a][0], reps[b][0]))
-        # A face forbidden a folder never joins that folder's faces.
+        # A face forbidden a folder never joins that folder's faces (unless a later correction
+        # must-linked them: then the pair is left out, as it would contradict).
         for i, banned in sorted(self.forbidden.items()):
             for folder in sorted(banned):
-                if folder in folder_rep:
-                    out.cannot_link.append((i, folder_rep[folder][0]))
-                else:
-                    out.cannot_link.extend((i, j) for j in self._folder_faces(folder) if j != i)
+                others = (
+                    folder_rep[folder][:1] if folder in folder_rep else self._folder_faces(folder)
+                )
+                out.cannot_link.extend((i, j) for j in others if self.root(j) != self.root(i))
         return out
 
     def keep_forced_together(self, labels: NDArray[np.int64]) -> NDArray[np.int64]:
