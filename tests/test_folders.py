@@ -259,3 +259,31 @@ def test_a_near_copy_follows_the_corrected_face(kind: CorrectionKind) -> None:
     else:
         assert (4, 0) in recorder.constraints.cannot_link
         assert 10 not in _folders_of(plan, 200)
+
+
+def test_corrections_through_the_real_grouping() -> None:
+    """`cluster_faces` with the plan's constraints: a removed face leaves its look-alikes, a
+    face added to a folder of someone else joins it, and so does its near copy."""
+    cast = Cast(seed=5)
+    photos = [["A"], ["A"], ["A"], ["A"], ["B"], ["B"], ["C"]]
+    faces = cast.faces(photos, folders={"A": 10, "B": 11})
+    c_copy = TripFace(
+        photo_id=300,
+        vector=_unit(faces[6].vector + 0.1 * cast.vector("noise")),
+        score=0.9,
+        box=(0.0, 0.0, 80.0, 100.0),
+    )
+    folders = [Folder(10, 0, True), Folder(11, 1, False)]
+    directions = folder_directions([f.vector for f in faces[:6]], [10] * 4 + [11] * 2)
+    plain = _plan([*faces, c_copy], folders, directions=directions)
+    assert _folders_of(plain, 103) == {10} and 10 not in _folders_of(plain, 106)
+    corrections = [
+        Correction(photo_id=103, folder_id=10, kind=REMOVED, order=1),
+        Correction(photo_id=106, folder_id=11, kind=ADDED, order=2),
+    ]
+    plan = _plan([*faces, c_copy], folders, directions=directions, corrections=corrections)
+    assert plan.corrections.honoured == sorted(corrections, key=lambda c: -c.order)
+    assert 10 not in _folders_of(plan, 103)
+    assert {p for p, tag in plan.links if tag == 10} == {100, 101, 102}
+    assert {p for p, tag in plan.links if tag == 11} == {104, 105, 106, 300}
+    assert plan.corrections.followers == 1
