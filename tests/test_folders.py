@@ -287,3 +287,16 @@ def test_corrections_through_the_real_grouping() -> None:
     assert {p for p, tag in plan.links if tag == 10} == {100, 101, 102}
     assert {p for p, tag in plan.links if tag == 11} == {104, 105, 106, 300}
     assert plan.corrections.followers == 1
+
+
+def test_constraints_the_grouping_refuses_fail_with_what_to_do() -> None:
+    from worker.cluster import ConstraintConflict
+    from worker.folders import CorrectionsUnresolved
+
+    def refusing(*args: object) -> Clustering:
+        raise ConstraintConflict("faces 0 and 1 are both must- and cannot-linked")
+
+    faces = Cast().faces([["A"], ["A"]], folders={"A": 10})
+    removed = Correction(photo_id=100, folder_id=10, kind=REMOVED, order=1)
+    with pytest.raises(CorrectionsUnresolved, match="--forget-corrections"):
+        _plan(faces, [Folder(10, 0, False)], corrections=[removed], clusterer=refusing)

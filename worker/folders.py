@@ -35,13 +35,19 @@ import numpy as np
 from numpy.typing import NDArray
 from scipy.optimize import linear_sum_assignment
 
-from worker.cluster import Clustering, cluster_faces
+from worker.cluster import Clustering, ConstraintConflict, cluster_faces
 from worker.detect import box_iou, cover_score
+from worker.errors import AfterTripError
 
 logger = logging.getLogger(__name__)
 
 BOX_MATCH_IOU = 0.5
 """A re-detected face inherits the folder of the old face it overlaps at least this much."""
+
+
+class CorrectionsUnresolved(AfterTripError):
+    """The corrections still contradict each other after the latest-wins rule (a bug of the
+    resolver, not of the person): the job fails and the previous folders stay."""
 
 
 class CorrectionKind(StrEnum):
@@ -263,13 +269,20 @@ def plan_folders(
     resolver = _Resolver(faces, vectors, directions, rule.threshold)
     outcome = resolver.resolve(usable)
     if n:
-        clustering = clusterer(
-            vectors,
-            photo_index,
-            np.asarray([f.score for f in faces], np.float32),
-            resolver.constraints(),
-            rule,
-        )
+        try:
+            clustering = clusterer(
+                vectors,
+                photo_index,
+                np.asarray([f.score for f in faces], np.float32),
+                resolver.constraints(),
+                rule,
+            )
+        except ConstraintConflict as exc:
+            raise CorrectionsUnresolved(
+                f"the trip's corrections could not be made consistent ({exc}); nothing was "
+                "written. `aftertrip-faces status --trip ID` lists them; `aftertrip-faces rerun "
+                "--trip ID --forget-corrections` drops them and regroups"
+            ) from exc
         labels = clustering.labels.copy()
         matched, similarity = clustering.matched_face, clustering.similarity
     else:
