@@ -300,3 +300,25 @@ def test_constraints_the_grouping_refuses_fail_with_what_to_do() -> None:
     removed = Correction(photo_id=100, folder_id=10, kind=REMOVED, order=1)
     with pytest.raises(CorrectionsUnresolved, match="--forget-corrections"):
         _plan(faces, [Folder(10, 0, False)], corrections=[removed], clusterer=refusing)
+
+
+def test_faces_already_placed_with_someone_else_do_not_follow() -> None:
+    """A face the worker put in another person's folder stays there even when its nearest
+    face is one a person added elsewhere (only new faces follow)."""
+    cast = Cast(seed=7)
+    photos = [["A"], ["A"], ["C"], ["C"]]
+    faces = cast.faces(photos, folders={"A": 10, "C": 12})
+    faces[3] = TripFace(
+        photo_id=103,
+        vector=_unit(faces[2].vector + 0.05 * cast.vector("noise")),
+        score=0.9,
+        box=(0.0, 0.0, 80.0, 100.0),
+        folder=12,
+    )
+    recorder = Recorder(_truth(photos))
+    added = Correction(photo_id=102, folder_id=10, kind=ADDED, order=1)
+    plan = _plan(
+        faces, [Folder(10, 0, False), Folder(12, 1, False)], corrections=[added], clusterer=recorder
+    )
+    assert plan.corrections.followers == 0
+    assert _folders_of(plan, 102) == {10} and 10 not in _folders_of(plan, 103)

@@ -15,8 +15,9 @@ Corrections are constraints of the grouping, never a patch after it:
   (cannot-link), no group holding a face of p may be F, and the link is never desired again;
 - an added link (p, F): the face of p that fits F best is must-linked with F's faces and its
   group is F; the link is always desired;
-- faces added later follow a corrected face they are nearest to (at or above the grouping
-  threshold): a near-copy of a removed photo stays out, a second photo of an added face joins;
+- faces added later (in no person folder yet) follow a corrected face they are nearest to (at
+  or above the grouping threshold): a near-copy of a removed photo stays out, a second photo
+  of an added face joins;
 - where corrections contradict each other, the latest (highest `order`) wins; the others are
   reported as overruled.
 A merge of two folders by a person arrives as added links to the surviving folder (and removed
@@ -468,13 +469,20 @@ class _Resolver:
             close = np.flatnonzero((sims >= self.threshold).any(axis=1))
             candidates = [int(i) for i in close if int(i) not in constrained]
             next_frontier: list[int] = []
-            for i in candidates:
-                nearest = self._nearest(i)
+            for i, nearest in zip(candidates, self._nearest(candidates), strict=True):
                 if nearest is None or nearest not in self.seeds:
                     continue
                 kind, folder = self.seeds[nearest]
-                if self.faces[i].folder == folder:
-                    continue  # left in the folder by the person: not a follower
+                # Only faces the worker has not placed with someone else follow: new ones (no
+                # folder), and those already beside the corrected face. A face the person left
+                # in the folder, or one in another person's folder, stays where it is.
+                own = self.faces[i].folder
+                if kind is CorrectionKind.ADDED:
+                    allowed = own is None or own == folder
+                else:
+                    allowed = own is None or (own != folder and own == self.faces[nearest].folder)
+                if not allowed:
+                    continue
                 if kind is CorrectionKind.ADDED:
                     if not self._can_join(i, folder):
                         continue
@@ -490,12 +498,19 @@ class _Resolver:
             frontier = next_frontier
         return followers
 
-    def _nearest(self, i: int) -> int | None:
-        sims = self.vectors @ self.vectors[i]
-        same_photo = self.by_photo[self.faces[i].photo_id]
-        sims[same_photo] = -np.inf
-        best = int(np.argmax(sims))
-        return best if sims[best] >= self.threshold else None
+    def _nearest(self, faces: list[int], block: int = 256) -> list[int | None]:
+        """Each face's most similar face in another photo, if at or above the threshold
+        (computed a block of faces at a time: memory grows with the trip, not its square)."""
+        photo_of = np.asarray([f.photo_id for f in self.faces])
+        out: list[int | None] = []
+        for start in range(0, len(faces), block):
+            rows = faces[start : start + block]
+            sims = self.vectors[rows] @ self.vectors.T
+            sims[photo_of[rows][:, None] == photo_of[None, :]] = -np.inf
+            best = np.argmax(sims, axis=1)
+            for k, j in enumerate(best):
+                out.append(int(j) if sims[k, j] >= self.threshold else None)
+        return out
 
     def constraints(self) -> Constraints:
         out = Constraints()
