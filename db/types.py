@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, DateTime, Integer, Uuid
+from sqlalchemy import BigInteger, DateTime, Integer, String, Uuid
 from sqlalchemy.dialects import mysql
 from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator, TypeEngine
@@ -14,11 +15,41 @@ from sqlalchemy.types import TypeDecorator, TypeEngine
 # BigAutoField is "integer ... AUTOINCREMENT" there and bigint everywhere else.
 BigId = BigInteger().with_variant(Integer(), "sqlite")
 
-# Django's UUIDField: native `uuid` on PostgreSQL, char(32) hex without dashes elsewhere.
-# SQLAlchemy's non-native Uuid writes exactly that hex; on reads it accepts hex with or
-# without dashes, so a MariaDB >= 10.7 column that Django 5 created as native UUID reads
-# correctly too (writing to one would need dashes; the worker never writes file_key).
-DjangoUUID = Uuid(as_uuid=True, native_uuid=False).with_variant(Uuid(as_uuid=True), "postgresql")
+
+class DjangoUUIDType(TypeDecorator[Any]):
+    """Django's UUIDField, read leniently: a `uuid.UUID`, or the raw text when it is not one.
+
+    Native `uuid` on PostgreSQL; `char(32)` hex without dashes elsewhere (what Django writes;
+    UUIDs are written that way here too). On MySQL/MariaDB/SQLite the column holds any text,
+    and one row's bad value (`../../etc/passwd`) must not make every read of its trip raise:
+    such a value is returned as the `str` it is, and `db.webapp.Photo.key_error` says why it
+    is refused. Reads hex with or without dashes, so a MariaDB >= 10.7 column that Django 5
+    created as native UUID reads correctly too (the worker never writes file_key).
+    """
+
+    impl = String(32)
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> TypeEngine[Any]:
+        if dialect.name == "postgresql":
+            return dialect.type_descriptor(Uuid(as_uuid=True))
+        return dialect.type_descriptor(String(32))
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
+        if isinstance(value, uuid.UUID) and dialect.name != "postgresql":
+            return value.hex
+        return value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> uuid.UUID | str | None:
+        if value is None or isinstance(value, uuid.UUID):
+            return value
+        try:
+            return uuid.UUID(str(value))
+        except ValueError:
+            return str(value)
+
+
+DjangoUUID = DjangoUUIDType()
 
 # Like Django with USE_TZ: microsecond datetimes, stored in UTC.
 _MYSQL_DATETIME = mysql.DATETIME(fsp=6)

@@ -89,7 +89,7 @@ class Photo(WebAppBase):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
     deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    file_key: Mapped[uuid.UUID] = mapped_column(DjangoUUID, unique=True, default=uuid.uuid4)
+    file_key: Mapped[uuid.UUID | str] = mapped_column(DjangoUUID, unique=True, default=uuid.uuid4)
     file_name: Mapped[str] = mapped_column(String(255), default="")
     trip_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("trips_trip.id"), index=True)
     url: Mapped[str] = mapped_column(Text, default="")
@@ -98,8 +98,23 @@ class Photo(WebAppBase):
     is_sorted_yolo: Mapped[bool] = mapped_column(Boolean, default=False)
 
     @property
+    def key_error(self) -> str | None:
+        """Why `file_key` cannot name an S3 object (it is not a UUID), None when it can."""
+        if isinstance(self.file_key, uuid.UUID):
+            return None
+        return (
+            f"file_key {str(self.file_key)[:40]!r} is not a UUID: the web app stores every "
+            "photo under a UUID; fix or delete this row (the photo was not read)"
+        )
+
+    @property
     def s3_key(self) -> str:
-        """The S3 object key of the photo: `str(file_key)`, lowercase with dashes."""
+        """The S3 object key of the photo: `str(file_key)`, lowercase with dashes.
+
+        Raises `InvalidFileKey` when the row's file_key is not a UUID: such text never
+        becomes an object key (see `key_error`)."""
+        if self.key_error is not None:
+            raise InvalidFileKey(f"photo {self.id}: {self.key_error}")
         return str(self.file_key)
 
 
@@ -258,6 +273,10 @@ _DDL_BY_DIALECT = {
 }
 
 WEBAPP_TABLES = ("trips_trip", "photos_tagface", "photos_photo", "photos_photo_tag_face")
+
+
+class InvalidFileKey(AfterTripError):
+    """A photos_photo row's file_key is not a UUID (only char(32) columns can hold one)."""
 
 
 class SharedFoldersError(AfterTripError):

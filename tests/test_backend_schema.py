@@ -15,12 +15,14 @@ import pytest
 from sqlalchemy import Engine, func, select, text
 from sqlalchemy.orm import Session
 
+from db import crud
 from db.models import Face, PhotoAnalysis
 from db.session import make_engine, upgrade
 from db.webapp import (
     NO_FACE_TAG_ID,
     OTHERS_TAG_ID,
     SHARED_TAG_IDS,
+    InvalidFileKey,
     PhotoTagFace,
     SharedFoldersError,
     TagFace,
@@ -28,6 +30,7 @@ from db.webapp import (
 from tests.dbfixtures import (  # noqa: F401  (fixtures)
     db_backend,
     empty_db_url,
+    fresh_db_url,
     webapp_db_url,
 )
 from tests.servicefixtures import ROOT
@@ -146,5 +149,36 @@ def test_after_db_upgrade_people_never_take_a_shared_folder(webapp_db_url: str) 
         assert links[photo_ids[4]] == {NO_FACE_TAG_ID}  # the photo without a face
         assert OTHERS_TAG_ID in links[photo_ids[5]]  # D, seen once
         assert _shared_rows(engine)[:2] == [(1, -2, "no faces"), (2, -1, "others")]
+    finally:
+        engine.dispose()
+
+
+def test_a_file_key_that_is_not_a_uuid_is_read_and_refused(
+    db_backend: str, request: pytest.FixtureRequest
+) -> None:
+    """char(32) holds any text: the row reads, its photo says why it is refused."""
+    if db_backend == "postgresql":
+        pytest.skip("PostgreSQL's uuid column cannot hold a value that is not a UUID")
+    url = request.getfixturevalue("fresh_db_url")
+    engine = make_engine(url)
+    try:
+        trip_id, photo_ids = _trip(engine, 1)
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO photos_photo (created_at, updated_at, file_key, file_name, url, "
+                    "is_sorted_yolo, trip_id) VALUES "
+                    "('2024-05-01', '2024-05-01', '../../etc/passwd', 'x.jpg', '', 0, :trip)"
+                ),
+                {"trip": trip_id},
+            )
+        with Session(engine) as session:
+            photos = crud.trip_photos(session=session, trip_id=trip_id)
+            good, bad = sorted(photos, key=lambda p: p.id)
+            assert good.key_error is None and good.s3_key == str(good.file_key)
+            assert bad.file_key == "../../etc/passwd"
+            assert bad.key_error is not None and "not a UUID" in bad.key_error
+            with pytest.raises(InvalidFileKey, match="etc/passwd"):
+                bad.s3_key  # noqa: B018  (the property raises)
     finally:
         engine.dispose()
