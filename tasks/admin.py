@@ -138,7 +138,7 @@ def _run_inline(args: argparse.Namespace) -> int:
     store = open_photo_store(settings)
     client = getattr(store, "client", None)
     pipeline = FacePipeline(settings, fetch=partial(s3_fetch, client=client))
-    engine = make_engine(settings.database_url)
+    engine = make_engine(settings.database_url, time_zone=settings.webapp_time_zone)
     try:
         with Progress(console=console) as progress:
             bar = progress.add_task(f"trip {args.trip}", total=None)
@@ -206,7 +206,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     from db.session import make_engine, make_sessionmaker
 
     console = _console()
-    engine = make_engine(_settings().database_url)
+    settings = _settings()
+    engine = make_engine(settings.database_url, time_zone=settings.webapp_time_zone)
     try:
         with make_sessionmaker(engine)() as session:
             status = trip_status(session=session, trip_id=args.trip, limit=args.limit)
@@ -286,7 +287,7 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
             return 2
         from db.webapp import create_webapp_tables
 
-        engine = make_engine(url)
+        engine = make_engine(url, time_zone=settings.webapp_time_zone)
         try:
             create_webapp_tables(engine)
         finally:
@@ -327,7 +328,7 @@ def cmd_import_trip(args: argparse.Namespace) -> int:
         console.print(f"[red]error:[/red] no photos in {folder}")
         return 2
     store = open_photo_store(settings)
-    engine = make_engine(settings.database_url)
+    engine = make_engine(settings.database_url, time_zone=settings.webapp_time_zone)
     try:
         with make_sessionmaker(engine).begin() as session:
             trip = Trip(place=args.place, group_id=1)

@@ -302,7 +302,9 @@ class GroupTripTask(Task):
     def sessions(self) -> sessionmaker[Session]:
         """Sessions on the process's one engine."""
         if self._sessions is None:
-            self._engine = make_engine(self.settings.database_url)
+            self._engine = make_engine(
+                self.settings.database_url, time_zone=self.settings.webapp_time_zone
+            )
             self._sessions = make_sessionmaker(self._engine)
         return self._sessions
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from datetime import datetime, timedelta
+from zoneinfo import ZoneInfo
 
 import pytest
 from sqlalchemy import Engine, func, select, text
@@ -23,10 +25,12 @@ from db.webapp import (
     OTHERS_TAG_ID,
     SHARED_TAG_IDS,
     InvalidFileKey,
+    Photo,
     PhotoTagFace,
     SharedFoldersError,
     TagFace,
 )
+from tasks.settings import ServiceSettings
 from tests.dbfixtures import (  # noqa: F401  (fixtures)
     db_backend,
     empty_db_url,
@@ -182,3 +186,65 @@ def test_a_file_key_that_is_not_a_uuid_is_read_and_refused(
                 bad.s3_key  # noqa: B018  (the property raises)
     finally:
         engine.dispose()
+
+
+SEOUL = ZoneInfo("Asia/Seoul")
+
+
+def _local(engine: Engine, table: str, row_id: int, column: str) -> datetime:
+    """A datetime column as the web app (USE_TZ = False, TIME_ZONE Asia/Seoul) reads it."""
+    with engine.connect() as conn:
+        if engine.dialect.name == "postgresql":
+            conn.execute(text("SET TIME ZONE 'Asia/Seoul'"))  # what Django sets per connection
+            sql = f"SELECT {column}::timestamp FROM {table} WHERE id = :id"
+        else:
+            sql = f"SELECT {column} FROM {table} WHERE id = :id"
+        value = conn.execute(text(sql), {"id": row_id}).scalar_one()
+    if isinstance(value, str):  # SQLite
+        value = datetime.fromisoformat(value)
+    assert value.tzinfo is None
+    return value
+
+
+def test_times_follow_the_web_app_time_zone(db_backend: str, fresh_db_url: str) -> None:
+    """AFTERTRIP_WEBAPP_TIME_ZONE=Asia/Seoul: what the app writes and what the worker writes
+    read alike, in Seoul local time."""
+    engine = make_engine(fresh_db_url, time_zone="Asia/Seoul")
+    try:
+        trip_id, (photo_id,) = _trip(engine, 1)
+        # The app writes its photo now, the way Django does with USE_TZ = False.
+        app_now = datetime.now(SEOUL).replace(tzinfo=None, microsecond=0)
+        with engine.begin() as conn:
+            if engine.dialect.name == "postgresql":
+                conn.execute(text("SET LOCAL TIME ZONE 'Asia/Seoul'"))
+            conn.execute(
+                text("UPDATE photos_photo SET created_at = :t WHERE id = :id"),
+                {"t": app_now, "id": photo_id},
+            )
+        with Session(engine) as session:
+            photo = session.get(Photo, photo_id)
+            assert photo is not None
+            # Read back as the instant the app meant.
+            assert photo.created_at == app_now.replace(tzinfo=SEOUL)
+            job = crud.start_job(
+                session=session, trip_id=trip_id, mode="missing", task_id=None, models=[]
+            )
+            job_id, started = job.id, job.started_at
+        assert started is not None
+        # Stored as Seoul local time: the column reads as the instant in Seoul...
+        assert _local(engine, "aftertrip_job", job_id, "started_at") == started.astimezone(
+            SEOUL
+        ).replace(tzinfo=None)
+        # ...right next to the app's own time (not 9 hours off, as naive UTC would be).
+        gap = _local(engine, "aftertrip_job", job_id, "started_at") - _local(
+            engine, "photos_photo", photo_id, "created_at"
+        )
+        assert timedelta(0) <= gap < timedelta(minutes=10)
+    finally:
+        engine.dispose()
+
+
+def test_a_time_zone_that_does_not_exist_is_refused() -> None:
+    with pytest.raises(ValueError, match="AFTERTRIP_WEBAPP_TIME_ZONE='Seoul'"):
+        ServiceSettings(webapp_time_zone="Seoul")
+    assert ServiceSettings(webapp_time_zone="Asia/Seoul").webapp_time_zone == "Asia/Seoul"
