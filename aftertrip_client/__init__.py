@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -116,6 +117,7 @@ def enqueue_trip(
     *,
     app: Celery | None = None,
     queue: str | None = None,
+    task_id: str | None = None,
 ) -> AsyncResult:
     """Queue `aftertrip.group_trip(trip_id, mode)`; returns the result handle (`.id` is the
     task id to pass to `job_progress`).
@@ -123,8 +125,9 @@ def enqueue_trip(
     `mode`: "missing" (photos not analysed yet: after an upload or a delete) or "all".
     `app`: any Celery app on the worker's broker (e.g. the web app's own); by default one
     made by `client_app()`. `queue`: by default the app's route for the task, else
-    AFTERTRIP_QUEUE, else "faces". Call it only after the photos are committed (see
-    `enqueue_trip_on_commit`), or the worker may not see them.
+    AFTERTRIP_QUEUE, else "faces". `task_id`: the id to give the task (default: a new
+    one). Call it only after the photos are committed (see `enqueue_trip_on_commit`), or the
+    worker may not see them.
     """
     _check(trip_id, mode)
     celery_app = _app(app)
@@ -133,6 +136,7 @@ def enqueue_trip(
         args=(trip_id,),
         kwargs={"mode": mode},
         queue=queue or _configured_queue(celery_app),
+        task_id=task_id,
     )
 
 
@@ -143,9 +147,10 @@ def enqueue_trip_on_commit(
     using: str | None = None,
     app: Celery | None = None,
     queue: str | None = None,
-) -> None:
+) -> str:
     """Queue the trip's grouping once the current Django transaction commits (at once when
-    none is open); nothing is sent if it rolls back.
+    none is open); nothing is sent if it rolls back. Returns the task id the job will have,
+    for `job_progress` (store it with the trip to show "sorting… 40%").
 
     A broker that cannot be reached then is logged (logger `aftertrip_client`) and does not
     fail the request that already committed: the photos stay unsorted until the next
@@ -154,15 +159,18 @@ def enqueue_trip_on_commit(
     _check(trip_id, mode)
     from django.db import transaction  # type: ignore[import-not-found,unused-ignore]
 
+    task_id = str(uuid.uuid4())
+
     def send() -> None:
         try:
-            result = enqueue_trip(trip_id, mode, app=app, queue=queue)
+            enqueue_trip(trip_id, mode, app=app, queue=queue, task_id=task_id)
         except Exception:  # the request has committed: report, never undo it
             logger.exception("could not queue the grouping of trip %s", trip_id)
             return
-        logger.info("queued the grouping of trip %s as task %s", trip_id, result.id)
+        logger.info("queued the grouping of trip %s as task %s", trip_id, task_id)
 
     transaction.on_commit(send, using=using)
+    return task_id
 
 
 @dataclass(frozen=True)

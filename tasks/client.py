@@ -22,11 +22,16 @@ __all__ = ["JobProgress", "enqueue_trip", "enqueue_trip_on_commit", "job_progres
 
 
 def enqueue_trip(
-    trip_id: int, mode: str = "missing", *, app: Celery | None = None, queue: str | None = None
+    trip_id: int,
+    mode: str = "missing",
+    *,
+    app: Celery | None = None,
+    queue: str | None = None,
+    task_id: str | None = None,
 ) -> AsyncResult:
     """`aftertrip_client.enqueue_trip`, sent through the worker service's app by default."""
     if app is None:
         from tasks.app import app as service_app
 
         app = service_app
-    return aftertrip_client.enqueue_trip(trip_id, mode, app=app, queue=queue)
+    return aftertrip_client.enqueue_trip(trip_id, mode, app=app, queue=queue, task_id=task_id)

@@ -7,9 +7,6 @@ On the app's fresh database `photos_tagface` is empty: the two shared folders co
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
 
@@ -32,12 +29,12 @@ from db.webapp import (
 )
 from tasks.settings import ServiceSettings
 from tests.dbfixtures import (  # noqa: F401  (fixtures)
+    cli_db_upgrade,
     db_backend,
     empty_db_url,
     fresh_db_url,
     webapp_db_url,
 )
-from tests.servicefixtures import ROOT
 from tests.test_db import CAST, People, _links, _outcomes, _snapshot, _trip, _write
 
 
@@ -49,30 +46,14 @@ def _shared_rows(engine: Engine) -> list[tuple[int, int, str]]:
         return [tuple(row) for row in rows]  # type: ignore[misc]
 
 
-def _db_upgrade(url: str) -> subprocess.CompletedProcess[str]:
-    """`aftertrip-faces db upgrade` as an operator types it (through `python -m`)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AFTERTRIP_")}
-    env["AFTERTRIP_DATABASE_URL"] = url
-    env["PYTHONPATH"] = str(ROOT)
-    env["COLUMNS"] = "400"  # one message per line
-    return subprocess.run(
-        [sys.executable, "-m", "tasks.cli", "db", "upgrade"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-
-
 def test_db_upgrade_creates_the_shared_folders_once(webapp_db_url: str, db_backend: str) -> None:
     engine = make_engine(webapp_db_url)
     try:
         assert _shared_rows(engine) == [] or db_backend == "sqlite"
-        done = _db_upgrade(webapp_db_url)
+        done = cli_db_upgrade(webapp_db_url)
         assert done.returncode == 0, done.stdout + done.stderr
         assert _shared_rows(engine) == [(1, -2, "no faces"), (2, -1, "others")]
-        again = _db_upgrade(webapp_db_url)  # idempotent
+        again = cli_db_upgrade(webapp_db_url)  # idempotent
         assert again.returncode == 0, again.stdout + again.stderr
         assert "shared folders created" not in again.stdout
         assert _shared_rows(engine) == [(1, -2, "no faces"), (2, -1, "others")]
@@ -95,7 +76,7 @@ def test_db_upgrade_refuses_a_person_folder_at_a_shared_id(webapp_db_url: str) -
             conn.execute(
                 text("INSERT INTO photos_tagface (id, tag_num, custom_name) VALUES (1, 0, 'Mina')")
             )
-        done = _db_upgrade(webapp_db_url)
+        done = cli_db_upgrade(webapp_db_url)
         assert done.returncode == 1
         assert "id 1 holds tag_num 0" in done.stdout and "by hand" in done.stdout
         assert _shared_rows(engine) == [(1, 0, "Mina")]  # nothing overwritten
@@ -140,7 +121,7 @@ def test_job_without_the_shared_folders_writes_nothing(webapp_db_url: str) -> No
 
 
 def test_after_db_upgrade_people_never_take_a_shared_folder(webapp_db_url: str) -> None:
-    assert _db_upgrade(webapp_db_url).returncode == 0
+    assert cli_db_upgrade(webapp_db_url).returncode == 0
     engine = make_engine(webapp_db_url)
     try:
         trip_id, photo_ids = _trip(engine)
