@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 
 from sqlalchemy import (
     BigInteger,
@@ -38,6 +38,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    func,
     inspect,
     select,
     text,
@@ -368,3 +369,48 @@ def create_webapp_tables(engine: Engine) -> None:
                 conn.execute(text(statement))
     with Session(engine) as session, session.begin():
         ensure_shared_folders(session=session)
+
+
+IMPORTED_URL_PREFIX = "import-trip:"
+"""`photos_photo.url` of the photos `aftertrip-faces import-trip` made (then the S3 key)."""
+
+
+def foreign_webapp_data(*, session: Session) -> str | None:
+    """Why this database holds web-app data that `import-trip` did not make, or None.
+
+    A database where the web app's own migrations ran (it has `django_migrations`) belongs
+    to a web app; so do trips without a photo that import-trip made.
+    """
+    tables = set(inspect(session.connection()).get_table_names())
+    if "django_migrations" in tables:
+        return "it is a web app's database (the table django_migrations exists)"
+    if Trip.__tablename__ not in tables:
+        return None
+    imported = (
+        select(Photo.id)
+        .where(Photo.trip_id == Trip.id, Photo.url.startswith(IMPORTED_URL_PREFIX))
+        .exists()
+    )
+    others = session.scalar(select(func.count()).select_from(Trip).where(~imported))
+    if others:
+        return f"it holds {others} trip(s) that import-trip did not make"
+    return None
+
+
+def import_group_id(*, session: Session) -> int:
+    """The `group_id` for a trip import-trip makes: 1, or on the web app's real schema (which
+    has `accounts_group` and a foreign key to it) its first group, made when there is none."""
+    if not inspect(session.connection()).has_table("accounts_group"):
+        return 1
+    found = session.execute(text("SELECT min(id) FROM accounts_group")).scalar()
+    if found is not None:
+        return int(found)
+    now = datetime.now(UTC).replace(tzinfo=None)
+    session.execute(
+        text(
+            "INSERT INTO accounts_group (created_at, updated_at, name) "
+            "VALUES (:now, :now, 'import-trip')"
+        ),
+        {"now": now},
+    )
+    return int(session.execute(text("SELECT max(id) FROM accounts_group")).scalar_one())

@@ -7,7 +7,11 @@ On the app's fresh database `photos_tagface` is empty: the two shared folders co
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from datetime import datetime, timedelta
+from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -35,6 +39,7 @@ from tests.dbfixtures import (  # noqa: F401  (fixtures)
     fresh_db_url,
     webapp_db_url,
 )
+from tests.servicefixtures import ROOT
 from tests.test_db import CAST, People, _links, _outcomes, _snapshot, _trip, _write
 
 
@@ -229,3 +234,60 @@ def test_a_time_zone_that_does_not_exist_is_refused() -> None:
     with pytest.raises(ValueError, match="AFTERTRIP_WEBAPP_TIME_ZONE='Seoul'"):
         ServiceSettings(webapp_time_zone="Seoul")
     assert ServiceSettings(webapp_time_zone="Asia/Seoul").webapp_time_zone == "Asia/Seoul"
+
+
+def _import_trip(url: str, tmp: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    album = tmp / "album"
+    album.mkdir(exist_ok=True)
+    (album / "a.jpg").write_bytes(b"not decoded by import-trip")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AFTERTRIP_")}
+    env.update(
+        AFTERTRIP_DATABASE_URL=url,
+        AFTERTRIP_PHOTO_ROOT=str(tmp / "photos"),
+        PYTHONPATH=str(ROOT),
+        COLUMNS="400",
+    )
+    return subprocess.run(
+        [sys.executable, "-m", "tasks.cli", "import-trip", str(album), *extra],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def _trip_count(url: str) -> int:
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            return int(conn.execute(text("SELECT count(*) FROM trips_trip")).scalar_one())
+    finally:
+        engine.dispose()
+
+
+def test_import_trip_refuses_web_app_data_it_did_not_make(
+    db_backend: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    url = request.getfixturevalue("fresh_db_url")
+    if db_backend == "sqlite":
+        # A development stack: import-trip's own trips never block the next import.
+        for _ in range(2):
+            done = _import_trip(url, tmp_path)
+            assert done.returncode == 0, done.stdout + done.stderr
+        engine = make_engine(url)
+        try:
+            _trip(engine, 1)  # a trip the app made
+        finally:
+            engine.dispose()
+        reason = "1 trip(s) that import-trip did not make"
+    else:
+        reason = "django_migrations"  # the real schema: a web app's database
+    before = _trip_count(url)
+    refused = _import_trip(url, tmp_path)
+    assert refused.returncode == 2
+    assert reason in refused.stdout and "--allow-webapp-data" in refused.stdout
+    assert _trip_count(url) == before  # nothing added
+    allowed = _import_trip(url, tmp_path, "--allow-webapp-data")
+    assert allowed.returncode == 0, allowed.stdout + allowed.stderr
+    assert _trip_count(url) == before + 1
