@@ -19,17 +19,13 @@ the first run downloads the pins.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
 import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -45,7 +41,7 @@ from sqlalchemy.orm import Session
 
 from db.models import Job, PhotoAnalysis
 from db.session import make_engine
-from db.webapp import NO_FACE_TAG_ID, OTHERS_TAG_ID, Photo, PhotoTagFace, TagFace
+from db.webapp import NO_FACE_TAG_ID, OTHERS_TAG_ID, TagFace
 from tests import s3fixtures
 from tests.dbfixtures import (
     WEBAPP_SCHEMA_DIR,
@@ -56,7 +52,8 @@ from tests.dbfixtures import (
 )
 from tests.s3fixtures import MOTO_ENV, moto_client
 from tests.servicefixtures import REDIS_URL, ROOT, require_redis, stop_process, tail
-from tests.test_service import no_face_jpeg
+from tests.test_db import _links
+from tests.test_service import _free_port, _post, no_face_jpeg
 
 pytestmark = [pytest.mark.services, pytest.mark.timeout(1200)]
 
@@ -517,19 +514,6 @@ def sorted_trip(
     return SortedTrip(trip_id, ids, None, answer)
 
 
-def _links(engine: Engine, trip_id: int) -> dict[int, set[int]]:
-    with Session(engine) as session:
-        rows = session.execute(
-            select(PhotoTagFace.photo_id, PhotoTagFace.tagface_id)
-            .join(Photo, Photo.id == PhotoTagFace.photo_id)
-            .where(Photo.trip_id == trip_id)
-        )
-        found: dict[int, set[int]] = {}
-        for photo_id, tag_id in rows:
-            found.setdefault(photo_id, set()).add(tag_id)
-        return found
-
-
 def test_db_upgrade_made_the_shared_folders(stack: Stack) -> None:
     assert "shared folders created: ids 1, 2" in stack.upgrade_output
     with Session(stack.engine) as session:
@@ -611,24 +595,6 @@ def test_job_times_read_next_to_the_apps(stack: Stack, sorted_trip: SortedTrip) 
 
 
 # ---------------------------------------------------------------------------- flower
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _post(url: str, body: dict[str, Any], auth: str | None) -> tuple[int, dict[str, Any]]:
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST")
-    request.add_header("Content-Type", "application/json")
-    if auth:
-        request.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, {}
 
 
 def test_celery_flower_as_users_type_it(stack: Stack, sorted_trip: SortedTrip) -> None:
