@@ -628,3 +628,30 @@ def test_celery_flower_as_users_type_it(stack: Stack, sorted_trip: SortedTrip) -
             break
         time.sleep(0.5)
     assert job is not None and job.status == "succeeded", tail(stack.log)
+
+
+def test_a_job_refuses_to_write_without_the_shared_folders(
+    stack: Stack, sorted_trip: SortedTrip
+) -> None:
+    """Folder 1 taken by a person (what the old worker did on a fresh database): the job
+    fails naming the fix, and every link stays as it was. (Last in this module: it runs
+    after the other tests of its backend.)"""
+    from tasks.client import enqueue_trip
+    from tests.servicefixtures import client_app
+
+    before = _links(stack.engine, sorted_trip.trip_id)
+    with stack.engine.begin() as conn:
+        conn.execute(text("UPDATE photos_tagface SET tag_num = 0 WHERE id = 1"))
+    try:
+        app = client_app(REDIS_URL)
+        result = enqueue_trip(sorted_trip.trip_id, "all", app=app, queue=stack.queue)
+        with pytest.raises(Exception, match="aftertrip-faces db upgrade"):
+            result.get(timeout=JOB_TIMEOUT)
+        with Session(stack.engine) as session:
+            job = session.scalars(select(Job).where(Job.celery_task_id == result.id)).one()
+        assert job.status == "failed"
+        assert job.error is not None and "id 1 holds tag_num 0" in job.error
+        assert _links(stack.engine, sorted_trip.trip_id) == before
+    finally:
+        with stack.engine.begin() as conn:
+            conn.execute(text("UPDATE photos_tagface SET tag_num = -2 WHERE id = 1"))
