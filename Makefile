@@ -34,7 +34,8 @@ bench-quality: install
 	$(BIN)/aftertrip-faces bench quality
 
 lint: install
-	$(BIN)/ruff check .
+	$(BIN)/ruff check .          # aftertrip_client/ against Python 3.8 (pyproject: per-file-target-version)
+	$(BIN)/ruff format --check .
 
 clean:
 	rm -rf demo .pytest_cache

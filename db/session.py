@@ -12,6 +12,8 @@ from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
+from db.types import set_time_zone
+
 logger = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
@@ -44,10 +46,12 @@ def _sqlite_begin(conn: Connection) -> None:
     conn.exec_driver_sql(f"BEGIN {mode}")
 
 
-def make_engine(url: str, **kwargs: Any) -> Engine:
+def make_engine(url: str, *, time_zone: str = "UTC", **kwargs: Any) -> Engine:
     """An engine for `url`: SQLite gets foreign keys, a busy timeout and real transactions
     (BEGIN emitted by SQLAlchemy); servers get pool_pre_ping.
 
+    `time_zone` is the web app's (AFTERTRIP_WEBAPP_TIME_ZONE): naive datetime columns
+    (MySQL/MariaDB/SQLite) are written and read as local time in it; see `db.types.UTCDateTime`.
     Extra keyword arguments go to `sqlalchemy.create_engine`.
     """
     parsed = make_url(url)
@@ -55,10 +59,12 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         engine = create_engine(parsed, **kwargs)
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "begin", _sqlite_begin)
-        return engine
-    # A Celery worker idles between jobs longer than servers keep connections open.
-    kwargs.setdefault("pool_pre_ping", True)
-    return create_engine(parsed, **kwargs)
+    else:
+        # A Celery worker idles between jobs longer than servers keep connections open.
+        kwargs.setdefault("pool_pre_ping", True)
+        engine = create_engine(parsed, **kwargs)
+    set_time_zone(engine, time_zone)
+    return engine
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:

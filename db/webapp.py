@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 
 from sqlalchemy import (
     BigInteger,
@@ -38,6 +38,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    func,
     inspect,
     select,
     text,
@@ -89,7 +90,7 @@ class Photo(WebAppBase):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
     deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    file_key: Mapped[uuid.UUID] = mapped_column(DjangoUUID, unique=True, default=uuid.uuid4)
+    file_key: Mapped[uuid.UUID | str] = mapped_column(DjangoUUID, unique=True, default=uuid.uuid4)
     file_name: Mapped[str] = mapped_column(String(255), default="")
     trip_id: Mapped[int] = mapped_column(BigInteger, ForeignKey("trips_trip.id"), index=True)
     url: Mapped[str] = mapped_column(Text, default="")
@@ -98,8 +99,23 @@ class Photo(WebAppBase):
     is_sorted_yolo: Mapped[bool] = mapped_column(Boolean, default=False)
 
     @property
+    def key_error(self) -> str | None:
+        """Why `file_key` cannot name an S3 object (it is not a UUID), None when it can."""
+        if isinstance(self.file_key, uuid.UUID):
+            return None
+        return (
+            f"file_key {str(self.file_key)[:40]!r} is not a UUID: the web app stores every "
+            "photo under a UUID; fix or delete this row (the photo was not read)"
+        )
+
+    @property
     def s3_key(self) -> str:
-        """The S3 object key of the photo: `str(file_key)`, lowercase with dashes."""
+        """The S3 object key of the photo: `str(file_key)`, lowercase with dashes.
+
+        Raises `InvalidFileKey` when the row's file_key is not a UUID: such text never
+        becomes an object key (see `key_error`)."""
+        if self.key_error is not None:
+            raise InvalidFileKey(f"photo {self.id}: {self.key_error}")
         return str(self.file_key)
 
 
@@ -260,6 +276,10 @@ _DDL_BY_DIALECT = {
 WEBAPP_TABLES = ("trips_trip", "photos_tagface", "photos_photo", "photos_photo_tag_face")
 
 
+class InvalidFileKey(AfterTripError):
+    """A photos_photo row's file_key is not a UUID (only char(32) columns can hold one)."""
+
+
 class SharedFoldersError(AfterTripError):
     """The shared "no faces" / "others" rows of photos_tagface are missing or wrong.
 
@@ -349,3 +369,48 @@ def create_webapp_tables(engine: Engine) -> None:
                 conn.execute(text(statement))
     with Session(engine) as session, session.begin():
         ensure_shared_folders(session=session)
+
+
+IMPORTED_URL_PREFIX = "import-trip:"
+"""`photos_photo.url` of the photos `aftertrip-faces import-trip` made (then the S3 key)."""
+
+
+def foreign_webapp_data(*, session: Session) -> str | None:
+    """Why this database holds web-app data that `import-trip` did not make, or None.
+
+    A database where the web app's own migrations ran (it has `django_migrations`) belongs
+    to a web app; so do trips without a photo that import-trip made.
+    """
+    tables = set(inspect(session.connection()).get_table_names())
+    if "django_migrations" in tables:
+        return "it is a web app's database (the table django_migrations exists)"
+    if Trip.__tablename__ not in tables:
+        return None
+    imported = (
+        select(Photo.id)
+        .where(Photo.trip_id == Trip.id, Photo.url.startswith(IMPORTED_URL_PREFIX))
+        .exists()
+    )
+    others = session.scalar(select(func.count()).select_from(Trip).where(~imported))
+    if others:
+        return f"it holds {others} trip(s) that import-trip did not make"
+    return None
+
+
+def import_group_id(*, session: Session) -> int:
+    """The `group_id` for a trip import-trip makes: 1, or on the web app's real schema (which
+    has `accounts_group` and a foreign key to it) its first group, made when there is none."""
+    if not inspect(session.connection()).has_table("accounts_group"):
+        return 1
+    found = session.execute(text("SELECT min(id) FROM accounts_group")).scalar()
+    if found is not None:
+        return int(found)
+    now = datetime.now(UTC).replace(tzinfo=None)
+    session.execute(
+        text(
+            "INSERT INTO accounts_group (created_at, updated_at, name) "
+            "VALUES (:now, :now, 'import-trip')"
+        ),
+        {"now": now},
+    )
+    return int(session.execute(text("SELECT max(id) FROM accounts_group")).scalar_one())

@@ -68,6 +68,11 @@ def register(subparsers: Any) -> None:
     )
     imp.add_argument("folder", help="a folder of photos")
     imp.add_argument("--place", default="Demo trip", help="trips_trip.place")
+    imp.add_argument(
+        "--allow-webapp-data",
+        action="store_true",
+        help="import into a database that holds web-app data import-trip did not make",
+    )
     imp.set_defaults(handler=cmd_import_trip)
 
     status = subparsers.add_parser("status", help="a trip's recent jobs, counts and photo errors")
@@ -167,7 +172,7 @@ def _run_inline(args: argparse.Namespace) -> int:
     store = open_photo_store(settings)
     client = getattr(store, "client", None)
     pipeline = FacePipeline(settings, fetch=partial(s3_fetch, client=client))
-    engine = make_engine(settings.database_url)
+    engine = make_engine(settings.database_url, time_zone=settings.webapp_time_zone)
     try:
         with Progress(console=console) as progress:
             bar = progress.add_task(f"trip {args.trip}", total=None)
@@ -236,7 +241,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     from db.session import make_engine, make_sessionmaker
 
     console = _console()
-    engine = make_engine(_settings().database_url)
+    settings = _settings()
+    engine = make_engine(settings.database_url, time_zone=settings.webapp_time_zone)
     try:
         with make_sessionmaker(engine)() as session:
             status = trip_status(session=session, trip_id=args.trip, limit=args.limit)
@@ -333,7 +339,7 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
             return 2
         from db.webapp import create_webapp_tables
 
-        engine = make_engine(url)
+        engine = make_engine(url, time_zone=settings.webapp_time_zone)
         try:
             create_webapp_tables(engine)
         finally:
@@ -360,7 +366,13 @@ def cmd_import_trip(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from db.session import make_engine, make_sessionmaker
-    from db.webapp import Photo, Trip
+    from db.webapp import (
+        IMPORTED_URL_PREFIX,
+        Photo,
+        Trip,
+        foreign_webapp_data,
+        import_group_id,
+    )
     from tasks.trip import open_photo_store
 
     console = _console()
@@ -374,16 +386,25 @@ def cmd_import_trip(args: argparse.Namespace) -> int:
         console.print(f"[red]error:[/red] no photos in {folder}")
         return 2
     store = open_photo_store(settings)
-    engine = make_engine(settings.database_url)
+    engine = make_engine(settings.database_url, time_zone=settings.webapp_time_zone)
     try:
         with make_sessionmaker(engine).begin() as session:
-            trip = Trip(place=args.place, group_id=1)
+            foreign = None if args.allow_webapp_data else foreign_webapp_data(session=session)
+            if foreign:
+                console.print(
+                    f"[red]error:[/red] import-trip is for development stacks, and {foreign}: "
+                    "it would add a trip and photos among the app's own. Pass "
+                    "--allow-webapp-data if that is what you want."
+                )
+                return 2
+            trip = Trip(place=args.place, group_id=import_group_id(session=session))
             session.add(trip)
             session.flush()
             for path in files:
                 key = uuid.uuid4()
                 store.write(str(key), path.read_bytes(), content_type="image/jpeg")
-                session.add(Photo(trip_id=trip.id, file_key=key, file_name=path.name, url=str(key)))
+                url = f"{IMPORTED_URL_PREFIX}{key}"
+                session.add(Photo(trip_id=trip.id, file_key=key, file_name=path.name, url=url))
             trip_id = trip.id
     finally:
         engine.dispose()

@@ -1,13 +1,6 @@
-"""Names shared by the worker and its clients; importing this module imports nothing else."""
+"""Names shared by the worker and its clients (defined in `aftertrip_client.names`, which the
+web app installs on its own; re-exported here for the worker's code)."""
 
-GROUP_TRIP = "aftertrip.group_trip"
-"""The grouping task: `group_trip(trip_id: int, mode: str = "missing")`."""
+from aftertrip_client.names import FACES_QUEUE, GROUP_TRIP, MODES, PROGRESS
 
-FACES_QUEUE = "faces"
-"""The queue the grouping task is routed to (the default of AFTERTRIP_QUEUE)."""
-
-PROGRESS = "PROGRESS"
-"""Custom task state while a job runs; meta = {"stage", "done", "total"}."""
-
-MODES = ("missing", "all")
-"""`missing`: analyse only photos without a result for the current embedder; `all`: every one."""
+__all__ = ["FACES_QUEUE", "GROUP_TRIP", "MODES", "PROGRESS"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 from typing import Literal, Self
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import Field, SecretStr, ValidationError, model_validator
 
@@ -52,6 +53,13 @@ class ServiceSettings(PipelineSettings):
         default=DEV_DATABASE_URL,
         description="SQLAlchemy URL of the web app's database "
         "(postgresql+psycopg://…, mysql+pymysql://…).",
+    )
+    webapp_time_zone: str = Field(
+        default="UTC",
+        description="Time zone of the naive datetimes in the web app's database: its Django "
+        "TIME_ZONE when USE_TZ = False (AfterTrip: Asia/Seoul), UTC when USE_TZ = True. Every "
+        "time the worker writes to a MySQL/MariaDB/SQLite datetime column is local time in "
+        "it; PostgreSQL's timestamptz stores the instant.",
     )
 
     # storage
@@ -121,6 +129,13 @@ class ServiceSettings(PipelineSettings):
                 "AFTERTRIP_TASK_SOFT_TIME_LIMIT must be below AFTERTRIP_TASK_TIME_LIMIT, "
                 "so a job can record its failure before it is killed"
             )
+        try:
+            ZoneInfo(self.webapp_time_zone)
+        except (ValueError, ZoneInfoNotFoundError):
+            raise UnsafeSettingsError(
+                f"AFTERTRIP_WEBAPP_TIME_ZONE={self.webapp_time_zone!r} is not an IANA time zone "
+                "(e.g. Asia/Seoul, UTC): set it to the web app's Django TIME_ZONE"
+            ) from None
         if self.lock_url is None and not self.broker_url.startswith(("redis://", "rediss://")):
             raise UnsafeSettingsError(
                 "the per-trip locks need Redis: set AFTERTRIP_LOCK_URL (the broker is not Redis)"

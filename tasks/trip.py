@@ -50,6 +50,7 @@ from tasks.locks import TripLock
 from tasks.names import GROUP_TRIP, MODES, PROGRESS
 from tasks.settings import ServiceSettings, get_settings
 from worker.errors import AfterTripError
+from worker.types import PhotoStatus
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
@@ -153,14 +154,19 @@ def run_trip_job(
                 embedder_sha256=pipeline.embedder.sha256,
                 mode=mode,  # type: ignore[arg-type]  # checked against MODES above
             )
-            todo = [(p.id, p.s3_key, p.file_name or p.s3_key) for p in photos]
+            todo = [(p.id, p.s3_key, p.file_name or p.s3_key) for p in photos if not p.key_error]
+            refused = [  # a bad file_key fails that photo alone, and is never read
+                PhotoOutcome(p.id, PhotoStatus.INVALID_KEY.value, p.key_error, None, None)
+                for p in photos
+                if p.key_error
+            ]
             # End the read transaction: nothing stays open while photos are analysed.
             session.commit()
             logger.info(
                 "job analysing photos",
                 extra={"trip_id": trip_id, "job_id": job_id, "photos": len(todo), "mode": mode},
             )
-            outcomes = _analyze(
+            outcomes = refused + _analyze(
                 pipeline, store, todo, trip_id=trip_id, prefix=thumbnail_prefix, progress=progress
             )
             progress("group", 0, 1)
@@ -296,7 +302,9 @@ class GroupTripTask(Task):
     def sessions(self) -> sessionmaker[Session]:
         """Sessions on the process's one engine."""
         if self._sessions is None:
-            self._engine = make_engine(self.settings.database_url)
+            self._engine = make_engine(
+                self.settings.database_url, time_zone=self.settings.webapp_time_zone
+            )
             self._sessions = make_sessionmaker(self._engine)
         return self._sessions
 

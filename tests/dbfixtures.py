@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import atexit
 import os
+import subprocess
+import sys
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -251,6 +253,20 @@ def prepare_database(url: str) -> None:
     """The web app's tables (see `create_webapp_schema`), then `db upgrade` on top."""
     create_webapp_schema(url)
     upgrade(url)
+
+
+def cli_db_upgrade(url: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """`aftertrip-faces db upgrade` on `url` as an operator runs it (extra AFTERTRIP_* in env)."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("AFTERTRIP_")}
+    environ.update(env, AFTERTRIP_DATABASE_URL=url, PYTHONPATH=str(ROOT), COLUMNS="400")
+    return subprocess.run(
+        [sys.executable, "-m", "tasks.cli", "db", "upgrade"],
+        cwd=ROOT,
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def _tables_to_clear() -> list[str]:

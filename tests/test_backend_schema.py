@@ -10,24 +10,33 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from datetime import datetime, timedelta
+from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pytest
 from sqlalchemy import Engine, func, select, text
 from sqlalchemy.orm import Session
 
+from db import crud
 from db.models import Face, PhotoAnalysis
 from db.session import make_engine, upgrade
 from db.webapp import (
     NO_FACE_TAG_ID,
     OTHERS_TAG_ID,
     SHARED_TAG_IDS,
+    InvalidFileKey,
+    Photo,
     PhotoTagFace,
     SharedFoldersError,
     TagFace,
 )
+from tasks.settings import ServiceSettings
 from tests.dbfixtures import (  # noqa: F401  (fixtures)
+    cli_db_upgrade,
     db_backend,
     empty_db_url,
+    fresh_db_url,
     webapp_db_url,
 )
 from tests.servicefixtures import ROOT
@@ -42,30 +51,14 @@ def _shared_rows(engine: Engine) -> list[tuple[int, int, str]]:
         return [tuple(row) for row in rows]  # type: ignore[misc]
 
 
-def _db_upgrade(url: str) -> subprocess.CompletedProcess[str]:
-    """`aftertrip-faces db upgrade` as an operator types it (through `python -m`)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AFTERTRIP_")}
-    env["AFTERTRIP_DATABASE_URL"] = url
-    env["PYTHONPATH"] = str(ROOT)
-    env["COLUMNS"] = "400"  # one message per line
-    return subprocess.run(
-        [sys.executable, "-m", "tasks.cli", "db", "upgrade"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-
-
 def test_db_upgrade_creates_the_shared_folders_once(webapp_db_url: str, db_backend: str) -> None:
     engine = make_engine(webapp_db_url)
     try:
         assert _shared_rows(engine) == [] or db_backend == "sqlite"
-        done = _db_upgrade(webapp_db_url)
+        done = cli_db_upgrade(webapp_db_url)
         assert done.returncode == 0, done.stdout + done.stderr
         assert _shared_rows(engine) == [(1, -2, "no faces"), (2, -1, "others")]
-        again = _db_upgrade(webapp_db_url)  # idempotent
+        again = cli_db_upgrade(webapp_db_url)  # idempotent
         assert again.returncode == 0, again.stdout + again.stderr
         assert "shared folders created" not in again.stdout
         assert _shared_rows(engine) == [(1, -2, "no faces"), (2, -1, "others")]
@@ -88,7 +81,7 @@ def test_db_upgrade_refuses_a_person_folder_at_a_shared_id(webapp_db_url: str) -
             conn.execute(
                 text("INSERT INTO photos_tagface (id, tag_num, custom_name) VALUES (1, 0, 'Mina')")
             )
-        done = _db_upgrade(webapp_db_url)
+        done = cli_db_upgrade(webapp_db_url)
         assert done.returncode == 1
         assert "id 1 holds tag_num 0" in done.stdout and "by hand" in done.stdout
         assert _shared_rows(engine) == [(1, 0, "Mina")]  # nothing overwritten
@@ -133,7 +126,7 @@ def test_job_without_the_shared_folders_writes_nothing(webapp_db_url: str) -> No
 
 
 def test_after_db_upgrade_people_never_take_a_shared_folder(webapp_db_url: str) -> None:
-    assert _db_upgrade(webapp_db_url).returncode == 0
+    assert cli_db_upgrade(webapp_db_url).returncode == 0
     engine = make_engine(webapp_db_url)
     try:
         trip_id, photo_ids = _trip(engine)
@@ -148,3 +141,153 @@ def test_after_db_upgrade_people_never_take_a_shared_folder(webapp_db_url: str) 
         assert _shared_rows(engine)[:2] == [(1, -2, "no faces"), (2, -1, "others")]
     finally:
         engine.dispose()
+
+
+def test_a_file_key_that_is_not_a_uuid_is_read_and_refused(
+    db_backend: str, request: pytest.FixtureRequest
+) -> None:
+    """char(32) holds any text: the row reads, its photo says why it is refused."""
+    if db_backend == "postgresql":
+        pytest.skip("PostgreSQL's uuid column cannot hold a value that is not a UUID")
+    url = request.getfixturevalue("fresh_db_url")
+    engine = make_engine(url)
+    try:
+        trip_id, photo_ids = _trip(engine, 1)
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO photos_photo (created_at, updated_at, file_key, file_name, url, "
+                    "is_sorted_yolo, trip_id) VALUES "
+                    "('2024-05-01', '2024-05-01', '../../etc/passwd', 'x.jpg', '', 0, :trip)"
+                ),
+                {"trip": trip_id},
+            )
+        with Session(engine) as session:
+            photos = crud.trip_photos(session=session, trip_id=trip_id)
+            good, bad = sorted(photos, key=lambda p: p.id)
+            assert good.key_error is None and good.s3_key == str(good.file_key)
+            assert bad.file_key == "../../etc/passwd"
+            assert bad.key_error is not None and "not a UUID" in bad.key_error
+            with pytest.raises(InvalidFileKey, match="etc/passwd"):
+                bad.s3_key  # noqa: B018  (the property raises)
+    finally:
+        engine.dispose()
+
+
+SEOUL = ZoneInfo("Asia/Seoul")
+
+
+def _local(engine: Engine, table: str, row_id: int, column: str) -> datetime:
+    """A datetime column as the web app (USE_TZ = False, TIME_ZONE Asia/Seoul) reads it."""
+    with engine.connect() as conn:
+        if engine.dialect.name == "postgresql":
+            conn.execute(text("SET TIME ZONE 'Asia/Seoul'"))  # what Django sets per connection
+            sql = f"SELECT {column}::timestamp FROM {table} WHERE id = :id"
+        else:
+            sql = f"SELECT {column} FROM {table} WHERE id = :id"
+        value = conn.execute(text(sql), {"id": row_id}).scalar_one()
+    if isinstance(value, str):  # SQLite
+        value = datetime.fromisoformat(value)
+    assert value.tzinfo is None
+    return value
+
+
+def test_times_follow_the_web_app_time_zone(db_backend: str, fresh_db_url: str) -> None:
+    """AFTERTRIP_WEBAPP_TIME_ZONE=Asia/Seoul: what the app writes and what the worker writes
+    read alike, in Seoul local time."""
+    engine = make_engine(fresh_db_url, time_zone="Asia/Seoul")
+    try:
+        trip_id, (photo_id,) = _trip(engine, 1)
+        # The app writes its photo now, the way Django does with USE_TZ = False.
+        app_now = datetime.now(SEOUL).replace(tzinfo=None, microsecond=0)
+        with engine.begin() as conn:
+            if engine.dialect.name == "postgresql":
+                conn.execute(text("SET LOCAL TIME ZONE 'Asia/Seoul'"))
+            conn.execute(
+                text("UPDATE photos_photo SET created_at = :t WHERE id = :id"),
+                {"t": app_now, "id": photo_id},
+            )
+        with Session(engine) as session:
+            photo = session.get(Photo, photo_id)
+            assert photo is not None
+            # Read back as the instant the app meant.
+            assert photo.created_at == app_now.replace(tzinfo=SEOUL)
+            job = crud.start_job(
+                session=session, trip_id=trip_id, mode="missing", task_id=None, models=[]
+            )
+            job_id, started = job.id, job.started_at
+        assert started is not None
+        # Stored as Seoul local time: the column reads as the instant in Seoul...
+        assert _local(engine, "aftertrip_job", job_id, "started_at") == started.astimezone(
+            SEOUL
+        ).replace(tzinfo=None)
+        # ...right next to the app's own time (not 9 hours off, as naive UTC would be).
+        gap = _local(engine, "aftertrip_job", job_id, "started_at") - _local(
+            engine, "photos_photo", photo_id, "created_at"
+        )
+        assert timedelta(0) <= gap < timedelta(minutes=10)
+    finally:
+        engine.dispose()
+
+
+def test_a_time_zone_that_does_not_exist_is_refused() -> None:
+    with pytest.raises(ValueError, match="AFTERTRIP_WEBAPP_TIME_ZONE='Seoul'"):
+        ServiceSettings(webapp_time_zone="Seoul")
+    assert ServiceSettings(webapp_time_zone="Asia/Seoul").webapp_time_zone == "Asia/Seoul"
+
+
+def _import_trip(url: str, tmp: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    album = tmp / "album"
+    album.mkdir(exist_ok=True)
+    (album / "a.jpg").write_bytes(b"not decoded by import-trip")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AFTERTRIP_")}
+    env.update(
+        AFTERTRIP_DATABASE_URL=url,
+        AFTERTRIP_PHOTO_ROOT=str(tmp / "photos"),
+        PYTHONPATH=str(ROOT),
+        COLUMNS="400",
+    )
+    return subprocess.run(
+        [sys.executable, "-m", "tasks.cli", "import-trip", str(album), *extra],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def _trip_count(url: str) -> int:
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            return int(conn.execute(text("SELECT count(*) FROM trips_trip")).scalar_one())
+    finally:
+        engine.dispose()
+
+
+def test_import_trip_refuses_web_app_data_it_did_not_make(
+    db_backend: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    url = request.getfixturevalue("fresh_db_url")
+    if db_backend == "sqlite":
+        # A development stack: import-trip's own trips never block the next import.
+        for _ in range(2):
+            done = _import_trip(url, tmp_path)
+            assert done.returncode == 0, done.stdout + done.stderr
+        engine = make_engine(url)
+        try:
+            _trip(engine, 1)  # a trip the app made
+        finally:
+            engine.dispose()
+        reason = "1 trip(s) that import-trip did not make"
+    else:
+        reason = "django_migrations"  # the real schema: a web app's database
+    before = _trip_count(url)
+    refused = _import_trip(url, tmp_path)
+    assert refused.returncode == 2
+    assert reason in refused.stdout and "--allow-webapp-data" in refused.stdout
+    assert _trip_count(url) == before  # nothing added
+    allowed = _import_trip(url, tmp_path, "--allow-webapp-data")
+    assert allowed.returncode == 0, allowed.stdout + allowed.stderr
+    assert _trip_count(url) == before + 1

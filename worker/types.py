@@ -26,6 +26,7 @@ class PhotoStatus(StrEnum):
     TOO_LARGE = "too_large"
     TOO_SMALL = "too_small"
     MISSING = "missing"
+    INVALID_KEY = "invalid_key"  # the web app's row names no valid object (file_key not a UUID)
     ERROR = "error"
 
 
