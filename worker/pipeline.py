@@ -21,7 +21,8 @@ from numpy.typing import NDArray
 
 from worker.align import align_faces
 from worker.cluster import MIN_DETECTION_SCORE, Clustering, cluster_faces
-from worker.detect import FaceDetector, cover_score, load_detector
+from worker.boxes import cover_score
+from worker.detect import FaceDetector, load_detector
 from worker.embed import ArcFaceEmbedder
 from worker.errors import PhotoError
 from worker.images import decode_image, encode_jpeg

@@ -46,15 +46,17 @@ def onnx_providers(settings: PipelineSettings) -> list[str | tuple[str, dict[str
     return ["CPUExecutionProvider"]
 
 
-def onnx_session(path: str, settings: PipelineSettings) -> ort.InferenceSession:
-    """An inference session for one model file with the project's providers and threads."""
+def onnx_session(model: str | bytes, settings: PipelineSettings) -> ort.InferenceSession:
+    """An inference session for one model (a file, or ONNX bytes) with the project's
+    providers and threads."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = cpu_threads(settings)
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3  # the models declare batch 1 outputs; ORT warns on every call
-    session = ort.InferenceSession(path, sess_options=options, providers=onnx_providers(settings))
-    logger.info("loaded %s on %s", path, session.get_providers()[0])
+    session = ort.InferenceSession(model, sess_options=options, providers=onnx_providers(settings))
+    what = model if isinstance(model, str) else f"{len(model)} bytes of ONNX"
+    logger.info("loaded %s on %s", what, session.get_providers()[0])
     return session
 
 

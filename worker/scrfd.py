@@ -18,7 +18,7 @@ import cv2
 import numpy as np
 from numpy.typing import NDArray
 
-from worker.detect import finish_detections, nms
+from worker.boxes import finish_detections, nms
 from worker.errors import ModelError
 from worker.models import resolve_model
 from worker.runtime import onnx_session
