@@ -103,7 +103,8 @@ class _StateDictUnpickler(pickle.Unpickler):
 
     def persistent_load(self, pid: Any) -> _Storage:
         # ("storage", type, key, location, size, view): views of storages are not read.
-        if not (isinstance(pid, tuple) and len(pid) == 6 and pid[0] == "storage" and pid[5] is None):
+        storage_id = isinstance(pid, tuple) and len(pid) == 6 and pid[0] == "storage"
+        if not storage_id or pid[5] is not None:
             raise ModelError(f"unexpected persistent id {pid!r} in a weight file")
         _, kind, key, _location, size, _view = pid
         if kind is not _FloatStorage:
@@ -276,7 +277,9 @@ def _pool_bins(length: int, size: int) -> tuple[NDArray[np.intp], NDArray[np.int
     return (i * length) // size, -((-(i + 1) * length) // size)
 
 
-def area_crop(image: NDArray[np.uint8], window: NDArray[np.int64], size: int) -> NDArray[np.float32]:
+def area_crop(
+    image: NDArray[np.uint8], window: NDArray[np.int64], size: int
+) -> NDArray[np.float32]:
     """(3, size, size) mean of each output cell's pixels, as torch's adaptive average pooling
     (cell i spans floor(i*n/size) to ceil((i+1)*n/size)), from an integral image of the window."""
     x0, y0, x1, y1 = (int(v) for v in window)
@@ -285,9 +288,7 @@ def area_crop(image: NDArray[np.uint8], window: NDArray[np.int64], size: int) ->
     integral[1:, 1:] = region.cumsum(0).cumsum(1)
     ys, ye = _pool_bins(region.shape[0], size)
     xs, xe = _pool_bins(region.shape[1], size)
-    total = (
-        integral[ye][:, xe] - integral[ys][:, xe] - integral[ye][:, xs] + integral[ys][:, xs]
-    )
+    total = integral[ye][:, xe] - integral[ys][:, xe] - integral[ye][:, xs] + integral[ys][:, xs]
     area = ((ye - ys)[:, None] * (xe - xs)[None, :])[..., None]
     return (total / area).astype(np.float32).transpose(2, 0, 1)
 
@@ -355,3 +356,17 @@ class ONetVerifier:
             _, _, face = self.onet.run(normalised_crops(image, windows[valid], 48))
             probs[valid] = face.reshape(-1)
         return probs
+
+
+def prebuild(settings: PipelineSettings) -> Path:
+    """Build ONet's ONNX into the model cache now (an image build step), so that no worker
+    pays the build (about a second, mostly importing onnx) at its first load."""
+    onet_onnx(settings, resolve_model("mtcnn_onet"))
+    return Path(settings.model_cache_dir) / f"mtcnn_onet.{ONET_ONNX_SHA256[:16]}.onnx"
+
+
+if __name__ == "__main__":  # python -m worker.onet
+    from worker.settings import PipelineSettings
+
+    logging.basicConfig(level=logging.INFO)
+    logger.info("ONet's ONNX is at %s", prebuild(PipelineSettings()))
