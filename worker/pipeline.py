@@ -27,7 +27,7 @@ from worker.embed import ArcFaceEmbedder
 from worker.errors import PhotoError
 from worker.images import decode_image, encode_jpeg
 from worker.models import RemoteFetcher
-from worker.runtime import decode_threads
+from worker.runtime import decode_threads, limit_image_threads
 from worker.settings import PipelineSettings
 from worker.types import (
     NO_FACE_GROUP,
@@ -109,6 +109,7 @@ class FacePipeline:
     def __init__(self, settings: PipelineSettings, *, fetch: RemoteFetcher | None = None) -> None:
         self.settings = settings
         self._fetch = fetch
+        limit_image_threads()
         self._detector: FaceDetector | None = None
         self._embedder: ArcFaceEmbedder | None = None
 
