@@ -37,7 +37,8 @@ MARK_END = "<!-- /compare-insightface -->"
 
 def photo_list(folder: Path, limit: int | None) -> list[str]:
     """Photos under `folder`, sorted by path, the first `limit`."""
-    suffixes = {".jpg", ".jpeg", ".png"}
+    # What both sides read: the product's photo types that OpenCV (the peer's reader) reads too.
+    suffixes = {".jpg", ".jpeg", ".png", ".webp"}
     files = sorted(str(p) for p in folder.rglob("*") if p.suffix.lower() in suffixes)
     return files[:limit] if limit else files
 
@@ -121,6 +122,7 @@ def compare(
     }
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     peer_script = str(Path(__file__).with_name("peer_insightface.py"))
+    measured_on = machine()  # before the runs: the commit that is measured
     lists = {name: photo_list(data / SETS[name][0], SETS[name][1]) for name in sets}
     warmup = lists[sets[0]][:2]
     sides = {
@@ -173,7 +175,7 @@ def compare(
     peak = {side: max(r["peak_rss_mb"] for r in runs if r["side"] == side) for side in sides}
     load_avgs = [r["load_avg"] for r in runs]
     return {
-        "machine": machine(),
+        "machine": measured_on,
         "rounds": rounds,
         "threshold": threshold,
         "rows": rows,
