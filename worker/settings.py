@@ -91,8 +91,8 @@ class PipelineSettings(BaseSettings):
     )
     embed_batch_size: int = Field(
         16,
-        description="Face chips per embedder call. 16 keeps a CPU worker's peak memory near "
-        "0.5 GB (64: 0.84 GB on g20) for about 6% more CPU per face; GPU workers take 64 "
+        description="Face chips per embedder call. 16 on CPU: peak memory 0.51 GB on 12 g20 photos "
+        "(64: 0.84 GB) for about 6% more CPU per face; GPU workers take 64 "
         "(docker/Dockerfile.gpu), where a full batch costs hardly more than one chip.",
     )
     decode_workers: int = Field(
