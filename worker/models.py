@@ -40,6 +40,9 @@ class ModelSpec:
     license: str
     # Cosine-similarity thresholds calibrated for this embedder (grouping method -> value).
     thresholds: dict[str, float] = field(default_factory=dict)
+    # Embedders: the pixel scaling the model was trained with, (x - input_mean) / input_std.
+    input_mean: float = 127.5
+    input_std: float = 127.5
 
 
 _INSIGHTFACE_LICENSE = "InsightFace pretrained weights: non-commercial research use only"

@@ -18,8 +18,9 @@ import torch.nn.functional as F
 from numpy.typing import NDArray
 from torch import nn
 
-from worker.detect import finish_detections, nms
+from worker.boxes import finish_detections, nms
 from worker.models import resolve_model
+from worker.onet import crop_windows, square_boxes
 from worker.runtime import torch_device
 from worker.types import Detections
 
@@ -163,36 +164,6 @@ def _apply_offsets(
     return out
 
 
-def _square(boxes: NDArray[np.float32]) -> NDArray[np.float32]:
-    """Boxes grown to squares around their centres (MTCNN's `rerec`)."""
-    w = boxes[:, 2] - boxes[:, 0]
-    h = boxes[:, 3] - boxes[:, 1]
-    side = np.maximum(w, h)
-    out = boxes.copy()
-    out[:, 0] = boxes[:, 0] + w * 0.5 - side * 0.5
-    out[:, 1] = boxes[:, 1] + h * 0.5 - side * 0.5
-    out[:, 2] = out[:, 0] + side
-    out[:, 3] = out[:, 1] + side
-    return out
-
-
-def _crop_windows(
-    boxes: NDArray[np.float32], width: int, height: int
-) -> tuple[NDArray[np.int64], NDArray[np.bool_]]:
-    """Integer pixel windows (x0, y0, x1, y1; exclusive end) of boxes clipped to the image.
-
-    Like facenet-pytorch's `pad`, the part of a box outside the image is cut off rather than
-    padded, and the remaining window is later stretched to the network's input size.
-    """
-    ints = np.trunc(boxes[:, :4]).astype(np.int64)
-    x0 = np.maximum(ints[:, 0], 1) - 1
-    y0 = np.maximum(ints[:, 1], 1) - 1
-    x1 = np.minimum(ints[:, 2], width)
-    y1 = np.minimum(ints[:, 3], height)
-    windows = np.stack([x0, y0, x1, y1], axis=1)
-    return windows, (x1 > x0) & (y1 > y0)
-
-
 def _crops(image: torch.Tensor, windows: NDArray[np.int64], size: int) -> torch.Tensor:
     """(N,3,size,size) normalised crops of `image` (1,3,H,W), area-resampled as facenet does."""
     out = torch.empty(
@@ -313,12 +284,12 @@ class MTCNNDetector:
         found = np.concatenate(per_scale)
         found = found[nms(found[:, :4], found[:, 4], 0.7)]
         boxes = _apply_offsets(found[:, :4], found[:, 5:9], plus_one=False)
-        return _square(np.concatenate([boxes, found[:, 4:5]], axis=1))
+        return square_boxes(np.concatenate([boxes, found[:, 4:5]], axis=1))
 
     def _refine(self, pixels: torch.Tensor, boxes: NDArray[np.float32]) -> NDArray[np.float32]:
         """Stage 2: RNet on 24x24 crops -> fewer, better square boxes (n, 5)."""
         height, width = pixels.shape[2:]
-        windows, ok = _crop_windows(boxes, width, height)
+        windows, ok = crop_windows(boxes, width, height)
         boxes, windows = boxes[ok], windows[ok]
         if len(boxes) == 0:
             return boxes
@@ -329,12 +300,12 @@ class MTCNNDetector:
         pick = nms(boxes[:, :4], boxes[:, 4], 0.7)
         boxes, reg = boxes[pick], reg[pick]
         boxes[:, :4] = _apply_offsets(boxes[:, :4], reg, plus_one=True)
-        return _square(boxes)
+        return square_boxes(boxes)
 
     def _output(self, pixels: torch.Tensor, boxes: NDArray[np.float32]) -> Detections:
         """Stage 3: ONet on 48x48 crops -> final boxes, scores and landmarks."""
         height, width = pixels.shape[2:]
-        windows, ok = _crop_windows(boxes, width, height)
+        windows, ok = crop_windows(boxes, width, height)
         boxes, windows = boxes[ok], windows[ok]
         if len(boxes) == 0:
             return Detections.empty()
@@ -357,45 +328,3 @@ class MTCNNDetector:
             scores=score[pick].astype(np.float32),
             landmarks=landmarks[pick].astype(np.float32),
         )
-
-
-class ONetVerifier:
-    """MTCNN's last stage as a second opinion on another detector's boxes.
-
-    SCRFD-500M also fires on animal faces (a golden retriever photo scored 0.66-0.76, as
-    high as many real faces); ONet gives that box 0.14 while real faces on the dev sets
-    score above 0.88. Costs one batched 48x48 forward for all faces of a photo.
-    """
-
-    def __init__(self, onet: ONet, *, device: str, model: ModelInfo) -> None:
-        self.onet = onet
-        self.device = device
-        self.model = model
-
-    @classmethod
-    def load(cls, settings: PipelineSettings) -> ONetVerifier:
-        """ONet with its packaged weights checked and loaded onto the device."""
-        device = torch_device(settings)
-        info = resolve_model("mtcnn_onet")
-        onet = ONet()
-        onet.load_state_dict(torch.load(info.path, map_location=device, weights_only=True))
-        onet.to(device).to(memory_format=torch.channels_last).eval()  # type: ignore[call-overload]
-        return cls(onet, device=device, model=info)
-
-    def face_probability(
-        self, image: NDArray[np.uint8], boxes: NDArray[np.float32]
-    ) -> NDArray[np.float32]:
-        """ONet's face probability (n,) for each box (n, 4) of an RGB image."""
-        if len(boxes) == 0:
-            return np.zeros((0,), np.float32)
-        height, width = image.shape[:2]
-        windows, valid = _crop_windows(_square(boxes.astype(np.float32)), width, height)
-        probs = np.zeros(len(boxes), np.float32)
-        if not valid.any():
-            return probs
-        with torch.inference_mode():
-            pixels = torch.as_tensor(np.array(image, copy=True), device=self.device)
-            pixels = pixels.permute(2, 0, 1).unsqueeze(0).float()
-            _, _, face = _run_on_crops(self.onet, pixels, windows[valid], 48, ONET_CHUNK)
-        probs[valid] = face.reshape(-1)
-        return probs

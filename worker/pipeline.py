@@ -20,12 +20,14 @@ import numpy as np
 from numpy.typing import NDArray
 
 from worker.align import align_faces
+from worker.boxes import cover_score
 from worker.cluster import MIN_DETECTION_SCORE, Clustering, cluster_faces
-from worker.detect import FaceDetector, cover_score, load_detector
+from worker.detect import FaceDetector, load_detector
 from worker.embed import ArcFaceEmbedder
 from worker.errors import PhotoError
 from worker.images import decode_image, encode_jpeg
 from worker.models import RemoteFetcher
+from worker.runtime import decode_threads, limit_image_threads
 from worker.settings import PipelineSettings
 from worker.types import (
     NO_FACE_GROUP,
@@ -107,6 +109,7 @@ class FacePipeline:
     def __init__(self, settings: PipelineSettings, *, fetch: RemoteFetcher | None = None) -> None:
         self.settings = settings
         self._fetch = fetch
+        limit_image_threads()
         self._detector: FaceDetector | None = None
         self._embedder: ArcFaceEmbedder | None = None
 
@@ -152,7 +155,7 @@ class FacePipeline:
         self, photos: Iterable[PhotoSource], timer: StageTimer
     ) -> Iterator[_Decoded]:
         window = max(1, self.settings.prefetch)
-        with ThreadPoolExecutor(max(1, self.settings.decode_workers), "decode") as pool:
+        with ThreadPoolExecutor(decode_threads(self.settings), "decode") as pool:
             queue: deque[Future[_Decoded]] = deque()
             for source in photos:
                 queue.append(pool.submit(self._decode, source))
@@ -203,18 +206,19 @@ class FacePipeline:
         previews: bool,
     ) -> _Pending:
         source, image = decoded.source, decoded.image
-        no_chips = np.zeros((0, 112, 112, 3), np.uint8)
+        size = self.arcface.chip_size
+        no_chips = np.zeros((0, size, size, 3), np.uint8)
         if image is None:
             error = decoded.error
             status = error.status if error else PhotoStatus.ERROR
             reason = error.reason if error else "unknown error"
             logger.warning("photo skipped: %s: %s", source.name, reason)
-            return _Pending(_failed(source, status, reason), no_chips)
+            return _Pending(_failed(source, status, reason, self.arcface.dim), no_chips)
         try:
             with timer.stage("detect"):
                 found = detector.detect(image.pixels)
             with timer.stage("align"):
-                chips = align_faces(image.pixels, found.landmarks)
+                chips = align_faces(image.pixels, found.landmarks, size)
                 thumbs = _face_thumbnails(image.pixels, found) if face_thumbnails else []
                 preview = (
                     encode_jpeg(image.pixels, max_side=PHOTO_PREVIEW_SIDE) if previews else None
@@ -222,7 +226,10 @@ class FacePipeline:
         except Exception as exc:  # one photo must never fail the album
             logger.exception("photo failed: %s", source.name)
             return _Pending(
-                _failed(source, PhotoStatus.ERROR, f"{type(exc).__name__}: {exc}"), no_chips
+                _failed(
+                    source, PhotoStatus.ERROR, f"{type(exc).__name__}: {exc}", self.arcface.dim
+                ),
+                no_chips,
             )
         photo = AnalyzedPhoto(
             photo_id=source.id,
@@ -232,7 +239,7 @@ class FacePipeline:
             width=image.original_width,
             height=image.original_height,
             detections=found.scaled(1.0 / image.scale),
-            embeddings=np.zeros((0, 512), np.float32),
+            embeddings=np.zeros((0, self.arcface.dim), np.float32),
             thumbnails=thumbs,
             preview=preview,
         )
@@ -257,7 +264,7 @@ class FacePipeline:
             yield entry.photo
 
 
-def _failed(source: PhotoSource, status: PhotoStatus, reason: str) -> AnalyzedPhoto:
+def _failed(source: PhotoSource, status: PhotoStatus, reason: str, dim: int = 512) -> AnalyzedPhoto:
     return AnalyzedPhoto(
         photo_id=source.id,
         name=source.name,
@@ -266,7 +273,7 @@ def _failed(source: PhotoSource, status: PhotoStatus, reason: str) -> AnalyzedPh
         width=None,
         height=None,
         detections=Detections.empty(),
-        embeddings=np.zeros((0, 512), np.float32),
+        embeddings=np.zeros((0, dim), np.float32),
     )
 
 

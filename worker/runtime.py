@@ -14,14 +14,44 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def cpu_threads(settings: PipelineSettings) -> int:
-    """Threads for CPU inference: the setting, or every core this process may use."""
-    if settings.threads > 0:
-        return settings.threads
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity, which containers and taskset narrow)."""
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux
         return max(1, os.cpu_count() or 1)
+
+
+def cpu_threads(settings: PipelineSettings) -> int:
+    """Threads for CPU inference: the setting, or this process's share of the cores.
+
+    A Celery worker runs `worker_concurrency` processes on the same cores (a field of the
+    service's settings, which extend these): each gets cores // processes, at least one, so
+    that processes x threads never exceeds the cores."""
+    if settings.threads > 0:
+        return settings.threads
+    processes = max(1, int(getattr(settings, "worker_concurrency", 1)))
+    return max(1, available_cores() // processes)
+
+
+def limit_image_threads() -> None:
+    """OpenCV's own pool (letterbox resize, face alignment) to one thread: its calls are
+    small, and a second pool beside ONNX Runtime's and the decode threads only adds
+    contention (12 g20 photos: 10.3 vs 11.5 CPU-s with it at two threads)."""
+    import cv2
+
+    cv2.setNumThreads(1)
+
+
+def decode_threads(settings: PipelineSettings) -> int:
+    """Threads reading and decoding photos ahead: the setting, or 2 (one reads, possibly
+    from S3, while the other decodes); they overlap with inference rather than compete,
+    since ONNX Runtime's idle threads sleep instead of spinning (`onnx_session`)."""
+    return settings.decode_workers if settings.decode_workers > 0 else 2
+
+
+ALLOW_SPINNING = "0"
+"""ONNX Runtime's intra-op threads sleep when idle ('1' would let them spin; see `onnx_session`)."""
 
 
 CUDA_OPTIONS = {"cudnn_conv_algo_search": "HEURISTIC"}
@@ -31,8 +61,28 @@ batches their face count): measured on an H200, it made SCRFD 5x and ArcFace 10x
 the same machine's CPU. cuDNN's heuristic picks an algorithm without benchmarking."""
 
 
+def check_one_runtime() -> None:
+    """Refuse an install holding both `onnxruntime` and `onnxruntime-gpu`: they share one
+    module, so which one loads depends on the install order."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = []
+    for dist in ("onnxruntime", "onnxruntime-gpu"):
+        try:
+            found.append(f"{dist}=={version(dist)}")
+        except PackageNotFoundError:
+            pass
+    if len(found) > 1:
+        raise RuntimeError(
+            f"both {' and '.join(found)} are installed and share the `onnxruntime` module: "
+            "`pip uninstall -y onnxruntime onnxruntime-gpu`, then install the project with "
+            "exactly one of the extras `.[cpu]` or `.[gpu]`"
+        )
+
+
 def onnx_providers(settings: PipelineSettings) -> list[str | tuple[str, dict[str, str]]]:
     """ONNX Runtime providers: CUDA first when asked for or available, then CPU."""
+    check_one_runtime()
     available = ort.get_available_providers()
     if settings.device == "cpu":
         return ["CPUExecutionProvider"]
@@ -46,15 +96,20 @@ def onnx_providers(settings: PipelineSettings) -> list[str | tuple[str, dict[str
     return ["CPUExecutionProvider"]
 
 
-def onnx_session(path: str, settings: PipelineSettings) -> ort.InferenceSession:
-    """An inference session for one model file with the project's providers and threads."""
+def onnx_session(model: str | bytes, settings: PipelineSettings) -> ort.InferenceSession:
+    """An inference session for one model (a file, or ONNX bytes) with the project's
+    providers and threads."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = cpu_threads(settings)
     options.inter_op_num_threads = 1
+    # Spinning threads would hold every core between the small operators of these models and
+    # starve the decode threads running beside them (measured in bench/RESULTS.md).
+    options.add_session_config_entry("session.intra_op.allow_spinning", ALLOW_SPINNING)
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3  # the models declare batch 1 outputs; ORT warns on every call
-    session = ort.InferenceSession(path, sess_options=options, providers=onnx_providers(settings))
-    logger.info("loaded %s on %s", path, session.get_providers()[0])
+    session = ort.InferenceSession(model, sess_options=options, providers=onnx_providers(settings))
+    what = model if isinstance(model, str) else f"{len(model)} bytes of ONNX"
+    logger.info("loaded %s on %s", what, session.get_providers()[0])
     return session
 
 

@@ -8,6 +8,7 @@ and map everything back to the input image's pixels.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from collections.abc import Sequence
@@ -18,7 +19,7 @@ import cv2
 import numpy as np
 from numpy.typing import NDArray
 
-from worker.detect import finish_detections, nms
+from worker.boxes import finish_detections, nms
 from worker.errors import ModelError
 from worker.models import resolve_model
 from worker.runtime import onnx_session
@@ -101,11 +102,16 @@ def head_layout(output_names: Sequence[str]) -> HeadLayout:
     )
 
 
+@functools.lru_cache(maxsize=256)
 def anchor_centres(height: int, width: int, stride: int, anchors: int) -> NDArray[np.float32]:
-    """(height*width*anchors, 2) x, y of each anchor, row by row, anchors of a point together."""
+    """(height*width*anchors, 2) x, y of each anchor, row by row, anchors of a point together.
+
+    Cached per input shape (read-only): photos of one album come in a few shapes."""
     ys, xs = np.mgrid[:height, :width]
     centres = np.stack([xs, ys], axis=-1).reshape(-1, 2).astype(np.float32) * stride
-    return np.repeat(centres, anchors, axis=0)
+    centres = np.repeat(centres, anchors, axis=0)
+    centres.flags.writeable = False
+    return centres
 
 
 def distance2bbox(
