@@ -130,6 +130,7 @@ def _run_inline(args: argparse.Namespace) -> int:
 
     from db.session import make_engine, make_sessionmaker
     from storage import s3_fetch
+    from tasks.guard import JobGuard
     from tasks.trip import open_photo_store, run_trip_job
     from worker.pipeline import FacePipeline
 
@@ -139,11 +140,16 @@ def _run_inline(args: argparse.Namespace) -> int:
     client = getattr(store, "client", None)
     pipeline = FacePipeline(settings, fetch=partial(s3_fetch, client=client))
     engine = make_engine(settings.database_url)
+    sessions = make_sessionmaker(engine)
+    guard = JobGuard(
+        sessions, heartbeat_seconds=settings.heartbeat_seconds, stall_seconds=settings.stall_seconds
+    )
     try:
         with Progress(console=console) as progress:
             bar = progress.add_task(f"trip {args.trip}", total=None)
             summary = run_trip_job(
-                sessions=make_sessionmaker(engine),
+                sessions=sessions,
+                guard=guard,
                 store=store,
                 pipeline=pipeline,
                 settings=settings,
@@ -203,12 +209,18 @@ def cmd_status(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from db.crud import TripNotFound, trip_folders, trip_status
+    from db.jobs import mark_stalled_jobs
     from db.session import make_engine, make_sessionmaker
 
     console = _console()
-    engine = make_engine(_settings().database_url)
+    settings = _settings()
+    engine = make_engine(settings.database_url)
     try:
         with make_sessionmaker(engine)() as session:
+            # A `running` row whose worker stopped beating is failed, not pending, from now on.
+            mark_stalled_jobs(
+                session=session, stall_seconds=settings.stall_seconds, trip_id=args.trip
+            )
             status = trip_status(session=session, trip_id=args.trip, limit=args.limit)
             folders = trip_folders(session=session, trip_id=args.trip)
     except TripNotFound as exc:

@@ -14,6 +14,7 @@ merged, but a second `missing` run finds nothing new to analyse and only regroup
 from __future__ import annotations
 
 import logging
+import random
 import time
 import uuid
 from collections.abc import Callable
@@ -27,6 +28,7 @@ import sqlalchemy.exc
 from celery import Task
 from celery.exceptions import Ignore
 from celery.signals import worker_process_init
+from celery.utils.dispatch import Signal
 from redis import Redis
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -46,6 +48,7 @@ from db.webapp import Trip
 from storage import LocalStore, PhotoStore, S3Store, photo_sources, s3_fetch
 from storage.errors import StorageConfigError, StorageError, TransientStorageError
 from tasks.app import app
+from tasks.guard import JobGuard, JobTimedOut, TripLockLost, install_soft_limit_handler
 from tasks.locks import TripLock
 from tasks.names import GROUP_TRIP, MODES, PROGRESS
 from tasks.settings import ServiceSettings, get_settings
@@ -68,17 +71,50 @@ RETRYABLE_ERRORS: tuple[type[Exception], ...] = (
     sqlalchemy.exc.InterfaceError,  # connection closed under us
     redis.exceptions.ConnectionError,  # the lock's Redis
     redis.exceptions.TimeoutError,
+    TripLockLost,  # another job took the trip: this one runs again after it
 )
-"""Errors after which the same job may well succeed later: retried with backoff and jitter.
+"""Errors after which the same job may well succeed later: retried with backoff and jitter
+for AFTERTRIP_TASK_RETRY_BUDGET seconds from the first of them.
 
 Anything else (a bug, a missing trip, a bad setting, the soft time limit) fails the job at once.
 """
+
+RETRY_SINCE_HEADER = "aftertrip_retry_since"
+"""Message header: when (epoch seconds) the job's first retryable error happened."""
+
+analysis_started = Signal(name="aftertrip.analysis_started")
+"""Sent by the job's thread once it holds the trip (and its job row) and has listed the
+photos to analyse, before the first one is read: an observation point for monitoring, and
+what the service tests use to hold a job at a known point."""
 
 THUMBNAIL_UPLOAD_THREADS = 4
 
 
 class JobAbandoned(AfterTripError):
     """A job's worker process died too often while running it (out of memory, a crash)."""
+
+
+class InvalidJobArguments(AfterTripError, ValueError):
+    """The message's arguments are not a trip id and a mode: refused before anything runs."""
+
+
+def check_job_arguments(trip_id: object, mode: object) -> tuple[int, str]:
+    """The trip id and mode of a message, or `InvalidJobArguments` saying what is wrong.
+
+    JSON brings 1.5, "3" and true as well as 3: only a positive integer is a trip id (a
+    float would be rounded by the database into another trip's id).
+    """
+    if isinstance(trip_id, bool) or not isinstance(trip_id, int) or trip_id <= 0:
+        raise InvalidJobArguments(
+            f"trip_id must be a positive integer (trips_trip.id), not {trip_id!r}: "
+            "the job was refused and nothing was written"
+        )
+    if not isinstance(mode, str) or mode not in MODES:
+        raise InvalidJobArguments(
+            f"mode must be one of {', '.join(MODES)}, not {mode!r}: "
+            "the job was refused and nothing was written"
+        )
+    return trip_id, mode
 
 
 def thumbnail_folder(prefix: str, trip_id: int) -> str:
@@ -126,16 +162,19 @@ def run_trip_job(
     thumbnail_prefix: str | None = "faces/",
     on_progress: ProgressCallback | None = None,
     will_retry: Callable[[Exception], bool] | None = None,
+    guard: JobGuard | None = None,
 ) -> dict[str, Any]:
     """Analyse a trip's photos and rewrite its folders; the body of `group_trip`.
 
     Records an `aftertrip_job` row (reused when `task_id` is delivered again); on any error
     marks it failed ("retrying" where `will_retry` says the error will be retried) and
     re-raises, leaving the previous folders and links as they were.
+    With a `guard`, the row's heartbeat (and the trip lock) are renewed while the job runs,
+    the trip's stalled jobs are marked failed first, and the soft time limit or a lost lock
+    stops the job between photos.
     Returns the job id and `TripWriteSummary` counts. Usable without Celery (embedded runs).
     """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+    trip_id, mode = check_job_arguments(trip_id, mode)
     progress = on_progress or (lambda stage, done, total: None)
     started = time.perf_counter()
     with sessions() as session:
@@ -144,8 +183,12 @@ def run_trip_job(
         session.rollback()
         progress("models", 0, 1)
         models = pipeline.models  # loads the models on a process's first job
+        if guard is not None:
+            guard.take_over_stalled(trip_id=trip_id, task_id=task_id)
         job = start_job(session=session, trip_id=trip_id, mode=mode, task_id=task_id, models=models)
         job_id = job.id
+        if guard is not None:
+            guard.start(job_id)
         try:
             photos = photos_to_analyze(
                 session=session,
@@ -160,9 +203,18 @@ def run_trip_job(
                 "job analysing photos",
                 extra={"trip_id": trip_id, "job_id": job_id, "photos": len(todo), "mode": mode},
             )
+            analysis_started.send(sender=run_trip_job, trip_id=trip_id, job_id=job_id)
             outcomes = _analyze(
-                pipeline, store, todo, trip_id=trip_id, prefix=thumbnail_prefix, progress=progress
+                pipeline,
+                store,
+                todo,
+                trip_id=trip_id,
+                prefix=thumbnail_prefix,
+                progress=progress,
+                check=guard.check if guard is not None else None,
             )
+            if guard is not None:
+                guard.check()  # never write after the time limit or with the lock lost
             progress("group", 0, 1)
             summary = write_trip_result(
                 session=session,
@@ -176,8 +228,15 @@ def run_trip_job(
             finish_job(session=session, job_id=job_id, counts=counts)
             progress("group", 1, 1)
         except Exception as exc:
+            if guard is not None and guard.timed_out and not isinstance(exc, JobTimedOut):
+                exc = guard.timeout_error()  # SoftTimeLimitExceeded wherever it struck
             _record_failure(session, job_id, exc, retrying=bool(will_retry and will_retry(exc)))
+            if isinstance(exc, JobTimedOut):
+                raise exc from None
             raise
+        finally:
+            if guard is not None:
+                guard.stop()
         # The job has succeeded: nothing from here on may mark it failed.
         if thumbnail_prefix is not None:
             _remove_unused_thumbnails(
@@ -203,8 +262,13 @@ def _analyze(
     trip_id: int,
     prefix: str | None,
     progress: ProgressCallback,
+    check: Callable[[], None] | None = None,
 ) -> list[PhotoOutcome]:
-    """Run the pipeline over the photos; upload face thumbnails while the next ones compute."""
+    """Run the pipeline over the photos; upload face thumbnails while the next ones compute.
+
+    `check` is called after each photo, before its outcome is kept: it raises to stop the
+    job (a photo interrupted by the soft time limit is not recorded as broken).
+    """
     ids = {str(photo_id): (photo_id, key) for photo_id, key, _name in todo}
     sources = photo_sources(
         store,
@@ -218,6 +282,8 @@ def _analyze(
     with ThreadPoolExecutor(THUMBNAIL_UPLOAD_THREADS, "thumbnails") as uploader:
         analyzed = pipeline.analyze(sources, face_thumbnails=prefix is not None)
         for done, photo in enumerate(analyzed, start=1):
+            if check is not None:
+                check()
             photo_id, key = ids[photo.photo_id]
             keys = None
             if prefix is not None and photo.thumbnails:
@@ -347,57 +413,108 @@ def open_photo_store(settings: ServiceSettings) -> PhotoStore:
     raise StorageConfigError("no photo store: set AFTERTRIP_S3_BUCKET")
 
 
-_settings = get_settings()
-
-
-@app.task(
-    bind=True,
-    base=GroupTripTask,
-    name=GROUP_TRIP,
-    autoretry_for=RETRYABLE_ERRORS,
-    retry_backoff=True,
-    retry_backoff_max=_settings.task_retry_backoff_max,
-    retry_jitter=True,
-    max_retries=_settings.task_max_retries,
-)
+@app.task(bind=True, base=GroupTripTask, name=GROUP_TRIP)
 def group_trip(self: GroupTripTask, trip_id: int, mode: str = "missing") -> dict[str, Any]:
-    """Group one trip's photos into person folders (`mode`: "missing" or "all")."""
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+    """Group one trip's photos into person folders (`mode`: "missing" or "all").
+
+    Transient errors (S3, database, Redis, a lost lock) are retried with backoff until
+    AFTERTRIP_TASK_RETRY_BUDGET seconds have passed since the first of them.
+    """
+    trip_id, mode = check_job_arguments(trip_id, mode)
+    install_soft_limit_handler()
     settings = self.settings
     task_id = self.request.id or f"local-{uuid.uuid4()}"
-    lock = TripLock(self.redis, trip_id, owner=task_id, timeout=settings.lock_timeout)
-    if not lock.acquire():
-        _wait_for_turn(self, trip_id, mode, holder=lock.holder())
+    retry_since = _retry_since(self)
     try:
-        _count_delivery(self, task_id, trip_id, mode)
-
-        def report(stage: str, done: int, total: int) -> None:
-            if self.request.id is not None:
-                self.update_state(
-                    state=PROGRESS, meta={"stage": stage, "done": done, "total": total}
-                )
-
-        return run_trip_job(
-            sessions=self.sessions,
-            store=self.store,
-            pipeline=self.pipeline,
-            settings=settings,
-            trip_id=trip_id,
-            mode=mode,
-            task_id=task_id,
-            thumbnail_prefix=settings.s3_thumbnail_prefix,
-            on_progress=report,
-            will_retry=lambda exc: (
-                isinstance(exc, RETRYABLE_ERRORS)
-                and (self.max_retries is None or self.request.retries < self.max_retries)
-            ),
+        lock = TripLock(self.redis, trip_id, owner=task_id, ttl=settings.lock_ttl)
+        if not lock.acquire():
+            _wait_for_turn(self, trip_id, mode, holder=lock.holder(), retry_since=retry_since)
+        try:
+            _count_delivery(self, task_id, trip_id, mode)
+            guard = JobGuard(
+                self.sessions,
+                heartbeat_seconds=settings.heartbeat_seconds,
+                stall_seconds=settings.stall_seconds,
+                lock=lock,
+                soft_time_limit=settings.task_soft_time_limit,
+            )
+            return run_trip_job(
+                sessions=self.sessions,
+                store=self.store,
+                pipeline=self.pipeline,
+                settings=settings,
+                trip_id=trip_id,
+                mode=mode,
+                task_id=task_id,
+                thumbnail_prefix=settings.s3_thumbnail_prefix,
+                on_progress=_progress_reporter(self),
+                will_retry=lambda exc: _retry_delay(self, exc, retry_since) is not None,
+                guard=guard,
+            )
+        finally:
+            lock.release()
+    except RETRYABLE_ERRORS as exc:
+        delay = _retry_delay(self, exc, retry_since)
+        if delay is None:
+            raise
+        since = retry_since if retry_since is not None else time.time()
+        logger.warning(
+            "job will be retried in %.0f s: %s",
+            delay,
+            exc,
+            extra={"trip_id": trip_id, "task_id": task_id, "retry_since": since},
         )
-    finally:
-        lock.release()
+        raise self.retry(
+            exc=exc, countdown=delay, max_retries=None, headers={RETRY_SINCE_HEADER: since}
+        ) from exc
 
 
-def _wait_for_turn(task: GroupTripTask, trip_id: int, mode: str, *, holder: str | None) -> None:
+def _retry_since(task: GroupTripTask) -> float | None:
+    """When the job's first retryable error happened (from the message), or None."""
+    value = getattr(task.request, RETRY_SINCE_HEADER, None)
+    if value is None:
+        value = (task.request.headers or {}).get(RETRY_SINCE_HEADER)
+    try:
+        return float(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _retry_delay(task: GroupTripTask, exc: Exception, since: float | None) -> float | None:
+    """Seconds to wait before the next try, or None when the error is not retried (not
+    transient, the retry budget is spent, or the job runs outside a worker)."""
+    if not isinstance(exc, RETRYABLE_ERRORS) or task.request.called_directly:
+        return None
+    settings = task.settings
+    now = time.time()
+    spent = now - (since if since is not None else now)
+    if spent >= settings.task_retry_budget:
+        return None
+    # Exponential backoff with jitter, capped, and never past the budget's end by much.
+    ceiling = min(settings.task_retry_backoff_max, 2 ** min(task.request.retries + 1, 16))
+    return max(1.0, random.uniform(ceiling / 2, ceiling))
+
+
+def _progress_reporter(task: GroupTripTask) -> ProgressCallback:
+    """Progress as the task's PROGRESS state; a result backend outage never fails the job."""
+    silent_until = 0.0
+
+    def report(stage: str, done: int, total: int) -> None:
+        nonlocal silent_until
+        if task.request.id is None or time.monotonic() < silent_until:
+            return
+        try:
+            task.update_state(state=PROGRESS, meta={"stage": stage, "done": done, "total": total})
+        except (redis.exceptions.RedisError, OSError) as exc:
+            silent_until = time.monotonic() + 10
+            logger.warning("progress not reported (result backend unreachable): %s", exc)
+
+    return report
+
+
+def _wait_for_turn(
+    task: GroupTripTask, trip_id: int, mode: str, *, holder: str | None, retry_since: float | None
+) -> None:
     """Put this request back on the queue to run after the trip's current job.
 
     Sent again under the same task id (so a client waiting on it keeps waiting) and with
@@ -409,15 +526,19 @@ def _wait_for_turn(task: GroupTripTask, trip_id: int, mode: str, *, holder: str 
         extra={"trip_id": trip_id, "holder": holder, "task_id": task.request.id, "wait_s": wait},
     )
     if task.request.id is not None:
-        task.update_state(
-            state=PROGRESS, meta={"stage": "waiting", "done": 0, "total": 0, "holder": holder}
-        )
+        meta = {"stage": "waiting", "done": 0, "total": 0, "holder": holder}
+        try:
+            task.update_state(state=PROGRESS, meta=meta)
+        except (redis.exceptions.RedisError, OSError) as exc:
+            logger.warning("progress not reported (result backend unreachable): %s", exc)
+    headers = {RETRY_SINCE_HEADER: retry_since} if retry_since is not None else None
     task.apply_async(
         args=(trip_id,),
         kwargs={"mode": mode},
         countdown=wait,
         task_id=task.request.id,
         retries=task.request.retries,
+        headers=headers,
     )
     raise Ignore()
 
@@ -426,7 +547,7 @@ def _count_delivery(task: GroupTripTask, task_id: str, trip_id: int, mode: str) 
     """Give up on a job whose worker process keeps dying, instead of redelivering it forever."""
     key = f"aftertrip:task:{task_id}:{task.request.retries}:deliveries"
     deliveries = int(task.redis.incr(key))
-    task.redis.expire(key, task.settings.lock_timeout * 2)
+    task.redis.expire(key, task.settings.delivery_count_ttl)
     limit = task.settings.task_max_deliveries
     if deliveries <= limit:
         return
