@@ -4,7 +4,7 @@ Values that an operator sets come from `tasks.settings.ServiceSettings` (AFTERTR
 environment variables); the rest is how the grouping task must run to be safe.
 """
 
-from tasks.names import GROUP_TRIP
+from tasks.names import ANALYZE_CHUNK, GROUP_TRIP
 from tasks.settings import get_settings
 
 _settings = get_settings()
@@ -20,7 +20,10 @@ result_serializer = "json"
 accept_content = ["json"]
 result_accept_content = ["json"]
 
-task_routes = {GROUP_TRIP: {"queue": _settings.queue}}
+task_routes = {
+    GROUP_TRIP: {"queue": _settings.queue},
+    ANALYZE_CHUNK: {"queue": _settings.queue},
+}
 
 # A job is acknowledged only when it ends, so a worker that dies mid-job (OOM, node lost,
 # SIGKILL) leaves it to be delivered again; the task is written to be safe to run twice.

@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
-from db.models import Job, JobStatus
+from db.models import Job, JobStatus, PhotoAnalysis
 from db.types import utcnow
 
 logger = logging.getLogger(__name__)
@@ -63,3 +63,20 @@ def mark_stalled_jobs(
         )
     session.commit()
     return [job.id for job in stalled]
+
+
+def job_stored_photos(*, session: Session, job_id: int, embedder_sha256: str) -> dict[int, str]:
+    """photo id -> status of every photo whose analysis this job has stored so far (across
+    its deliveries and its chunks): its progress, and what is left to analyse."""
+    rows = session.execute(
+        select(PhotoAnalysis.photo_id, PhotoAnalysis.status).where(
+            PhotoAnalysis.job_id == job_id, PhotoAnalysis.embedder_sha256 == embedder_sha256
+        )
+    )
+    return {photo_id: status for photo_id, status in rows}
+
+
+def job_is_running(*, session: Session, job_id: int) -> bool:
+    """Whether the job's row still says `running` (a chunk of a finished job does nothing)."""
+    status = session.scalar(select(Job.status).where(Job.id == job_id))
+    return status == JobStatus.RUNNING.value

@@ -25,7 +25,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.jobs import beat_job, mark_stalled_jobs
-from tasks.locks import TripLock
+from tasks.locks import Lease, TripLock
 from worker.errors import AfterTripError
 
 logger = logging.getLogger(__name__)
@@ -85,6 +85,7 @@ class JobGuard:
         self.lock = lock
         self.soft_time_limit = soft_time_limit
         self.job_id: int | None = None
+        self.leases: list[Lease] = []  # chunk leases held now, renewed like the lock
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         SOFT_LIMIT.hit = False
@@ -118,11 +119,13 @@ class JobGuard:
 
     def beat(self) -> None:
         """Renew the lock and the row's heartbeat once; outages are logged, not raised."""
-        if self.lock is not None and self.lock.held:
+        for lease in [self.lock, *self.leases]:
+            if lease is None or not lease.held:
+                continue
             try:
-                self.lock.renew()
+                lease.renew()
             except redis.exceptions.RedisError as exc:
-                logger.warning("trip lock not renewed (tried again next beat): %s", exc)
+                logger.warning("%s not renewed (tried again next beat): %s", lease.name, exc)
         if self.job_id is not None:
             try:
                 with self.sessions() as session:

@@ -27,17 +27,21 @@ def trip_lock_name(trip_id: int) -> str:
     return f"aftertrip:trip:{trip_id}"
 
 
-class TripLock:
-    """The lock of one trip held by one delivery of a task; lives `ttl` seconds unrenewed."""
+def chunk_lease_name(job_id: int, split: str, chunk: int) -> str:
+    """The Redis key of the lease on one chunk of a fanned-out job."""
+    return f"aftertrip:job:{job_id}:{split}:chunk:{chunk}"
 
-    def __init__(self, redis: Redis, trip_id: int, *, owner: str, ttl: float) -> None:
+
+class Lease:
+    """A Redis key held by one delivery of a task; lives `ttl` seconds unless renewed."""
+
+    def __init__(self, redis: Redis, name: str, *, owner: str, ttl: float) -> None:
         self.redis = redis
-        self.trip_id = trip_id
+        self.name = name
         self.owner = owner
         self.token = f"{owner} {uuid.uuid4().hex[:12]}"
-        self.name = trip_lock_name(trip_id)
         # Not thread-local: the heartbeat thread renews what the job's thread acquired.
-        self._lock = Lock(redis, self.name, timeout=ttl, blocking=False, thread_local=False)
+        self._lock = Lock(redis, name, timeout=ttl, blocking=False, thread_local=False)
         self.held = False
 
     def acquire(self) -> bool:
@@ -60,12 +64,10 @@ class TripLock:
             pass
         # RedisError (Redis down) propagates: the caller tries again on the next beat.
         if self._lock.acquire(blocking=False, token=self.token):
-            logger.warning("lock of trip %s was gone (Redis restarted?): taken again", self.trip_id)
+            logger.warning("lease %s was gone (Redis restarted?): taken again", self.name)
             return True
         self.held = False
-        logger.error(
-            "lock of trip %s lost to %s while task %s ran", self.trip_id, self.holder(), self.owner
-        )
+        logger.error("lease %s lost to %s while task %s ran", self.name, self.holder(), self.owner)
         return False
 
     def holder(self) -> str | None:
@@ -84,8 +86,14 @@ class TripLock:
         try:
             self._lock.release()
         except LockError:
-            logger.warning(
-                "lock of trip %s expired before task %s released it", self.trip_id, self.owner
-            )
+            logger.warning("lease %s expired before task %s released it", self.name, self.owner)
         except RedisError as exc:  # it expires by itself a few heartbeats from now
-            logger.warning("lock of trip %s not released: %s", self.trip_id, exc)
+            logger.warning("lease %s not released: %s", self.name, exc)
+
+
+class TripLock(Lease):
+    """The lock of one trip: one grouping job of the trip runs at a time."""
+
+    def __init__(self, redis: Redis, trip_id: int, *, owner: str, ttl: float) -> None:
+        super().__init__(redis, trip_lock_name(trip_id), owner=owner, ttl=ttl)
+        self.trip_id = trip_id

@@ -101,6 +101,12 @@ class ServiceSettings(PipelineSettings):
         "the lock dies 6 beats after its holder, a row with no beat for 12 reads stalled.",
         gt=0,
     )
+    chunk_photos: int = Field(
+        default=48,
+        ge=0,
+        description="Fan-out: a job with more than twice this many photos to analyse sends "
+        "them in chunks of this size to every free worker; 0 = one task per trip.",
+    )
     lock_wait_seconds: int = Field(
         default=20, description="How long a job waits before checking again when its trip is busy."
     )

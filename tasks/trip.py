@@ -19,13 +19,13 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import redis.exceptions
 import sqlalchemy.exc
-from celery import Task
+from celery import Task, group
 from celery.exceptions import Ignore
 from celery.signals import worker_process_init
 from celery.utils.dispatch import Signal
@@ -39,18 +39,20 @@ from db.crud import (
     fail_job,
     finish_job,
     photos_to_analyze,
+    regroup_trip,
     start_job,
+    store_photo_outcomes,
     trip_thumbnail_keys,
-    write_trip_result,
 )
+from db.jobs import job_is_running, job_stored_photos
 from db.session import make_engine, make_sessionmaker
 from db.webapp import Trip
 from storage import LocalStore, PhotoStore, S3Store, photo_sources, s3_fetch
 from storage.errors import StorageConfigError, StorageError, TransientStorageError
 from tasks.app import app
 from tasks.guard import JobGuard, JobTimedOut, TripLockLost, install_soft_limit_handler
-from tasks.locks import TripLock
-from tasks.names import GROUP_TRIP, MODES, PROGRESS
+from tasks.locks import Lease, TripLock, chunk_lease_name
+from tasks.names import ANALYZE_CHUNK, GROUP_TRIP, MODES, PROGRESS
 from tasks.settings import ServiceSettings, get_settings
 from worker.errors import AfterTripError
 
@@ -88,6 +90,15 @@ photos to analyse, before the first one is read: an observation point for monito
 what the service tests use to hold a job at a known point."""
 
 THUMBNAIL_UPLOAD_THREADS = 4
+
+STORE_BATCH = 16
+"""Photos stored per transaction while a job analyses: what a killed job loses at most."""
+
+FAN_OUT_POLL_SECONDS = 0.25
+"""How often a fanned-out job looks at its chunks' progress while others analyse them."""
+
+Todo = list[tuple[int, str, str]]
+"""Photos to analyse: (photos_photo.id, object key, file name)."""
 
 
 class JobAbandoned(AfterTripError):
@@ -150,6 +161,39 @@ def photo_outcome(photo: AnalyzedPhoto, photo_id: int, keys: list[str] | None) -
     )
 
 
+@dataclass
+class FanOut:
+    """How a job hands chunks of its photos to the other workers (the Celery path).
+
+    `send(trip_id, job_id, split, chunks)` queues one `analyze_chunk` task per
+    (chunk number, photo ids); `redis` holds the chunk leases.
+    """
+
+    chunk_photos: int
+    redis: Redis
+    owner: str
+    lease_ttl: float
+    send: Callable[[int, int, str, list[tuple[int, list[int]]]], None]
+
+    def worth_it(self, photos: int) -> bool:
+        """Fan out only a job of more than two chunks: a small trip stays one task."""
+        return self.chunk_photos > 0 and photos > 2 * self.chunk_photos
+
+
+@dataclass
+class _Work:
+    """What analysing a job's photos needs, in one place for the job and its chunks."""
+
+    sessions: sessionmaker[Session]
+    store: PhotoStore
+    pipeline: FacePipeline
+    trip_id: int
+    job_id: int
+    prefix: str | None
+    check: Callable[[], None]
+    on_photo: Callable[[], None]
+
+
 def run_trip_job(
     *,
     sessions: sessionmaker[Session],
@@ -163,16 +207,22 @@ def run_trip_job(
     on_progress: ProgressCallback | None = None,
     will_retry: Callable[[Exception], bool] | None = None,
     guard: JobGuard | None = None,
+    fan_out: FanOut | None = None,
 ) -> dict[str, Any]:
     """Analyse a trip's photos and rewrite its folders; the body of `group_trip`.
 
-    Records an `aftertrip_job` row (reused when `task_id` is delivered again); on any error
-    marks it failed ("retrying" where `will_retry` says the error will be retried) and
-    re-raises, leaving the previous folders and links as they were.
+    Records an `aftertrip_job` row (reused when `task_id` is delivered again). Photos are
+    stored as they are analysed, `STORE_BATCH` per transaction, so a retried or redelivered
+    job continues where the last delivery stopped; the folders are then rewritten in one
+    transaction (`db.crud.regroup_trip`). On any error the row is marked failed ("retrying"
+    where `will_retry` says the error will be retried) and the error re-raised: the folders
+    and links stay as they were, the stored photos stay stored.
     With a `guard`, the row's heartbeat (and the trip lock) are renewed while the job runs,
     the trip's stalled jobs are marked failed first, and the soft time limit or a lost lock
-    stops the job between photos.
-    Returns the job id and `TripWriteSummary` counts. Usable without Celery (embedded runs).
+    stops the job between photos. With `fan_out`, a big job's photos are analysed in chunks
+    by every free worker, this one included.
+    Returns the job id and `TripWriteSummary` counts ("analyzed": the photos this job
+    stored, over all its deliveries). Usable without Celery (embedded runs).
     """
     trip_id, mode = check_job_arguments(trip_id, mode)
     progress = on_progress or (lambda stage, done, total: None)
@@ -195,36 +245,54 @@ def run_trip_job(
                 trip_id=trip_id,
                 embedder_sha256=pipeline.embedder.sha256,
                 mode=mode,  # type: ignore[arg-type]  # checked against MODES above
+                job_id=job_id,  # what an earlier delivery of this job stored is kept
             )
-            todo = [(p.id, p.s3_key, p.file_name or p.s3_key) for p in photos]
+            todo: Todo = [(p.id, p.s3_key, p.file_name or p.s3_key) for p in photos]
             # End the read transaction: nothing stays open while photos are analysed.
             session.commit()
             logger.info(
-                "job analysing photos",
+                "job analysing %d photos",
+                len(todo),
                 extra={"trip_id": trip_id, "job_id": job_id, "photos": len(todo), "mode": mode},
             )
             analysis_started.send(sender=run_trip_job, trip_id=trip_id, job_id=job_id)
-            outcomes = _analyze(
-                pipeline,
-                store,
-                todo,
+            done = 0
+
+            def on_photo() -> None:
+                nonlocal done
+                done += 1
+                progress("analyze", done, len(todo))
+
+            work = _Work(
+                sessions=sessions,
+                store=store,
+                pipeline=pipeline,
                 trip_id=trip_id,
+                job_id=job_id,
                 prefix=thumbnail_prefix,
-                progress=progress,
-                check=guard.check if guard is not None else None,
+                check=guard.check if guard is not None else (lambda: None),
+                on_photo=on_photo,
             )
-            if guard is not None:
-                guard.check()  # never write after the time limit or with the lock lost
+            progress("analyze", 0, len(todo))
+            if fan_out is not None and guard is not None and fan_out.worth_it(len(todo)):
+                _analyze_fanned_out(work, todo, fan_out, guard, progress)
+            else:
+                _analyze_and_store(work, todo)
+            work.check()  # never regroup after the time limit or with the lock lost
             progress("group", 0, 1)
-            summary = write_trip_result(
+            summary = regroup_trip(
                 session=session,
                 trip_id=trip_id,
-                analyzed=outcomes,
                 embedder=pipeline.embedder,
                 settings=settings,
                 job_id=job_id,
             )
-            counts = {"analyzed": len(outcomes), **asdict(summary)}
+            stored = job_stored_photos(
+                session=session, job_id=job_id, embedder_sha256=pipeline.embedder.sha256
+            )
+            session.commit()
+            summary.errors = sum(1 for status in stored.values() if status != "ok")
+            counts = {"analyzed": len(stored), **asdict(summary)}
             finish_job(session=session, job_id=job_id, counts=counts)
             progress("group", 1, 1)
         except Exception as exc:
@@ -254,50 +322,192 @@ def run_trip_job(
     return {"trip_id": trip_id, "job_id": job_id, **counts}
 
 
-def _analyze(
-    pipeline: FacePipeline,
-    store: PhotoStore,
-    todo: list[tuple[int, str, str]],
-    *,
-    trip_id: int,
-    prefix: str | None,
-    progress: ProgressCallback,
-    check: Callable[[], None] | None = None,
-) -> list[PhotoOutcome]:
-    """Run the pipeline over the photos; upload face thumbnails while the next ones compute.
+def _analyze_and_store(work: _Work, todo: Todo) -> int:
+    """Run the pipeline over the photos and store their outcomes `STORE_BATCH` at a time;
+    face thumbnails upload while the next photos compute. Returns how many were stored.
 
-    `check` is called after each photo, before its outcome is kept: it raises to stop the
-    job (a photo interrupted by the soft time limit is not recorded as broken).
+    `work.check` is called after each photo, before its outcome is kept: it raises to stop
+    the job (a photo interrupted by the soft time limit is not recorded as broken).
     """
+    if not todo:
+        return 0
     ids = {str(photo_id): (photo_id, key) for photo_id, key, _name in todo}
     sources = photo_sources(
-        store,
+        work.store,
         [key for _id, key, _name in todo],
         [name for _id, _key, name in todo],
         ids=[str(photo_id) for photo_id, _key, _name in todo],
     )
-    outcomes: list[PhotoOutcome] = []
+    batch: list[PhotoOutcome] = []
     uploads: list[Future[None]] = []
-    progress("analyze", 0, len(todo))
+    stored = 0
+    embedder = work.pipeline.embedder
+
+    def store_batch() -> None:
+        nonlocal stored
+        # Every thumbnail is stored before a face row can point at it.
+        for upload in uploads:
+            upload.result()
+        uploads.clear()
+        if batch:
+            with work.sessions() as session:
+                store_photo_outcomes(
+                    session=session,
+                    trip_id=work.trip_id,
+                    outcomes=batch,
+                    embedder=embedder,
+                    job_id=work.job_id,
+                )
+            stored += len(batch)
+            batch.clear()
+
+    prefix = work.prefix
     with ThreadPoolExecutor(THUMBNAIL_UPLOAD_THREADS, "thumbnails") as uploader:
-        analyzed = pipeline.analyze(sources, face_thumbnails=prefix is not None)
-        for done, photo in enumerate(analyzed, start=1):
-            if check is not None:
-                check()
+        for photo in work.pipeline.analyze(sources, face_thumbnails=prefix is not None):
+            work.check()
             photo_id, key = ids[photo.photo_id]
             keys = None
             if prefix is not None and photo.thumbnails:
                 count = len(photo.thumbnails)
-                keys = [thumbnail_key(prefix, trip_id, key, i) for i in range(count)]
+                keys = [thumbnail_key(prefix, work.trip_id, key, i) for i in range(count)]
                 for thumb_key, data in zip(keys, photo.thumbnails, strict=True):
-                    uploads.append(uploader.submit(store.write, thumb_key, data, "image/jpeg"))
-            outcomes.append(photo_outcome(photo, photo_id, keys))
+                    uploads.append(uploader.submit(work.store.write, thumb_key, data, "image/jpeg"))
+            batch.append(photo_outcome(photo, photo_id, keys))
             photo.thumbnails = []
-            progress("analyze", done, len(todo))
-        # Every thumbnail is stored before a face row can point at it.
-        for upload in uploads:
-            upload.result()
-    return outcomes
+            work.on_photo()
+            if len(batch) >= STORE_BATCH:
+                store_batch()
+        store_batch()
+    return stored
+
+
+def _analyze_fanned_out(
+    work: _Work, todo: Todo, fan_out: FanOut, guard: JobGuard, progress: ProgressCallback
+) -> None:
+    """Analyse a big job's photos in chunks: each chunk is queued as an `analyze_chunk` task
+    for every free worker, and this job takes the chunks no one has started yet (from the
+    end of the list, while the other workers start at its head).
+
+    A chunk is taken by holding its lease (renewed each heartbeat): a chunk whose worker died
+    has its lease lapse, and this job takes it over and analyses only what it did not store.
+    Returns when every photo of `todo` has been stored by this job.
+    """
+    size = fan_out.chunk_photos
+    chunks = [todo[i : i + size] for i in range(0, len(todo), size)]
+    split = uuid.uuid4().hex[:8]
+    fan_out.send(
+        work.trip_id,
+        work.job_id,
+        split,
+        [(n, [p for p, _k, _n in c]) for n, c in enumerate(chunks)],
+    )
+    logger.info(
+        "job fanned out: %d photos in %d chunks",
+        len(todo),
+        len(chunks),
+        extra={"trip_id": work.trip_id, "job_id": work.job_id, "chunks": len(chunks)},
+    )
+    wanted = {photo_id for photo_id, _key, _name in todo}
+    pending = list(range(len(chunks)))
+    sha = work.pipeline.embedder.sha256
+    own = 0
+    while pending:
+        work.check()
+        with work.sessions() as session:
+            stored = job_stored_photos(session=session, job_id=work.job_id, embedder_sha256=sha)
+        progress("analyze", len(wanted & stored.keys()), len(wanted))
+        pending = [n for n in pending if any(p not in stored for p, _k, _n in chunks[n])]
+        for n in reversed(pending):
+            lease = Lease(
+                fan_out.redis,
+                chunk_lease_name(work.job_id, split, n),
+                owner=fan_out.owner,
+                ttl=fan_out.lease_ttl,
+            )
+            if not lease.acquire():
+                continue
+            guard.leases.append(lease)
+            try:
+                with work.sessions() as session:
+                    stored = job_stored_photos(
+                        session=session, job_id=work.job_id, embedder_sha256=sha
+                    )
+                own += _analyze_and_store(work, [t for t in chunks[n] if t[0] not in stored])
+            finally:
+                guard.leases.remove(lease)
+                lease.release()
+            break
+        else:
+            time.sleep(FAN_OUT_POLL_SECONDS)
+    logger.info(
+        "job's chunks all stored (%d photos analysed here)",
+        own,
+        extra={"trip_id": work.trip_id, "job_id": work.job_id},
+    )
+
+
+def analyze_chunk_body(
+    *,
+    sessions: sessionmaker[Session],
+    store: PhotoStore,
+    pipeline: FacePipeline,
+    lease: Lease,
+    guard: JobGuard,
+    trip_id: int,
+    job_id: int,
+    photo_ids: list[int],
+    thumbnail_prefix: str | None,
+) -> int:
+    """One chunk of a fanned-out job: analyse and store the photos of `photo_ids` that the
+    job has not stored yet. Does nothing (returns 0) when the job is no longer running or
+    another worker holds the chunk. Returns how many photos it stored."""
+    with sessions() as session:
+        if not job_is_running(session=session, job_id=job_id):
+            logger.info("chunk of a job no longer running: skipped", extra={"job_id": job_id})
+            return 0
+        session.rollback()
+    if not lease.acquire():
+        logger.info("chunk taken by another worker: skipped", extra={"job_id": job_id})
+        return 0
+    guard.leases.append(lease)
+    guard.start(job_id)
+    try:
+        wanted = set(photo_ids)
+        with sessions() as session:
+            photos = photos_to_analyze(
+                session=session,
+                trip_id=trip_id,
+                embedder_sha256=pipeline.embedder.sha256,
+                mode="all",
+                job_id=job_id,
+            )
+            todo: Todo = [
+                (p.id, p.s3_key, p.file_name or p.s3_key) for p in photos if p.id in wanted
+            ]
+            session.rollback()
+        work = _Work(
+            sessions=sessions,
+            store=store,
+            pipeline=pipeline,
+            trip_id=trip_id,
+            job_id=job_id,
+            prefix=thumbnail_prefix,
+            check=guard.check,
+            on_photo=lambda: None,
+        )
+        analysis_started.send(sender=analyze_chunk_body, trip_id=trip_id, job_id=job_id)
+        stored = _analyze_and_store(work, todo)
+    finally:
+        guard.stop()
+        guard.leases.remove(lease)
+        lease.release()
+    logger.info(
+        "chunk stored %d of its %d photos",
+        stored,
+        len(photo_ids),
+        extra={"trip_id": trip_id, "job_id": job_id},
+    )
+    return stored
 
 
 def _remove_unused_thumbnails(
@@ -344,7 +554,8 @@ class GroupTripTask(Task):
 
     Everything is created lazily on the first job, in the pool's child process: never in the
     parent of a prefork pool, whose CUDA context, database connections and HTTP pools would
-    not survive the fork.
+    not survive the fork. Kept on this base class, so the process's tasks (`group_trip`,
+    `analyze_chunk`) share one pipeline, engine and store.
     """
 
     _engine: Engine | None = None
@@ -361,43 +572,46 @@ class GroupTripTask(Task):
     @property
     def sessions(self) -> sessionmaker[Session]:
         """Sessions on the process's one engine."""
-        if self._sessions is None:
-            self._engine = make_engine(self.settings.database_url)
-            self._sessions = make_sessionmaker(self._engine)
-        return self._sessions
+        if GroupTripTask._sessions is None:
+            GroupTripTask._engine = make_engine(self.settings.database_url)
+            GroupTripTask._sessions = make_sessionmaker(GroupTripTask._engine)
+        return GroupTripTask._sessions
 
     @property
     def store(self) -> PhotoStore:
         """The photo bucket (or, in development, AFTERTRIP_PHOTO_ROOT)."""
-        if self._store is None:
-            self._store = open_photo_store(self.settings)
-        return self._store
+        if GroupTripTask._store is None:
+            GroupTripTask._store = open_photo_store(self.settings)
+        return GroupTripTask._store
 
     @property
     def pipeline(self) -> FacePipeline:
         """Detector and embedder, loaded on the first job of this process."""
-        if self._pipeline is None:
+        if GroupTripTask._pipeline is None:
             # Imported here: it brings torch and onnxruntime, which Flower, the web app's
             # client and the prefork parent never need.
             from worker.pipeline import FacePipeline
 
             store = self.store
             client = getattr(store, "client", None)
-            self._pipeline = FacePipeline(self.settings, fetch=partial(s3_fetch, client=client))
-        return self._pipeline
+            GroupTripTask._pipeline = FacePipeline(
+                self.settings, fetch=partial(s3_fetch, client=client)
+            )
+        return GroupTripTask._pipeline
 
     @property
     def redis(self) -> Redis:
         """The Redis of the per-trip locks."""
-        if self._redis is None:
-            self._redis = Redis.from_url(self.settings.effective_lock_url)
-        return self._redis
+        if GroupTripTask._redis is None:
+            GroupTripTask._redis = Redis.from_url(self.settings.effective_lock_url)
+        return GroupTripTask._redis
 
     def forget_process_state(self) -> None:
         """Drop what a parent process may have made before forking (each child makes its own)."""
-        if self._engine is not None:
-            self._engine.dispose(close=False)
-        self._engine = self._sessions = self._store = self._pipeline = self._redis = None
+        if GroupTripTask._engine is not None:
+            GroupTripTask._engine.dispose(close=False)
+        GroupTripTask._engine = GroupTripTask._sessions = GroupTripTask._store = None
+        GroupTripTask._pipeline = GroupTripTask._redis = None
 
 
 def open_photo_store(settings: ServiceSettings) -> PhotoStore:
@@ -450,6 +664,13 @@ def group_trip(self: GroupTripTask, trip_id: int, mode: str = "missing") -> dict
                 on_progress=_progress_reporter(self),
                 will_retry=lambda exc: _retry_delay(self, exc, retry_since) is not None,
                 guard=guard,
+                fan_out=FanOut(
+                    chunk_photos=settings.chunk_photos,
+                    redis=self.redis,
+                    owner=task_id,
+                    lease_ttl=settings.lock_ttl,
+                    send=partial(_send_chunks, queue=settings.queue),
+                ),
             )
         finally:
             lock.release()
@@ -467,6 +688,53 @@ def group_trip(self: GroupTripTask, trip_id: int, mode: str = "missing") -> dict
         raise self.retry(
             exc=exc, countdown=delay, max_retries=None, headers={RETRY_SINCE_HEADER: since}
         ) from exc
+
+
+def _send_chunks(
+    trip_id: int, job_id: int, split: str, chunks: list[tuple[int, list[int]]], *, queue: str
+) -> None:
+    """Queue one `analyze_chunk` per chunk (a Celery group; results are not kept)."""
+    group(
+        analyze_chunk.si(trip_id, job_id, split, number, photo_ids).set(queue=queue)
+        for number, photo_ids in chunks
+    ).apply_async()
+
+
+@app.task(bind=True, base=GroupTripTask, name=ANALYZE_CHUNK, ignore_result=True)
+def analyze_chunk(
+    self: GroupTripTask, trip_id: int, job_id: int, split: str, chunk: int, photo_ids: list[int]
+) -> int:
+    """Analyse and store one chunk of a fanned-out job's photos (see `group_trip`).
+
+    Nothing to retry here: a chunk that fails or whose worker dies releases (or lets lapse)
+    its lease, and the job that sent it analyses what the chunk did not store.
+    """
+    for value in (trip_id, job_id, chunk, *photo_ids):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise InvalidJobArguments(f"analyze_chunk takes integer ids, not {value!r}")
+    if not isinstance(split, str) or not split.isalnum():
+        raise InvalidJobArguments(f"analyze_chunk's split must be a short token, not {split!r}")
+    install_soft_limit_handler()
+    settings = self.settings
+    owner = self.request.id or f"local-{uuid.uuid4()}"
+    return analyze_chunk_body(
+        sessions=self.sessions,
+        store=self.store,
+        pipeline=self.pipeline,
+        lease=Lease(
+            self.redis, chunk_lease_name(job_id, split, chunk), owner=owner, ttl=settings.lock_ttl
+        ),
+        guard=JobGuard(
+            self.sessions,
+            heartbeat_seconds=settings.heartbeat_seconds,
+            stall_seconds=settings.stall_seconds,
+            soft_time_limit=settings.task_soft_time_limit,
+        ),
+        trip_id=trip_id,
+        job_id=job_id,
+        photo_ids=list(photo_ids),
+        thumbnail_prefix=settings.s3_thumbnail_prefix,
+    )
 
 
 def _retry_since(task: GroupTripTask) -> float | None:

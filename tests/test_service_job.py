@@ -319,3 +319,71 @@ def test_stalled_running_row_is_marked_by_the_next_job_and_by_status(
         assert mark_stalled_jobs(session=session, stall_seconds=0) == []
         assert find_queued_or_running_job(session=session, trip_id=trip_id) is None
     engine.dispose()
+
+
+def test_retried_job_continues_where_the_last_delivery_stopped(
+    db_url: str,
+    tmp_path: Path,
+    pipeline,  # noqa: ANN001
+    players_jpg: bytes,
+    yaoming_jpg: bytes,
+    gdp_jpg: bytes,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Photos are stored as they are analysed (in batches): S3 failing on the fourth read
+    loses only what was not stored yet; the same job delivered again reads only the rest,
+    then groups the whole trip."""
+    import tasks.trip
+    from db.jobs import job_stored_photos
+
+    monkeypatch.setattr(tasks.trip, "STORE_BATCH", 1)
+    monkeypatch.setattr(pipeline.arcface, "batch_size", 1)  # each photo leaves at once
+    reads: list[str] = []
+
+    class CountingStore(FlakyStore):
+        fail_at = 4
+
+        def read(self, key: str) -> bytes:
+            reads.append(key)
+            if len(reads) == self.fail_at:
+                raise TransientStorageError(key, "connection reset")
+            return super().read(key)
+
+    store = CountingStore(tmp_path / "photos")
+    settings = ServiceSettings(detector="scrfd", photo_root=tmp_path / "photos")
+    photos = [("a.jpg", players_jpg), ("b.jpg", yaoming_jpg), ("c.jpg", gdp_jpg)]
+    engine, sessions, trip_id, keys = _trip_with_photos(db_url, store, photos * 2)
+    key_of = {}
+    with sessions() as session:
+        for photo in session.scalars(select(Photo).where(Photo.trip_id == trip_id)):
+            key_of[photo.id] = photo.s3_key
+
+    def run() -> dict:
+        return run_trip_job(
+            sessions=sessions,
+            store=store,
+            pipeline=pipeline,
+            settings=settings,
+            trip_id=trip_id,
+            mode="all",
+            task_id="resumed",
+        )
+
+    with pytest.raises(TransientStorageError):
+        run()
+    assert not _links(sessions, trip_id), "no folders before the whole trip is analysed"
+    with sessions() as session:
+        job = session.scalars(select(Job).where(Job.celery_task_id == "resumed")).one()
+        sha = job.embedder_sha256 or ""
+        stored = job_stored_photos(session=session, job_id=job.id, embedder_sha256=sha)
+    assert len(stored) >= 2, "the photos analysed before the failure were stored"
+    reads.clear()
+    store.fail_at = 0
+    result = run()
+    assert result["analyzed"] == 6 and result["errors"] == 0
+    assert sorted(reads) == sorted(set(keys) - {key_of[p] for p in stored})
+    with sessions() as session:
+        job = session.scalars(select(Job).where(Job.celery_task_id == "resumed")).one()
+        assert job.status == "succeeded" and job.attempts == 2
+    assert {photo for photo, _tag in _links(sessions, trip_id)} == set(key_of)
+    engine.dispose()
