@@ -89,6 +89,10 @@ analysis_started = Signal(name="aftertrip.analysis_started")
 photos to analyse, before the first one is read: an observation point for monitoring, and
 what the service tests use to hold a job at a known point."""
 
+photos_stored = Signal(name="aftertrip.photos_stored")
+"""Sent after each batch of photo outcomes is stored: trip_id, job_id, photos (in the batch),
+chunk (True in an `analyze_chunk` task)."""
+
 THUMBNAIL_UPLOAD_THREADS = 4
 
 STORE_BATCH = 16
@@ -192,6 +196,7 @@ class _Work:
     prefix: str | None
     check: Callable[[], None]
     on_photo: Callable[[], None]
+    chunk: bool = False
 
 
 def run_trip_job(
@@ -359,6 +364,19 @@ def _analyze_and_store(work: _Work, todo: Todo) -> int:
                     job_id=work.job_id,
                 )
             stored += len(batch)
+            logger.info(
+                "stored a batch of %d photos%s",
+                len(batch),
+                " (chunk)" if work.chunk else "",
+                extra={"trip_id": work.trip_id, "job_id": work.job_id},
+            )
+            photos_stored.send(
+                sender=_analyze_and_store,
+                trip_id=work.trip_id,
+                job_id=work.job_id,
+                photos=len(batch),
+                chunk=work.chunk,
+            )
             batch.clear()
 
     prefix = work.prefix
@@ -494,6 +512,7 @@ def analyze_chunk_body(
             prefix=thumbnail_prefix,
             check=guard.check,
             on_photo=lambda: None,
+            chunk=True,
         )
         analysis_started.send(sender=analyze_chunk_body, trip_id=trip_id, job_id=job_id)
         stored = _analyze_and_store(work, todo)
