@@ -27,6 +27,20 @@ def _console() -> Console:
     return console
 
 
+def _escape(value: object) -> str:
+    """A user-controlled value to put inside a markup string (names, paths, errors)."""
+    from rich.markup import escape
+
+    return escape(str(value))
+
+
+def _plain(value: object) -> Any:
+    """A user-controlled value as a table cell or a line of its own: never read as markup."""
+    from tasks.cli import plain
+
+    return plain(value)
+
+
 def _settings() -> ServiceSettings:
     from tasks.settings import get_settings
 
@@ -195,9 +209,9 @@ def _follow(result: Any, timeout: float | None, console: Console) -> int:
     if result.successful():
         counts = result.result or {}
         summary = ", ".join(f"{k} {v}" for k, v in counts.items() if k not in ("trip_id",))
-        console.print(f"[green]done[/green]: {summary}")
+        console.print(f"[green]done[/green]: {_escape(summary)}")
         return 0
-    console.print(f"[red]job {result.id} failed[/red]: {result.result!r}")
+    console.print(f"[red]job {_escape(result.id)} failed[/red]: {_escape(repr(result.result))}")
     return 1
 
 
@@ -224,7 +238,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             status = trip_status(session=session, trip_id=args.trip, limit=args.limit)
             folders = trip_folders(session=session, trip_id=args.trip)
     except TripNotFound as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error:[/red] {_escape(exc)}")
         return 1
     finally:
         engine.dispose()
@@ -245,7 +259,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             str(job.attempts),
             _when(job.started_at),
             _when(job.finished_at),
-            outcome,
+            _plain(outcome),
         )
     console.print(jobs)
     table = Table(title="folders (photos_tagface)")
@@ -257,8 +271,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         table.add_row(
             str(folder.tag_id),
             str(folder.tag_num),
-            folder.name,
-            f"{len(folder.photo_files)}: {shown}{more}",
+            _plain(folder.name),
+            _plain(f"{len(folder.photo_files)}: {shown}{more}"),
         )
     console.print(table)
     if status.errors:
@@ -267,7 +281,10 @@ def cmd_status(args: argparse.Namespace) -> int:
             errors.add_column(column)
         for problem in status.errors:
             errors.add_row(
-                str(problem.photo_id), problem.file_name, problem.status, problem.error or ""
+                str(problem.photo_id),
+                _plain(problem.file_name),
+                problem.status,
+                _plain(problem.error or ""),
             )
         console.print(errors)
     return 0
@@ -305,7 +322,7 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
             engine.dispose()
     upgrade(url, args.revision)
     where = make_url(url).render_as_string(hide_password=True)
-    console.print(f"database {where} at revision {current_revision(url)}")
+    console.print(_plain(f"database {where} at revision {current_revision(url)}"))
     return 0
 
 
@@ -326,7 +343,7 @@ def cmd_import_trip(args: argparse.Namespace) -> int:
     folder = Path(args.folder)
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     if not files:
-        console.print(f"[red]error:[/red] no photos in {folder}")
+        console.print(f"[red]error:[/red] no photos in {_escape(folder)}")
         return 2
     store = open_photo_store(settings)
     engine = make_engine(settings.database_url)
@@ -342,7 +359,7 @@ def cmd_import_trip(args: argparse.Namespace) -> int:
             trip_id = trip.id
     finally:
         engine.dispose()
-    console.print(f"trip {trip_id}: {len(files)} photos from {folder}")
+    console.print(_plain(f"trip {trip_id}: {len(files)} photos from {folder}"))
     return 0
 
 
@@ -375,7 +392,7 @@ def worker_argv(settings: ServiceSettings, args: argparse.Namespace) -> list[str
 def cmd_worker(args: argparse.Namespace) -> int:
     """Replace this process with a Celery worker (signals then reach Celery directly)."""
     argv = worker_argv(_settings(), args)
-    _console().print(" ".join(argv[1:]))
+    _console().print(_plain(" ".join(argv[1:])))
     os.execv(argv[0], argv)
     return 0  # pragma: no cover - execv does not return
 
