@@ -223,7 +223,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from db.crud import TripNotFound, trip_folders, trip_status
-    from db.jobs import mark_stalled_jobs
+    from db.jobs import job_stored_photos, mark_stalled_jobs
     from db.session import make_engine, make_sessionmaker
 
     console = _console()
@@ -236,6 +236,16 @@ def cmd_status(args: argparse.Namespace) -> int:
                 session=session, stall_seconds=settings.stall_seconds, trip_id=args.trip
             )
             status = trip_status(session=session, trip_id=args.trip, limit=args.limit)
+            # A running job's progress, over its deliveries and chunks: the photos it stored.
+            progress = {
+                job.id: len(
+                    job_stored_photos(
+                        session=session, job_id=job.id, embedder_sha256=status.embedder_sha256
+                    )
+                )
+                for job in status.jobs
+                if job.status == "running" and status.embedder_sha256
+            }
             folders = trip_folders(session=session, trip_id=args.trip)
     except TripNotFound as exc:
         console.print(f"[red]error:[/red] {_escape(exc)}")
@@ -252,6 +262,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         jobs.add_column(column)
     for job in status.jobs:
         outcome = job.error or ", ".join(f"{k} {v}" for k, v in (job.counts or {}).items())
+        if job.id in progress:
+            outcome = f"{progress[job.id]} photos analysed so far"
         jobs.add_row(
             str(job.id),
             job.mode,

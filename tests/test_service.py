@@ -531,3 +531,76 @@ def test_admin_rerun_wait_and_status(service: Service, shipped_trip: ShippedTrip
     assert status.returncode == 0, status.stderr
     assert f"trip {trip}: " in status.stdout and "succeeded" in status.stdout
     assert "broken.jpg" in status.stdout and "gone.jpg" in status.stdout  # photo errors
+
+
+# --- outages, on a stack of the test's own (tests.faultfixtures) ------------------------------
+
+
+def _held_fault_job(
+    tmp: Path, stack: Any, photos: list[tuple[str, bytes | None]]
+) -> tuple[Any, Any, int]:
+    """A worker (1 s heartbeats, the hold hook), a trip, and its job held before analysis."""
+    hold = tmp / "hold"
+    hold.mkdir()
+    worker = stack.start_worker(
+        name="outage", AFTERTRIP_HEARTBEAT_SECONDS="1", AFTERTRIP_TEST_HOLD_DIR=str(hold)
+    )
+    trip_id, _ids = stack.add_trip(photos)
+    (hold / "hold").touch()
+    pending = stack.enqueue(trip_id, mode="all")
+    wait_for(lambda: bool(held_jobs(hold)), f"the job to start\n{worker.tail()}")
+    return worker, pending, trip_id
+
+
+def test_redis_restarted_mid_job_the_job_completes(
+    tmp_path: Path, players_jpg: bytes, yaoming_jpg: bytes, gdp_jpg: bytes
+) -> None:
+    """Issue 9 #1: the broker, result backend and lock Redis down 8 s while a job runs."""
+    from tests.faultfixtures import fault_stack
+
+    photos: list[tuple[str, bytes | None]] = [
+        ("players.jpg", players_jpg),
+        ("yaoming.jpg", yaoming_jpg),
+        ("gdp.jpg", gdp_jpg),
+    ]
+    with fault_stack(tmp_path / "stack") as stack:
+        worker, pending, trip_id = _held_fault_job(tmp_path, stack, photos)
+        stack.redis.restart(down_for=8)
+        (tmp_path / "hold" / "hold").unlink()
+        result = stack.wait(pending, timeout=JOB_TIMEOUT)
+        assert result["analyzed"] == 3, worker.tail()
+        (job,) = stack.jobs(trip_id)
+        assert job.status == "succeeded" and job.attempts == 1, worker.tail()
+        stack.assert_settled(trip_id)
+        stack.assert_no_duplicates(trip_id)
+        # and the worker still takes jobs after the restart
+        again = stack.wait(stack.enqueue(trip_id), timeout=JOB_TIMEOUT)
+        assert again["analyzed"] == 0
+        stack.assert_settled(trip_id)
+
+
+def test_database_down_mid_job_is_retried_until_it_is_back(
+    tmp_path: Path, players_jpg: bytes, yaoming_jpg: bytes, gdp_jpg: bytes
+) -> None:
+    """Issue 9 #2: PostgreSQL unreachable for 20 s (more than the old five retries lasted):
+    the job retries within its time budget and completes; no row is left `running`."""
+    from tests.faultfixtures import fault_stack
+
+    photos: list[tuple[str, bytes | None]] = [
+        ("players.jpg", players_jpg),
+        ("yaoming.jpg", yaoming_jpg),
+        ("gdp.jpg", gdp_jpg),
+    ]
+    with fault_stack(tmp_path / "stack") as stack:
+        worker, pending, trip_id = _held_fault_job(tmp_path, stack, photos)
+        stack.postgres.cut()
+        (tmp_path / "hold" / "hold").unlink()
+        wait_for(lambda: "will be retried" in worker.text(), f"a retry\n{worker.tail()}")
+        time.sleep(20)
+        stack.postgres.restore()
+        result = stack.wait(pending, timeout=JOB_TIMEOUT)
+        assert result["analyzed"] == 3, worker.tail()
+        (job,) = stack.jobs(trip_id)
+        assert job.status == "succeeded" and job.attempts >= 2, worker.tail()
+        stack.assert_settled(trip_id)
+        stack.assert_no_duplicates(trip_id)
