@@ -646,7 +646,8 @@ def open_photo_store(settings: ServiceSettings) -> PhotoStore:
     raise StorageConfigError("no photo store: set AFTERTRIP_S3_BUCKET")
 
 
-@app.task(bind=True, base=GroupTripTask, name=GROUP_TRIP)
+# max_retries=None: the retry budget in time (`_retry_delay`) decides, not a count.
+@app.task(bind=True, base=GroupTripTask, name=GROUP_TRIP, max_retries=None)
 def group_trip(self: GroupTripTask, trip_id: int, mode: str = "missing") -> dict[str, Any]:
     """Group one trip's photos into person folders (`mode`: "missing" or "all").
 
@@ -704,9 +705,7 @@ def group_trip(self: GroupTripTask, trip_id: int, mode: str = "missing") -> dict
             exc,
             extra={"trip_id": trip_id, "task_id": task_id, "retry_since": since},
         )
-        raise self.retry(
-            exc=exc, countdown=delay, max_retries=None, headers={RETRY_SINCE_HEADER: since}
-        ) from exc
+        raise self.retry(exc=exc, countdown=delay, headers={RETRY_SINCE_HEADER: since}) from exc
 
 
 def _send_chunks(

@@ -99,7 +99,7 @@ print(json.dumps({
     "soft": c.task_soft_time_limit, "hard": c.task_time_limit,
     "events": [c.worker_send_task_events, c.task_send_sent_event, c.task_track_started],
     "queue": route["queue"].name,
-    "name": group_trip.name,
+    "name": group_trip.name, "max_retries": group_trip.max_retries,
     "retryable": sorted(e.__name__ for e in RETRYABLE_ERRORS),
     "acks_late_task": group_trip.acks_late,
     "cancel_on_connection_loss": c.worker_cancel_long_running_tasks_on_connection_loss,
@@ -138,6 +138,7 @@ def test_celery_config_and_task_options() -> None:
     assert config["events"] == [True, True, True]
     assert config["queue"] == "faces"
     assert config["name"] == "aftertrip.group_trip"
+    assert config["max_retries"] is None  # the retry budget in time decides
     assert config["retryable"] == [
         "ConnectionError",
         "InterfaceError",
