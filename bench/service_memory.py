@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import tempfile
 import time
@@ -52,8 +51,15 @@ def measure(sizes: list[int], workers: int, chunk: int) -> dict[str, Any]:
     from storage import S3Store
     from tasks.client import enqueue_trip
     from tests.dbfixtures import fresh_database, prepare_database
-    from tests.s3fixtures import MOTO_ENV, moto_client
-    from tests.servicefixtures import REDIS_URL, child_pids, client_app, start_worker, stop_process
+    from tests.s3fixtures import moto_client
+    from tests.servicefixtures import (
+        REDIS_URL,
+        child_pids,
+        client_app,
+        start_worker,
+        stop_process,
+        worker_environment,
+    )
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
@@ -72,22 +78,14 @@ def measure(sizes: list[int], workers: int, chunk: int) -> dict[str, Any]:
             engine = make_engine(db_url)
             sessions = make_sessionmaker(engine)
             queue = f"faces-memory-{uuid.uuid4().hex[:8]}"
-            env = {k: v for k, v in os.environ.items() if not k.startswith("AFTERTRIP_")}
-            env.update(MOTO_ENV)
-            env.update(
-                {
-                    "AFTERTRIP_BROKER_URL": REDIS_URL,
-                    "AFTERTRIP_RESULT_BACKEND": REDIS_URL,
-                    "AFTERTRIP_DATABASE_URL": db_url,
-                    "AFTERTRIP_S3_BUCKET": bucket,
-                    "AFTERTRIP_S3_ENDPOINT_URL": endpoint,
-                    "AFTERTRIP_QUEUE": queue,
-                    "AFTERTRIP_DETECTOR": "scrfd",
-                    "AFTERTRIP_DEVICE": "cpu",
-                    "AFTERTRIP_THREADS": "1",
-                    "AFTERTRIP_CHUNK_PHOTOS": str(chunk),
-                    "AFTERTRIP_MODEL_CACHE_DIR": str(tmp / "models"),
-                }
+            env = worker_environment(
+                db_url=db_url,
+                bucket=bucket,
+                s3_endpoint=endpoint,
+                queue=queue,
+                tmp=tmp,
+                threads="1",
+                chunk_photos=str(chunk),
             )
             app = client_app(REDIS_URL)
 

@@ -35,6 +35,33 @@ def require_redis(url: str = REDIS_URL) -> None:
         pytest.skip(message)
 
 
+def worker_environment(
+    *, db_url: str, bucket: str, s3_endpoint: str, queue: str, tmp: Path, **settings: str
+) -> dict[str, str]:
+    """The environment of a test worker: this process's, less any AFTERTRIP_* of the
+    developer's, plus moto's credentials and the stack's settings (SCRFD on the CPU, the
+    test Redis); `settings` adds or overrides AFTERTRIP_<NAME> by lowercase name."""
+    from tests.s3fixtures import MOTO_ENV
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AFTERTRIP_")}
+    env.update(MOTO_ENV)
+    env.update(
+        {
+            "AFTERTRIP_BROKER_URL": REDIS_URL,
+            "AFTERTRIP_RESULT_BACKEND": REDIS_URL,
+            "AFTERTRIP_DATABASE_URL": db_url,
+            "AFTERTRIP_S3_BUCKET": bucket,
+            "AFTERTRIP_S3_ENDPOINT_URL": s3_endpoint,
+            "AFTERTRIP_QUEUE": queue,
+            "AFTERTRIP_DETECTOR": "scrfd",
+            "AFTERTRIP_DEVICE": "cpu",
+            "AFTERTRIP_MODEL_CACHE_DIR": str(tmp / "models"),
+        }
+    )
+    env.update({f"AFTERTRIP_{name.upper()}": value for name, value in settings.items()})
+    return env
+
+
 def client_app(redis_url: str) -> Celery:
     """A Celery app like the web app's own: same broker, JSON, none of our task routes."""
     app = Celery("aftertrip-test-client", broker=redis_url, backend=redis_url, set_as_current=False)

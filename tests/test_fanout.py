@@ -36,7 +36,7 @@ from storage import S3Store
 from tasks.client import enqueue_trip
 from tests import s3fixtures
 from tests.dbfixtures import fresh_database, prepare_database
-from tests.s3fixtures import MOTO_ENV, moto_client
+from tests.s3fixtures import moto_client
 from tests.servicefixtures import (
     REDIS_URL,
     client_app,
@@ -45,6 +45,7 @@ from tests.servicefixtures import (
     stop_process,
     tail,
     wait_for,
+    worker_environment,
 )
 
 pytestmark = [pytest.mark.services, pytest.mark.timeout(3600)]
@@ -158,24 +159,16 @@ def stack(tmp_path_factory: pytest.TempPathFactory, moto_endpoint: str) -> Itera
         s3 = moto_client(moto_endpoint)
         s3.create_bucket(Bucket=bucket)
         queue = f"faces-fanout-{uuid.uuid4().hex[:8]}"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("AFTERTRIP_")}
-        env.update(MOTO_ENV)
-        env.update(
-            {
-                "AFTERTRIP_BROKER_URL": REDIS_URL,
-                "AFTERTRIP_RESULT_BACKEND": REDIS_URL,
-                "AFTERTRIP_DATABASE_URL": db_url,
-                "AFTERTRIP_S3_BUCKET": bucket,
-                "AFTERTRIP_S3_ENDPOINT_URL": moto_endpoint,
-                "AFTERTRIP_QUEUE": queue,
-                "AFTERTRIP_DETECTOR": "scrfd",
-                "AFTERTRIP_DEVICE": "cpu",
-                "AFTERTRIP_HEARTBEAT_SECONDS": "1",
-                "AFTERTRIP_LOCK_WAIT_SECONDS": "1",
-                "AFTERTRIP_CHUNK_PHOTOS": str(CHUNK),
-                "AFTERTRIP_MODEL_CACHE_DIR": str(tmp / "models"),
-                "AFTERTRIP_TEST_HOLD_DIR": str(tmp / "hold"),
-            }
+        env = worker_environment(
+            db_url=db_url,
+            bucket=bucket,
+            s3_endpoint=moto_endpoint,
+            queue=queue,
+            tmp=tmp,
+            heartbeat_seconds="1",
+            lock_wait_seconds="1",
+            chunk_photos=str(CHUNK),
+            test_hold_dir=str(tmp / "hold"),
         )
         (tmp / "hold").mkdir()
         engine = make_engine(db_url)

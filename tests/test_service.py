@@ -38,7 +38,7 @@ from storage import S3Store
 from tasks.client import enqueue_trip
 from tests import s3fixtures
 from tests.dbfixtures import fresh_database, prepare_database
-from tests.s3fixtures import MOTO_ENV, moto_client
+from tests.s3fixtures import moto_client
 from tests.servicefixtures import (
     REDIS_URL,
     ROOT,
@@ -50,6 +50,7 @@ from tests.servicefixtures import (
     stop_process,
     tail,
     wait_for,
+    worker_environment,
 )
 
 pytestmark = [pytest.mark.services, pytest.mark.timeout(900)]
@@ -209,25 +210,16 @@ def service(
         s3.create_bucket(Bucket=bucket)
         # A queue of our own: another test run on this Redis never takes our jobs.
         queue = f"faces-test-{uuid.uuid4().hex[:8]}"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("AFTERTRIP_")}
-        env.update(MOTO_ENV)
-        env.update(
-            {
-                "AFTERTRIP_BROKER_URL": REDIS_URL,
-                "AFTERTRIP_RESULT_BACKEND": REDIS_URL,
-                "AFTERTRIP_DATABASE_URL": db_url,
-                "AFTERTRIP_S3_BUCKET": bucket,
-                "AFTERTRIP_S3_ENDPOINT_URL": moto_endpoint,
-                "AFTERTRIP_QUEUE": queue,
-                "AFTERTRIP_DETECTOR": "scrfd",
-                "AFTERTRIP_DEVICE": "cpu",
-                "AFTERTRIP_THREADS": "2",
-                "AFTERTRIP_LOCK_WAIT_SECONDS": "1",
-                # a dead holder's lock is gone 6 s after its last beat
-                "AFTERTRIP_HEARTBEAT_SECONDS": "1",
-                "AFTERTRIP_TEST_HOLD_DIR": str(tmp / "hold"),
-                "AFTERTRIP_MODEL_CACHE_DIR": str(tmp / "models"),
-            }
+        env = worker_environment(
+            db_url=db_url,
+            bucket=bucket,
+            s3_endpoint=moto_endpoint,
+            queue=queue,
+            tmp=tmp,
+            threads="2",
+            lock_wait_seconds="1",
+            heartbeat_seconds="1",  # a dead holder's lock is gone 6 s after its last beat
+            test_hold_dir=str(tmp / "hold"),
         )
         (tmp / "hold").mkdir()
         log = tmp / "worker.log"
