@@ -19,7 +19,7 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -429,11 +429,20 @@ def _analyze_fanned_out(
     pending = list(range(len(chunks)))
     sha = work.pipeline.embedder.sha256
     own = 0
+    known = 0  # photos of `todo` stored, by anyone: the job's progress
+
+    def on_photo() -> None:
+        nonlocal known
+        known += 1
+        progress("analyze", min(known, len(wanted)), len(wanted))
+
+    work = replace(work, on_photo=on_photo)
     while pending:
         work.check()
         with work.sessions() as session:
             stored = job_stored_photos(session=session, job_id=work.job_id, embedder_sha256=sha)
-        progress("analyze", len(wanted & stored.keys()), len(wanted))
+        known = len(wanted & stored.keys())
+        progress("analyze", known, len(wanted))
         pending = [n for n in pending if any(p not in stored for p, _k, _n in chunks[n])]
         for n in reversed(pending):
             lease = Lease(

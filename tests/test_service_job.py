@@ -387,3 +387,72 @@ def test_retried_job_continues_where_the_last_delivery_stopped(
         assert job.status == "succeeded" and job.attempts == 2
     assert {photo for photo, _tag in _links(sessions, trip_id)} == set(key_of)
     engine.dispose()
+
+
+def test_fanned_out_job_and_a_chunk_run_twice_store_each_photo_once(
+    db_url: str,
+    tmp_path: Path,
+    pipeline,  # noqa: ANN001
+    players_jpg: bytes,
+    yaoming_jpg: bytes,
+    gdp_jpg: bytes,
+) -> None:
+    """The fan-out without Celery: chunks of 2 photos; the "other worker" (called from
+    `send`) runs chunk 0 twice, the job takes the rest; every photo is read once."""
+    from redis import Redis
+
+    from tasks.locks import Lease, chunk_lease_name
+    from tasks.trip import FanOut, analyze_chunk_body
+    from tests.servicefixtures import REDIS_URL, require_redis
+
+    require_redis()
+    redis = Redis.from_url(REDIS_URL)
+    reads: list[str] = []
+
+    class CountingStore(LocalStore):
+        def read(self, key: str) -> bytes:
+            reads.append(key)
+            return super().read(key)
+
+    store = CountingStore(tmp_path / "photos")
+    settings = ServiceSettings(detector="scrfd", photo_root=tmp_path / "photos")
+    photos = [("a.jpg", players_jpg), ("b.jpg", yaoming_jpg), ("c.jpg", gdp_jpg)]
+    engine, sessions, trip_id, keys = _trip_with_photos(db_url, store, photos * 2)
+    sent: list[tuple[int, list[int]]] = []
+    chunk_results: list[int] = []
+
+    def send(trip: int, job: int, split: str, chunks: list[tuple[int, list[int]]]) -> None:
+        sent.extend(chunks)
+        number, photo_ids = chunks[0]
+        for _delivery in range(2):  # delivered twice: the second stores nothing
+            chunk_results.append(
+                analyze_chunk_body(
+                    sessions=sessions,
+                    store=store,
+                    pipeline=pipeline,
+                    lease=Lease(redis, chunk_lease_name(job, split, number), owner="other", ttl=30),
+                    guard=JobGuard(sessions, heartbeat_seconds=5, stall_seconds=60),
+                    trip_id=trip,
+                    job_id=job,
+                    photo_ids=photo_ids,
+                    thumbnail_prefix="faces/",
+                )
+            )
+
+    result = run_trip_job(
+        sessions=sessions,
+        store=store,
+        pipeline=pipeline,
+        settings=settings,
+        trip_id=trip_id,
+        mode="all",
+        task_id="fanned",
+        guard=JobGuard(sessions, heartbeat_seconds=5, stall_seconds=60),
+        fan_out=FanOut(chunk_photos=2, redis=redis, owner="fanned", lease_ttl=30, send=send),
+    )
+    assert [len(ids) for _n, ids in sent] == [2, 2, 2]
+    assert chunk_results == [2, 0]
+    assert result["analyzed"] == 6 and result["errors"] == 0
+    assert sorted(reads) == sorted(keys), "each photo read (and analysed) once"
+    assert {photo for photo, _tag in _links(sessions, trip_id)} and result["people"] >= 1
+    engine.dispose()
