@@ -1,14 +1,18 @@
 """The grouping task: one trip's photos from S3 into the web app's person folders.
 
-`aftertrip.group_trip(trip_id, mode)` takes ids only, reads the photos through the storage
-layer, runs `worker.pipeline.FacePipeline`, and writes through `db.crud` in one
-transaction. It is safe to run twice (acks_late redelivers it sometimes): thumbnails go to
-deterministic keys, faces are unique per (photo, embedder, index), and the same faces give
-the same folders and links.
+`aftertrip.group_trip(trip_id, mode)` takes ids only (checked before anything runs), reads
+the photos through the storage layer, runs `worker.pipeline.FacePipeline`, and stores each
+photo's outcome as it is made (`STORE_BATCH` photos per transaction), then regroups the trip
+and rewrites its folders in one transaction. A job delivered again (acks_late) or retried
+continues with the photos it has not stored; thumbnails go to deterministic keys and faces
+are unique per (photo, embedder, index), so nothing is stored twice.
 
-One job per trip runs at a time (a Redis lock per trip). A request for a trip that is busy
-is put back on the queue with a countdown and runs after the current one; requests are not
-merged, but a second `missing` run finds nothing new to analyse and only regroups.
+One job per trip runs at a time: a Redis lock per trip with a short time to live, renewed
+by the job's heartbeat (`tasks.guard`), which also renews the job row's `heartbeat_at`. A
+request for a trip that is busy is put back on the queue with a countdown and runs after the
+current one. A big job fans out: `aftertrip.analyze_chunk` tasks analyse chunks of its
+photos on every free worker while the job takes the chunks no one started, then groups
+(docs/scaling.md). Transient errors are retried within a time budget.
 """
 
 from __future__ import annotations
