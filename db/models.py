@@ -101,6 +101,9 @@ class Job(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Renewed every few seconds while a worker runs the job (migration 0003): a `running`
+    # row whose heartbeat is old has lost its worker or its database connection.
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     counts: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     error: Mapped[str | None] = mapped_column(Text)
     detector_name: Mapped[str | None] = mapped_column(String(255))

@@ -4,13 +4,14 @@
 """
 
 from storage.base import PhotoStore, photo_sources
-from storage.errors import StorageConfigError, StorageError, TransientStorageError
+from storage.errors import NotARegularFile, StorageConfigError, StorageError, TransientStorageError
 from storage.local import InvalidStorageKey, LocalStore
 from storage.s3 import S3Store, make_client, parse_s3_uri, s3_fetch
 
 __all__ = [
     "InvalidStorageKey",
     "LocalStore",
+    "NotARegularFile",
     "PhotoStore",
     "S3Store",
     "StorageConfigError",

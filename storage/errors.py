@@ -9,7 +9,8 @@ later instead of recording a photo as missing.
 
 from __future__ import annotations
 
-from worker.errors import AfterTripError
+from worker.errors import AfterTripError, PhotoUnreadable
+from worker.types import PhotoStatus
 
 
 class StorageError(AfterTripError):
@@ -27,3 +28,9 @@ class TransientStorageError(StorageError):
 
 class StorageConfigError(StorageError):
     """The storage layer is misconfigured (no bucket, bad URI)."""
+
+
+class NotARegularFile(PhotoUnreadable):
+    """A FIFO, socket, device or folder where a photo was expected: skipped, never opened."""
+
+    status = PhotoStatus.UNSUPPORTED

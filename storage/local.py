@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import stat
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 
-from storage.errors import StorageError
+from storage.errors import NotARegularFile, StorageError
 from worker.errors import PhotoUnreadable
 
 logger = logging.getLogger(__name__)
@@ -20,11 +22,31 @@ class InvalidStorageKey(StorageError, ValueError):
     """A key that is absolute, climbs out of the store's root, or is empty."""
 
 
-class LocalStore:
-    """Keys are `/`-separated paths relative to `root`; nothing outside `root` is ever touched."""
+_KINDS = {
+    stat.S_IFDIR: "a folder",
+    stat.S_IFIFO: "a named pipe (FIFO)",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+}
 
-    def __init__(self, root: Path) -> None:
+
+def _kind(mode: int) -> str:
+    return _KINDS.get(stat.S_IFMT(mode), "not a regular file")
+
+
+class LocalStore:
+    """Keys are `/`-separated paths relative to `root`.
+
+    Only regular files are ever opened (a FIFO or a device would block or never end). With
+    `follow_links=False` (the service's development store) nothing outside `root` is touched,
+    not even through a symlink; `follow_links=True` is for a local album, which is the user's
+    own files: a link in it may point at a regular file anywhere.
+    """
+
+    def __init__(self, root: Path, *, follow_links: bool = False) -> None:
         self.root = Path(root).expanduser().resolve()
+        self.follow_links = follow_links
 
     def __repr__(self) -> str:
         return f"LocalStore({str(self.root)!r})"
@@ -33,24 +55,48 @@ class LocalStore:
         posix = PurePosixPath(key)
         if not key or posix.is_absolute() or ".." in posix.parts or "\\" in key:
             raise InvalidStorageKey(f"{key!r} is not a relative key inside {self.root}")
-        path = (self.root / posix).resolve()
+        if self.follow_links:
+            return self.root / posix
+        try:
+            path = (self.root / posix).resolve()
+        except (RuntimeError, OSError) as exc:  # Python 3.11 raises RuntimeError on a loop
+            raise InvalidStorageKey(f"{key!r} is a symbolic link loop") from exc
         # resolve() follows symlinks, so a link inside root that points outside is refused too.
         if not path.is_relative_to(self.root):
             raise InvalidStorageKey(f"{key!r} resolves outside {self.root}")
         return path
 
     def read(self, key: str) -> bytes:
-        """The file's bytes; `PhotoUnreadable` if the key is invalid, missing or unreadable."""
+        """The file's bytes; `PhotoUnreadable` if the key is invalid, missing or unreadable,
+        `NotARegularFile` (never opened for reading) if it is a FIFO, socket, device or folder."""
         try:
-            return self._path(key).read_bytes()
+            path = self._path(key)
         except InvalidStorageKey as exc:
             raise PhotoUnreadable(key, str(exc)) from exc
+        try:
+            # stat first so a device is never even opened; fstat after, against a swap between
+            mode = os.stat(path).st_mode
+            if not stat.S_ISREG(mode):
+                raise NotARegularFile(key, f"is {_kind(mode)}, not a regular file: skipped")
+            # O_NONBLOCK: if it became a FIFO meanwhile, open() must not wait for a writer
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError as exc:
-            raise PhotoUnreadable(key, f"no such file in {self.root}") from exc
-        except IsADirectoryError as exc:
-            raise PhotoUnreadable(key, "is a folder, not a file") from exc
+            where = "a link to a file that does not exist" if _is_link(path) else "no such file"
+            raise PhotoUnreadable(key, f"{where} in {self.root}") from exc
         except PermissionError as exc:
             raise PhotoUnreadable(key, "permission denied") from exc
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise PhotoUnreadable(key, "is a symbolic link loop") from exc
+            raise PhotoUnreadable(key, f"cannot be opened ({exc.strerror})") from exc
+        with os.fdopen(fd, "rb") as handle:
+            mode = os.fstat(handle.fileno()).st_mode
+            if not stat.S_ISREG(mode):
+                raise NotARegularFile(key, f"is {_kind(mode)}, not a regular file: skipped")
+            try:
+                return handle.read()
+            except OSError as exc:  # an I/O error of the disk, or a file turned into a folder
+                raise PhotoUnreadable(key, f"cannot be read ({exc.strerror})") from exc
 
     def list(self, prefix: str = "") -> list[str]:
         """Every file key under root that starts with `prefix`, sorted."""
@@ -81,3 +127,10 @@ class LocalStore:
         """Remove these files; a missing one is no error."""
         for key in keys:
             self._path(key).unlink(missing_ok=True)
+
+
+def _is_link(path: Path) -> bool:
+    try:
+        return path.is_symlink()
+    except OSError:
+        return False

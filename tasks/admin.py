@@ -27,6 +27,20 @@ def _console() -> Console:
     return console
 
 
+def _escape(value: object) -> str:
+    """A user-controlled value to put inside a markup string (names, paths, errors)."""
+    from rich.markup import escape
+
+    return escape(str(value))
+
+
+def _plain(value: object) -> Any:
+    """A user-controlled value as a table cell or a line of its own: never read as markup."""
+    from tasks.cli import plain
+
+    return plain(value)
+
+
 def _settings() -> ServiceSettings:
     from tasks.settings import get_settings
 
@@ -140,7 +154,8 @@ def _forget_corrections(trip_id: int) -> int:
     from db.session import make_engine, make_sessionmaker
 
     console = _console()
-    engine = make_engine(_settings().database_url)
+    settings = _settings()
+    engine = make_engine(settings.database_url, time_zone=settings.webapp_time_zone)
     try:
         with make_sessionmaker(engine)() as session:
             forgotten = forget_corrections(session=session, trip_id=trip_id)
@@ -164,6 +179,7 @@ def _run_inline(args: argparse.Namespace) -> int:
 
     from db.session import make_engine, make_sessionmaker
     from storage import s3_fetch
+    from tasks.guard import JobGuard
     from tasks.trip import open_photo_store, run_trip_job
     from worker.pipeline import FacePipeline
 
@@ -173,11 +189,16 @@ def _run_inline(args: argparse.Namespace) -> int:
     client = getattr(store, "client", None)
     pipeline = FacePipeline(settings, fetch=partial(s3_fetch, client=client))
     engine = make_engine(settings.database_url, time_zone=settings.webapp_time_zone)
+    sessions = make_sessionmaker(engine)
+    guard = JobGuard(
+        sessions, heartbeat_seconds=settings.heartbeat_seconds, stall_seconds=settings.stall_seconds
+    )
     try:
         with Progress(console=console) as progress:
             bar = progress.add_task(f"trip {args.trip}", total=None)
             summary = run_trip_job(
-                sessions=make_sessionmaker(engine),
+                sessions=sessions,
+                guard=guard,
                 store=store,
                 pipeline=pipeline,
                 settings=settings,
@@ -223,9 +244,9 @@ def _follow(result: Any, timeout: float | None, console: Console) -> int:
     if result.successful():
         counts = result.result or {}
         summary = ", ".join(f"{k} {v}" for k, v in counts.items() if k not in ("trip_id",))
-        console.print(f"[green]done[/green]: {summary}")
+        console.print(f"[green]done[/green]: {_escape(summary)}")
         return 0
-    console.print(f"[red]job {result.id} failed[/red]: {result.result!r}")
+    console.print(f"[red]job {_escape(result.id)} failed[/red]: {_escape(repr(result.result))}")
     return 1
 
 
@@ -238,6 +259,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from rich.text import Text
 
     from db.crud import TripNotFound, trip_folders, trip_status
+    from db.jobs import job_stored_photos, mark_stalled_jobs
     from db.session import make_engine, make_sessionmaker
 
     console = _console()
@@ -245,10 +267,24 @@ def cmd_status(args: argparse.Namespace) -> int:
     engine = make_engine(settings.database_url, time_zone=settings.webapp_time_zone)
     try:
         with make_sessionmaker(engine)() as session:
+            # A `running` row whose worker stopped beating is failed, not pending, from now on.
+            mark_stalled_jobs(
+                session=session, stall_seconds=settings.stall_seconds, trip_id=args.trip
+            )
             status = trip_status(session=session, trip_id=args.trip, limit=args.limit)
+            # A running job's progress, over its deliveries and chunks: the photos it stored.
+            progress = {
+                job.id: len(
+                    job_stored_photos(
+                        session=session, job_id=job.id, embedder_sha256=status.embedder_sha256
+                    )
+                )
+                for job in status.jobs
+                if job.status == "running" and status.embedder_sha256
+            }
             folders = trip_folders(session=session, trip_id=args.trip)
     except TripNotFound as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error:[/red] {_escape(exc)}")
         return 1
     finally:
         engine.dispose()
@@ -262,6 +298,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         jobs.add_column(column)
     for job in status.jobs:
         outcome = job.error or ", ".join(f"{k} {v}" for k, v in (job.counts or {}).items())
+        if job.id in progress:
+            outcome = f"{progress[job.id]} photos analysed so far"
         jobs.add_row(
             str(job.id),
             job.mode,
@@ -269,7 +307,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             str(job.attempts),
             _when(job.started_at),
             _when(job.finished_at),
-            outcome,
+            _plain(outcome),
         )
     console.print(jobs)
     table = Table(title="folders (photos_tagface)")
@@ -281,8 +319,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         table.add_row(
             str(folder.tag_id),
             str(folder.tag_num),
-            folder.name,
-            f"{len(folder.photo_files)}: {shown}{more}",
+            _plain(folder.name),
+            _plain(f"{len(folder.photo_files)}: {shown}{more}"),
         )
     console.print(table)
     if status.corrections:
@@ -308,7 +346,10 @@ def cmd_status(args: argparse.Namespace) -> int:
             errors.add_column(column)
         for problem in status.errors:
             errors.add_row(
-                str(problem.photo_id), problem.file_name, problem.status, problem.error or ""
+                str(problem.photo_id),
+                _plain(problem.file_name),
+                problem.status,
+                _plain(problem.error or ""),
             )
         console.print(errors)
     return 0
@@ -354,7 +395,7 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
         console.print(f"[red]error:[/red] {escape(str(exc))}")
         return 1
     where = make_url(url).render_as_string(hide_password=True)
-    console.print(f"database {where} at revision {current_revision(url)}")
+    console.print(_plain(f"database {where} at revision {current_revision(url)}"))
     if created:
         console.print(f"shared folders created: ids {', '.join(map(str, created))}")
     return 0
@@ -383,7 +424,7 @@ def cmd_import_trip(args: argparse.Namespace) -> int:
     folder = Path(args.folder)
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     if not files:
-        console.print(f"[red]error:[/red] no photos in {folder}")
+        console.print(f"[red]error:[/red] no photos in {_escape(folder)}")
         return 2
     store = open_photo_store(settings)
     engine = make_engine(settings.database_url, time_zone=settings.webapp_time_zone)
@@ -408,7 +449,7 @@ def cmd_import_trip(args: argparse.Namespace) -> int:
             trip_id = trip.id
     finally:
         engine.dispose()
-    console.print(f"trip {trip_id}: {len(files)} photos from {folder}")
+    console.print(_plain(f"trip {trip_id}: {len(files)} photos from {folder}"))
     return 0
 
 
@@ -441,7 +482,7 @@ def worker_argv(settings: ServiceSettings, args: argparse.Namespace) -> list[str
 def cmd_worker(args: argparse.Namespace) -> int:
     """Replace this process with a Celery worker (signals then reach Celery directly)."""
     argv = worker_argv(_settings(), args)
-    _console().print(" ".join(argv[1:]))
+    _console().print(_plain(" ".join(argv[1:])))
     os.execv(argv[0], argv)
     return 0  # pragma: no cover - execv does not return
 

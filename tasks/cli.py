@@ -16,14 +16,25 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 if TYPE_CHECKING:
     from storage import PhotoStore
 
 console = Console()
 logger = logging.getLogger("aftertrip")
+
+
+def plain(value: object) -> Text:
+    """A user-controlled string (a name, a path, an error) as text: never read as Rich markup.
+
+    A folder named `[/bold] Mina` is shown as it is; as markup it would end the command with
+    a MarkupError. Table cells take it as it is; inside markup, use `escape()` instead.
+    """
+    return Text(str(value))
 
 
 def _add_pipeline_options(parser: argparse.ArgumentParser) -> None:
@@ -67,7 +78,8 @@ def _open_album(path: str) -> tuple[PhotoStore, list[str]]:
     root = Path(path)
     if not root.is_dir():
         raise SystemExit(f"error: {path} is not a folder (or an s3://bucket/prefix URI)")
-    local = LocalStore(root)
+    # A local album is the user's own files: links to photos kept elsewhere are followed.
+    local = LocalStore(root, follow_links=True)
     visible = [k for k in local.list("") if not any(p.startswith(".") for p in k.split("/"))]
     return local, visible
 
@@ -77,11 +89,12 @@ def cmd_group(args: argparse.Namespace) -> int:
     from storage import photo_sources, s3_fetch
     from worker.pipeline import AnalyzedPhoto, FacePipeline, group_album
     from worker.report import album_json, render_html
+    from worker.types import PhotoStatus
 
     settings = _settings(args)
     store, keys = _open_album(args.path)
     if not keys:
-        console.print(f"[yellow]no photos found in {args.path}[/yellow]")
+        console.print(f"[yellow]no photos found in {escape(args.path)}[/yellow]")
     out: Path = args.out
     (out / "faces").mkdir(parents=True, exist_ok=True)
     (out / "photos").mkdir(parents=True, exist_ok=True)
@@ -124,8 +137,16 @@ def cmd_group(args: argparse.Namespace) -> int:
         render_html(result, face_images=face_images, photo_images=photo_images, title=title)
     )
     _print_summary(result)
-    console.print(f"report: {(out / 'report.html').resolve()}")
-    console.print(f"result: {(out / 'result.json').resolve()}")
+    console.print(plain(f"report: {(out / 'report.html').resolve()}"))
+    console.print(plain(f"result: {(out / 'result.json').resolve()}"))
+    if result.photos and not any(photo.status is PhotoStatus.OK for photo in result.photos):
+        console.print(
+            f"[red]error:[/red] none of the {len(result.photos)} files in {escape(args.path)} "
+            "could be read as a photo: see the errors above"
+        )
+        return 1
+    if not result.photos:
+        return 1
     return 0
 
 
@@ -167,11 +188,13 @@ def _print_summary(result) -> None:  # noqa: ANN001 - AlbumResult
         shown = ", ".join(names[pid] for pid in group.photo_ids[:6])
         more = f" … +{len(group.photo_ids) - 6}" if len(group.photo_ids) > 6 else ""
         people.add_row(
-            str(group.idx), str(len(group.photo_ids)), str(len(group.face_ids)), shown + more
+            str(group.idx), str(len(group.photo_ids)), str(len(group.face_ids)), plain(shown + more)
         )
     console.print(people)
     for photo in failed:
-        console.print(f"[red]{photo.status.value}[/red] {photo.path}: {photo.error}")
+        console.print(
+            f"[red]{photo.status.value}[/red] {escape(photo.path)}: {escape(str(photo.error))}"
+        )
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -180,7 +203,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     album = args.out / "album"
     build_demo_album(album)
-    console.print(f"demo album: {album.resolve()} (players.jpg, yaoming.jpg, gdp.jpg, lake.jpg)")
+    console.print(
+        plain(f"demo album: {album.resolve()} (players.jpg, yaoming.jpg, gdp.jpg, lake.jpg)")
+    )
     args.path = str(album)
     args.out = args.out / "report"
     return cmd_group(args)
@@ -207,7 +232,7 @@ def cmd_models(args: argparse.Namespace) -> int:
             resolve_model(spec.name)
             status = "[green]ok[/green]"
         except ModelError as exc:
-            status, failures = f"[red]{exc}[/red]", failures + 1
+            status, failures = f"[red]{escape(str(exc))}[/red]", failures + 1
         table.add_row(spec.name, spec.role, spec.package_version, status, spec.license)
     console.print(table)
     return 1 if failures else 0
@@ -309,7 +334,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code = int(args.handler(args))
     except AfterTripError as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error:[/red] {escape(str(exc))}")
         return 2
     logger.info("done in %.1f s", time.perf_counter() - start)
     return code

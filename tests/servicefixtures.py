@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,33 @@ def require_redis(url: str = REDIS_URL) -> None:
         pytest.skip(message)
 
 
+def worker_environment(
+    *, db_url: str, bucket: str, s3_endpoint: str, queue: str, tmp: Path, **settings: str
+) -> dict[str, str]:
+    """The environment of a test worker: this process's, less any AFTERTRIP_* of the
+    developer's, plus moto's credentials and the stack's settings (SCRFD on the CPU, the
+    test Redis); `settings` adds or overrides AFTERTRIP_<NAME> by lowercase name."""
+    from tests.s3fixtures import MOTO_ENV
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AFTERTRIP_")}
+    env.update(MOTO_ENV)
+    env.update(
+        {
+            "AFTERTRIP_BROKER_URL": REDIS_URL,
+            "AFTERTRIP_RESULT_BACKEND": REDIS_URL,
+            "AFTERTRIP_DATABASE_URL": db_url,
+            "AFTERTRIP_S3_BUCKET": bucket,
+            "AFTERTRIP_S3_ENDPOINT_URL": s3_endpoint,
+            "AFTERTRIP_QUEUE": queue,
+            "AFTERTRIP_DETECTOR": "scrfd",
+            "AFTERTRIP_DEVICE": "cpu",
+            "AFTERTRIP_MODEL_CACHE_DIR": str(tmp / "models"),
+        }
+    )
+    env.update({f"AFTERTRIP_{name.upper()}": value for name, value in settings.items()})
+    return env
+
+
 def client_app(redis_url: str) -> Celery:
     """A Celery app like the web app's own: same broker, JSON, none of our task routes."""
     app = Celery("aftertrip-test-client", broker=redis_url, backend=redis_url, set_as_current=False)
@@ -51,7 +79,8 @@ def start_worker(
 ) -> subprocess.Popen[bytes]:
     """A real `celery worker` (prefork) on `queue`, started from the repository root.
 
-    The command line is the one `aftertrip-faces worker` runs, plus quieter cluster chatter.
+    The command line is the one `aftertrip-faces worker` runs, plus quieter cluster chatter
+    and the test hooks (`tests.servicehooks`, active with AFTERTRIP_TEST_HOLD_DIR).
     """
     from types import SimpleNamespace
 
@@ -61,6 +90,7 @@ def start_worker(
     args = SimpleNamespace(concurrency=concurrency, loglevel="INFO", hostname=f"{name}@%h")
     argv = worker_argv(ServiceSettings(queue=queue), args)  # type: ignore[arg-type]
     argv += ["--without-gossip", "--without-mingle", "--without-heartbeat"]
+    argv += ["--include", "tests.servicehooks"]  # holds a job where a test asks it to
     handle = log.open("wb")
     process = subprocess.Popen(
         argv, cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
@@ -103,3 +133,17 @@ def tail(log: Path, lines: int = 60) -> str:
     if not log.exists():
         return "(no log)"
     return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = 300) -> None:
+    """Poll until `condition()` holds; fail saying `what` did not happen."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def held_jobs(hold_dir: Path) -> list[str]:
+    """The `held-<trip>-<job>` files of the jobs the test hook is holding (or held)."""
+    return sorted(p.name for p in hold_dir.glob("held-*"))

@@ -15,6 +15,7 @@ import pytest
 from storage import (
     InvalidStorageKey,
     LocalStore,
+    NotARegularFile,
     PhotoStore,
     S3Store,
     StorageConfigError,
@@ -82,6 +83,52 @@ def test_local_store_missing_file_is_photo_unreadable(tmp_path: Path) -> None:
     with pytest.raises(PhotoUnreadable, match="no such file") as info:
         LocalStore(tmp_path).read("nope.jpg")
     assert info.value.photo == "nope.jpg"
+
+
+def test_local_store_symlink_loop_is_that_photos_status(tmp_path: Path) -> None:
+    (tmp_path / "self.jpg").symlink_to(tmp_path / "self.jpg")
+    (tmp_path / "a.jpg").symlink_to(tmp_path / "b.jpg")
+    (tmp_path / "b.jpg").symlink_to(tmp_path / "a.jpg")
+    for follow_links in (False, True):
+        store = LocalStore(tmp_path, follow_links=follow_links)
+        assert store.list("") == ["a.jpg", "b.jpg", "self.jpg"]
+        for key in ("self.jpg", "a.jpg"):
+            with pytest.raises(PhotoUnreadable, match="symbolic link loop") as info:
+                store.read(key)
+            assert info.value.status is PhotoStatus.MISSING
+
+
+@pytest.mark.timeout(20)
+def test_local_store_never_opens_a_fifo_or_device(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "pipe.jpg")  # nobody writes: a plain open() would block forever
+    (tmp_path / "zero.jpg").symlink_to("/dev/zero")  # a read() would never end
+    (tmp_path / "folder.jpg").mkdir()
+    store = LocalStore(tmp_path, follow_links=True)
+    for key, kind in (
+        ("pipe.jpg", "named pipe"),
+        ("zero.jpg", "character device"),
+        ("folder.jpg", "folder"),
+    ):
+        with pytest.raises(NotARegularFile, match=kind) as info:
+            store.read(key)
+        assert info.value.status is PhotoStatus.UNSUPPORTED
+
+
+def test_local_store_follow_links_reads_the_users_files_elsewhere(tmp_path: Path) -> None:
+    album, elsewhere = tmp_path / "album", tmp_path / "Pictures"
+    album.mkdir()
+    elsewhere.mkdir()
+    (elsewhere / "beach.jpg").write_bytes(b"beach")
+    (album / "beach.jpg").symlink_to(elsewhere / "beach.jpg")
+    (album / "gone.jpg").symlink_to(elsewhere / "gone.jpg")
+    assert LocalStore(album, follow_links=True).read("beach.jpg") == b"beach"
+    with pytest.raises(PhotoUnreadable, match="link to a file that does not exist"):
+        LocalStore(album, follow_links=True).read("gone.jpg")
+    # the service's store stays inside its root, and keys still cannot climb out
+    with pytest.raises(PhotoUnreadable, match="outside"):
+        LocalStore(album).read("beach.jpg")
+    with pytest.raises(PhotoUnreadable, match="not a relative key"):
+        LocalStore(album, follow_links=True).read("../Pictures/beach.jpg")
 
 
 # --- lazy sources ------------------------------------------------------------------------------

@@ -1,0 +1,551 @@
+"""Fault injection for the worker service: servers that a test can stop, links it can cut.
+
+Nothing here touches the shared loopback servers: Redis is a private `redis-server` on a
+port of its own (stopped and started again by the test), PostgreSQL is the shared server
+reached through a `TcpProxy` (cutting the proxy is the outage; the server stays up), and S3
+is a private `moto_server` process, also behind a proxy. `fault_stack()` assembles all of it
+with a fresh database, a bucket, a unique queue and the AFTERTRIP_* environment of a worker;
+`FaultWorker` is a real `celery -A tasks.app worker` whose pool children can be SIGKILLed.
+
+    with fault_stack(tmp_path) as stack:
+        worker = stack.start_worker()
+        trip_id, photo_ids = stack.add_trip([("a.jpg", jpeg_bytes)])
+        pending = stack.enqueue(trip_id)
+        stack.postgres.cut()       # the database is unreachable ...
+        stack.postgres.restore()   # ... until now
+        stack.wait(pending)
+        stack.assert_settled(trip_id)
+
+The proxies run on threads inside the test process; `cut()` resets every open connection
+and refuses new ones (a server that died), `freeze()` accepts and holds bytes without
+answering (a network that drops packets) until `restore()`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, select
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+from tests.servicefixtures import ROOT, child_pids, client_app, start_worker, stop_process, tail
+
+MOTO_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(port: int, *, timeout: float = 30, process: subprocess.Popen[Any] | None = None):
+    """Wait until something accepts connections on 127.0.0.1:`port`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"process exited ({process.returncode}) before port {port} opened")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
+
+
+# --- a TCP proxy that can be cut ------------------------------------------------------------
+
+
+class TcpProxy:
+    """Forwards 127.0.0.1:`port` to `target`; `cut()`/`freeze()` simulate an outage."""
+
+    def __init__(self, target_host: str, target_port: int, *, port: int | None = None) -> None:
+        self.target = (target_host, target_port)
+        self.port = port or free_port()
+        self._lock = threading.Lock()
+        self._connections: set[socket.socket] = set()
+        self._listener: socket.socket | None = None
+        self._accepting: threading.Thread | None = None
+        self._flowing = threading.Event()  # cleared while frozen
+        self._flowing.set()
+        self.connections_made = 0
+
+    # lifecycle
+    def start(self) -> TcpProxy:
+        """Listen (again) on the proxy's port."""
+        with self._lock:
+            if self._listener is not None:
+                return self
+            listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind(("127.0.0.1", self.port))
+            listener.listen(128)
+            self._listener = listener
+        self._accepting = threading.Thread(
+            target=self._accept_loop, args=(listener,), name=f"proxy-{self.port}", daemon=True
+        )
+        self._accepting.start()
+        return self
+
+    def cut(self) -> None:
+        """The server is gone: reset every open connection and refuse new ones."""
+        self._flowing.set()  # a frozen pump must wake up to notice its sockets are closed
+        with self._lock:
+            listener, self._listener = self._listener, None
+            connections, self._connections = self._connections, set()
+        if listener is not None:
+            with contextlib.suppress(OSError):
+                listener.shutdown(socket.SHUT_RDWR)
+            listener.close()
+        for conn in connections:
+            _reset(conn)
+        if self._accepting is not None:
+            self._accepting.join(timeout=5)
+
+    def freeze(self) -> None:
+        """The network drops packets: connections open but no byte goes through."""
+        self._flowing.clear()
+
+    def restore(self) -> None:
+        """End a cut or a freeze."""
+        self._flowing.set()
+        self.start()
+
+    def close(self) -> None:
+        self.cut()
+
+    @property
+    def is_cut(self) -> bool:
+        return self._listener is None
+
+    # internals
+    def _accept_loop(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _addr = listener.accept()
+            except OSError:
+                return  # closed by cut()
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+                upstream.settimeout(None)
+            except OSError:
+                _reset(client)
+                continue
+            with self._lock:
+                if self._listener is not listener:  # cut meanwhile
+                    _reset(client)
+                    _reset(upstream)
+                    return
+                self._connections.update((client, upstream))
+                self.connections_made += 1
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while True:
+                data = source.recv(65536)
+                if not data:
+                    break
+                self._flowing.wait()
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            with self._lock:
+                self._connections.discard(source)
+                self._connections.discard(sink)
+            _reset(sink)
+            _reset(source)
+
+
+def _reset(sock: socket.socket) -> None:
+    """Close with RST (SO_LINGER 0), as a crashed peer's kernel would."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    with contextlib.suppress(OSError):
+        sock.close()
+
+
+# --- a private redis-server -----------------------------------------------------------------
+
+
+class PrivateRedis:
+    """A `redis-server` of the test's own on its own port, with an append-only file so that a
+    restart keeps the queue (as a production broker's persistence would)."""
+
+    def __init__(self, workdir: Path, *, port: int | None = None, persistent: bool = True) -> None:
+        self.workdir = workdir
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.persistent = persistent
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log = workdir / "redis.log"
+
+    def url(self, db: int = 0) -> str:
+        return f"redis://127.0.0.1:{self.port}/{db}"
+
+    def start(self) -> PrivateRedis:
+        if self.process is not None and self.process.poll() is None:
+            return self
+        argv = [
+            "redis-server",
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--dir", str(self.workdir),
+            "--save", "",
+            "--logfile", str(self.log),
+            "--daemonize", "no",
+        ]  # fmt: skip
+        if self.persistent:
+            argv += ["--appendonly", "yes", "--appendfsync", "always"]
+        self.process = subprocess.Popen(
+            argv, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        wait_for_port(self.port, process=self.process)
+        return self
+
+    def stop(self, *, kill: bool = False) -> None:
+        """SIGTERM (a clean shutdown that flushes the append-only file) or SIGKILL (a crash)."""
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+        self.process.wait(timeout=30)
+
+    def restart(self, down_for: float = 0.0, *, kill: bool = False) -> None:
+        self.stop(kill=kill)
+        time.sleep(down_for)
+        self.start()
+
+    def client(self, db: int = 0) -> Any:
+        from redis import Redis
+
+        return Redis.from_url(self.url(db), socket_connect_timeout=2)
+
+
+# --- a moto S3 server in a process of its own -------------------------------------------------
+
+
+class MotoProcess:
+    """`moto_server` on a port of its own; its buckets live as long as the process."""
+
+    def __init__(self, workdir: Path, *, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.log = workdir / "moto.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> MotoProcess:
+        with self.log.open("wb") as handle:
+            self.process = subprocess.Popen(
+                ["moto_server", "-H", "127.0.0.1", "-p", str(self.port)],
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **MOTO_ENV},
+                start_new_session=True,
+            )
+        wait_for_port(self.port, process=self.process, timeout=60)
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop_process(self.process, timeout=10)
+
+
+# --- a real celery worker --------------------------------------------------------------------
+
+
+@dataclass
+class FaultWorker:
+    """A `celery -A tasks.app worker` process started by a test."""
+
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def children(self) -> list[int]:
+        """The prefork pool's processes (where jobs run)."""
+        return child_pids(self.pid) if self.process.poll() is None else []
+
+    def kill_child(self) -> int:
+        """SIGKILL the (only) pool process, as the kernel's OOM killer would; its pid."""
+        children = self.children()
+        if len(children) != 1:
+            raise AssertionError(f"expected one pool process, found {children}\n{tail(self.log)}")
+        os.kill(children[0], signal.SIGKILL)
+        return children[0]
+
+    def kill(self) -> None:
+        """SIGKILL the main process and its pool (the node died)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.pid, signal.SIGKILL)
+        self.process.wait(timeout=10)
+
+    def stop(self) -> None:
+        stop_process(self.process)
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def tail(self, lines: int = 80) -> str:
+        return tail(self.log, lines)
+
+
+# --- everything together ---------------------------------------------------------------------
+
+
+@dataclass
+class FaultStack:
+    """Private Redis, PostgreSQL and S3 behind proxies, a database, a bucket and a queue."""
+
+    tmp: Path
+    redis: PrivateRedis
+    postgres: TcpProxy
+    moto: MotoProcess
+    s3: TcpProxy
+    db_url: str  # through the proxy
+    direct_db_url: str  # the server itself, for the test's own checks during an outage
+    bucket: str
+    queue: str
+    env: dict[str, str]
+    engine: Engine
+    sessions: sessionmaker[Session]
+    app: Any
+    workers: list[FaultWorker] = field(default_factory=list)
+    task_ids: list[str] = field(default_factory=list)
+
+    @property
+    def s3_endpoint(self) -> str:
+        """The endpoint the worker uses (through the proxy)."""
+        return f"http://127.0.0.1:{self.s3.port}"
+
+    def s3_client(self) -> Any:
+        """A boto3 client that talks to moto directly (works while the proxy is cut)."""
+        from tests.s3fixtures import moto_client
+
+        return moto_client(self.moto.endpoint)
+
+    def start_worker(self, name: str = "faults", **env: str) -> FaultWorker:
+        """A real worker on this stack's queue; `env` adds or overrides AFTERTRIP_* settings."""
+        log = self.tmp / f"worker-{name}-{len(self.workers)}.log"
+        process = start_worker({**self.env, **env}, log, queue=self.queue, name=name)
+        worker = FaultWorker(process, log)
+        self.workers.append(worker)
+        return worker
+
+    def add_trip(self, photos: list[tuple[str, bytes | None]]) -> tuple[int, list[int]]:
+        """A trip whose photos are uploaded under their `str(file_key)` (None = no object)."""
+        from db.webapp import Photo, Trip
+        from storage import S3Store
+
+        store = S3Store(self.bucket, client=self.s3_client())
+        with self.sessions() as session:
+            trip = Trip(place="Jeju", group_id=1)
+            session.add(trip)
+            session.flush()
+            ids = []
+            for name, data in photos:
+                photo = Photo(trip_id=trip.id, file_key=uuid.uuid4(), file_name=name, url="")
+                session.add(photo)
+                session.flush()
+                if data is not None:
+                    store.write(photo.s3_key, data, "image/jpeg")
+                ids.append(photo.id)
+            session.commit()
+            return trip.id, ids
+
+    def enqueue(self, trip_id: int, mode: str = "missing") -> Any:
+        from tasks.client import enqueue_trip
+
+        result = enqueue_trip(trip_id, mode=mode, app=self.app, queue=self.queue)
+        self.task_ids.append(result.id)
+        return result
+
+    def wait(self, result: Any, timeout: float = 300) -> dict[str, Any]:
+        """The job's return value; on failure, an AssertionError with the workers' logs."""
+        try:
+            return dict(result.get(timeout=timeout, interval=0.2))
+        except Exception as exc:
+            logs = "\n".join(f"--- {w.log.name}\n{w.tail()}" for w in self.workers)
+            raise AssertionError(f"job failed: {exc!r}\n{logs}") from exc
+
+    def wait_for_stage(self, result: Any, stage: str, done: int = 0, timeout: float = 300) -> None:
+        """Wait until the job reports PROGRESS at `stage` with at least `done` photos."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            info = result.info if result.state == "PROGRESS" else None
+            if isinstance(info, dict) and info.get("stage") == stage and info["done"] >= done:
+                return
+            if result.ready():
+                raise AssertionError(f"the job ended ({result.state}) before {stage}/{done}")
+            time.sleep(0.05)
+        raise AssertionError(f"the job never reached {stage}/{done}")
+
+    def jobs(self, trip_id: int) -> list[Any]:
+        from db.models import Job
+
+        with self.sessions() as session:
+            return list(session.scalars(select(Job).where(Job.trip_id == trip_id).order_by(Job.id)))
+
+    def lock_holder(self, trip_id: int) -> str | None:
+        from tasks.locks import trip_lock_name
+
+        value = self.redis.client().get(trip_lock_name(trip_id))
+        return value.decode() if isinstance(value, bytes) else value
+
+    def snapshot(self, trip_id: int) -> dict[str, list[tuple[Any, ...]]]:
+        """Every row a job writes for a trip (links, folders, faces, analyses), comparable."""
+        from db.models import Face, PhotoAnalysis
+        from db.webapp import Photo, PhotoTagFace, TagFace
+
+        with self.sessions() as session:
+            photo_ids = select(Photo.id).where(Photo.trip_id == trip_id)
+            links = session.execute(
+                select(PhotoTagFace.photo_id, PhotoTagFace.tagface_id).where(
+                    PhotoTagFace.photo_id.in_(photo_ids)
+                )
+            ).all()
+            tags = session.execute(
+                select(TagFace.id, TagFace.tag_num).where(
+                    TagFace.id.in_({tag for _photo, tag in links})
+                )
+            ).all()
+            faces = session.execute(
+                select(Face.photo_id, Face.face_index, Face.tagface_id).where(
+                    Face.photo_id.in_(photo_ids)
+                )
+            ).all()
+            analyses = session.execute(
+                select(PhotoAnalysis.photo_id, PhotoAnalysis.status).where(
+                    PhotoAnalysis.photo_id.in_(photo_ids)
+                )
+            ).all()
+        return {
+            "links": sorted(tuple(r) for r in links),
+            "tags": sorted(tuple(r) for r in tags),
+            "faces": sorted(tuple(r) for r in faces),
+            "analyses": sorted(tuple(r) for r in analyses),
+        }
+
+    def assert_settled(self, trip_id: int) -> None:
+        """No job row of the trip left running/queued/retrying, and no trip lock behind."""
+        jobs = [(j.id, j.celery_task_id, j.status, j.error) for j in self.jobs(trip_id)]
+        unsettled = [j for j in jobs if j[2] not in ("succeeded", "failed")]
+        assert not unsettled, f"job rows left unsettled: {unsettled}"
+        holder = self.lock_holder(trip_id)
+        assert holder is None, f"trip {trip_id} lock still held by {holder}"
+
+    def assert_no_duplicates(self, trip_id: int) -> None:
+        """Every (photo, folder) link, face and analysis row exists once."""
+        snapshot = self.snapshot(trip_id)
+        for kind in ("links", "faces", "analyses"):
+            rows = snapshot[kind]
+            keys = rows if kind == "links" else [r[:2] for r in rows]
+            assert len(keys) == len(set(keys)), f"duplicate {kind}: {rows}"
+
+
+@contextlib.contextmanager
+def fault_stack(tmp: Path, *, detector: str = "scrfd") -> Iterator[FaultStack]:
+    """Private Redis, the shared PostgreSQL behind a proxy, moto S3 behind a proxy, a fresh
+    database with the web app's tables, a bucket and a queue; everything stopped afterwards.
+
+    Skips (fails under CI=true) when PostgreSQL on loopback does not answer.
+    """
+    from db.session import make_engine, make_sessionmaker
+    from tests.dbfixtures import SERVER_URLS, fresh_database, prepare_database
+    from tests.s3fixtures import moto_client
+
+    tmp.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        redis = PrivateRedis(tmp / "redis").start()
+        stack.callback(redis.stop)
+
+        direct_db_url = stack.enter_context(fresh_database("postgresql", tmp))
+        prepare_database(direct_db_url)
+        server = make_url(SERVER_URLS["postgresql"])
+        pg_proxy = TcpProxy(server.host or "127.0.0.1", server.port or 5432).start()
+        stack.callback(pg_proxy.close)
+        db_url = (
+            make_url(direct_db_url)
+            .set(host="127.0.0.1", port=pg_proxy.port)
+            .render_as_string(hide_password=False)
+        )
+
+        moto = MotoProcess(tmp).start()
+        stack.callback(moto.stop)
+        s3_proxy = TcpProxy("127.0.0.1", moto.port).start()
+        stack.callback(s3_proxy.close)
+        bucket = f"aftertrip-faults-{uuid.uuid4().hex[:10]}"
+        moto_client(moto.endpoint).create_bucket(Bucket=bucket)
+
+        queue = f"faces-faults-{uuid.uuid4().hex[:8]}"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AFTERTRIP_")}
+        env.update(MOTO_ENV)
+        env.update(
+            {
+                "AFTERTRIP_BROKER_URL": redis.url(0),
+                "AFTERTRIP_RESULT_BACKEND": redis.url(1),
+                "AFTERTRIP_DATABASE_URL": db_url,
+                "AFTERTRIP_S3_BUCKET": bucket,
+                "AFTERTRIP_S3_ENDPOINT_URL": f"http://127.0.0.1:{s3_proxy.port}",
+                "AFTERTRIP_QUEUE": queue,
+                "AFTERTRIP_DETECTOR": detector,
+                "AFTERTRIP_DEVICE": "cpu",
+                "AFTERTRIP_THREADS": "1",
+                "AFTERTRIP_LOCK_WAIT_SECONDS": "1",
+                "AFTERTRIP_MODEL_CACHE_DIR": str(tmp / "models"),
+                "PYTHONPATH": str(ROOT),
+            }
+        )
+        # The test's own view of the database goes to the server directly: it must be able
+        # to look while the worker's link is cut.
+        engine = make_engine(direct_db_url)
+        stack.callback(engine.dispose)
+        app = client_app(redis.url(0))
+        app.conf.result_backend = redis.url(1)
+        faults = FaultStack(
+            tmp=tmp,
+            redis=redis,
+            postgres=pg_proxy,
+            moto=moto,
+            s3=s3_proxy,
+            db_url=db_url,
+            direct_db_url=direct_db_url,
+            bucket=bucket,
+            queue=queue,
+            env=env,
+            engine=engine,
+            sessions=make_sessionmaker(engine),
+            app=app,
+        )
+
+        def stop_workers() -> None:
+            for worker in faults.workers:
+                # a worker waiting on a cut link would wait out its timeouts first
+                faults.postgres.restore()
+                faults.s3.restore()
+                stop_process(worker.process, timeout=20)
+
+        stack.callback(stop_workers)
+        yield faults
