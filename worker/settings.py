@@ -92,6 +92,12 @@ class PipelineSettings(BaseSettings):
     decode_workers: int = Field(2, description="Threads reading and decoding photos ahead.")
     prefetch: int = Field(4, description="Photos decoded ahead of detection (bounds memory).")
 
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description="Log lines as text with the structured fields as key=value, or one JSON "
+        "object per line (log collectors).",
+    )
+
     # grouping
     grouping: str = Field("default", description="Grouping method: default or seed.")
     similarity_threshold: float | None = Field(
