@@ -4,7 +4,7 @@ Values that an operator sets come from `tasks.settings.ServiceSettings` (AFTERTR
 environment variables); the rest is how the grouping task must run to be safe.
 """
 
-from tasks.names import GROUP_TRIP
+from tasks.names import ANALYZE_CHUNK, GROUP_TRIP
 from tasks.settings import get_settings
 
 _settings = get_settings()
@@ -20,7 +20,10 @@ result_serializer = "json"
 accept_content = ["json"]
 result_accept_content = ["json"]
 
-task_routes = {GROUP_TRIP: {"queue": _settings.queue}}
+task_routes = {
+    GROUP_TRIP: {"queue": _settings.queue},
+    ANALYZE_CHUNK: {"queue": _settings.queue},
+}
 
 # A job is acknowledged only when it ends, so a worker that dies mid-job (OOM, node lost,
 # SIGKILL) leaves it to be delivered again; the task is written to be safe to run twice.
@@ -32,9 +35,25 @@ worker_prefetch_multiplier = 1
 # Redis redelivers an unacknowledged message after the visibility timeout; it must be longer
 # than any job may run, or a job still running would be started again elsewhere.
 broker_transport_options = {"visibility_timeout": _settings.visibility_timeout}
-# After losing the broker connection the running job's message will be redelivered anyway;
-# cancelling it avoids running it twice at once.
-worker_cancel_long_running_tasks_on_connection_loss = True
+# A running job does not need the broker: after losing the connection (Redis restarted) it
+# goes on and completes, instead of being cancelled with a message that Redis may have lost
+# with its restart. Its trip lock (renewed each heartbeat, taken again if Redis lost it) keeps
+# a second delivery from running beside it; a duplicate delivered later finds the work done.
+worker_cancel_long_running_tasks_on_connection_loss = False
+
+# A retry (or a job put back while its trip is busy) is a message sent from the job: while
+# Redis restarts, keep trying to send it for about a minute rather than dropping the job.
+task_publish_retry = True
+task_publish_retry_policy = {
+    "max_retries": 30,
+    "interval_start": 0.5,
+    "interval_step": 1.0,
+    "interval_max": 3.0,
+}
+# A job's final state and result are stored through Redis restarts too.
+result_backend_always_retry = True
+result_backend_max_retries = 30
+result_backend_max_sleep_between_retries_ms = 3000
 
 # `docker stop` sends SIGQUIT (compose stop_signal): the running job gets this long to
 # finish, then is cancelled and requeued at once, instead of waiting out the visibility

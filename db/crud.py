@@ -14,6 +14,7 @@ import logging
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Literal, TypeVar
 
 import numpy as np
@@ -23,7 +24,7 @@ from sqlalchemy import Select, delete, exists, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from db.models import Face, Job, JobMode, JobStatus, PhotoAnalysis
+from db.models import Face, FolderCentroid, Job, JobMode, JobStatus, PhotoAnalysis
 from db.schemas import (
     FaceOutcome,
     FolderView,
@@ -43,6 +44,7 @@ from db.webapp import (
     PhotoTagFace,
     TagFace,
     Trip,
+    check_shared_folders,
 )
 from worker.cluster import MIN_DETECTION_SCORE, cluster_faces, default_threshold
 from worker.detect import box_iou, cover_score
@@ -63,7 +65,9 @@ __all__ = [
     "finish_job",
     "get_job",
     "photos_to_analyze",
+    "regroup_trip",
     "start_job",
+    "store_photo_outcomes",
     "trip_folders",
     "trip_photos",
     "trip_status",
@@ -107,25 +111,31 @@ def photos_to_analyze(
     trip_id: int,
     embedder_sha256: str,
     mode: Literal["missing", "all"],
+    job_id: int | None = None,
 ) -> list[Photo]:
     """Photos a job must analyse, ordered by id.
 
     "missing": not deleted and without a successful analysis for this embedder (new
     photos, and photos whose last analysis failed); "all": every photo not deleted.
+    With `job_id`, photos whose result this job already stored are left out too (in both
+    modes): a retried or redelivered job continues where it stopped.
     """
-    if JobMode(mode) is JobMode.ALL:
-        return trip_photos(session=session, trip_id=trip_id)
-    done = exists().where(
-        PhotoAnalysis.photo_id == Photo.id,
-        PhotoAnalysis.embedder_sha256 == embedder_sha256,
-        PhotoAnalysis.status == PhotoStatus.OK.value,
-    )
-    stmt = (
-        select(Photo)
-        .where(Photo.trip_id == trip_id, Photo.deleted_at.is_(None), ~done)
-        .order_by(Photo.id)
-    )
-    return list(session.scalars(stmt))
+    conditions = [Photo.trip_id == trip_id, Photo.deleted_at.is_(None)]
+    if JobMode(mode) is JobMode.MISSING:
+        done = exists().where(
+            PhotoAnalysis.photo_id == Photo.id,
+            PhotoAnalysis.embedder_sha256 == embedder_sha256,
+            PhotoAnalysis.status == PhotoStatus.OK.value,
+        )
+        conditions.append(~done)
+    if job_id is not None:
+        stored = exists().where(
+            PhotoAnalysis.photo_id == Photo.id,
+            PhotoAnalysis.embedder_sha256 == embedder_sha256,
+            PhotoAnalysis.job_id == job_id,
+        )
+        conditions.append(~stored)
+    return list(session.scalars(select(Photo).where(*conditions).order_by(Photo.id)))
 
 
 def get_job(*, session: Session, job_id: int) -> Job | None:
@@ -363,23 +373,47 @@ def trip_status(
 # ---------------------------------------------------------------------------- the write
 
 
-def write_trip_result(
+def store_photo_outcomes(
     *,
     session: Session,
     trip_id: int,
-    analyzed: Sequence[PhotoOutcome],
+    outcomes: Sequence[PhotoOutcome],
+    embedder: ModelInfo,
+    job_id: int | None,
+) -> int:
+    """Store one batch of analysed photos in a short transaction of its own; returns how
+    many of them failed. Commits; the session must have no transaction open.
+
+    - An outcome with status ok replaces that photo's faces for this embedder, in place by
+      face_index (unique per photo, embedder and index: a batch stored twice stores nothing
+      twice). A re-detected face takes the folder of the old face its box overlaps
+      (IoU >= 0.5) onto its own row at once, so nothing is lost before the next regroup.
+    - Any other status records the error and keeps the photo's previous faces.
+    - `aftertrip_photo.job_id` records the job, so a retried or redelivered job skips the
+      photos it already stored (`photos_to_analyze(job_id=...)`).
+
+    Folders and links are not touched: `regroup_trip` does that.
+    """
+    _require_no_transaction(session, "store_photo_outcomes")
+    with session.begin():
+        _begin_immediate(session)
+        if session.scalar(select(Trip.id).where(Trip.id == trip_id)) is None:
+            raise TripNotFound(trip_id)
+        return _store_outcomes(session, trip_id, outcomes, embedder, job_id, utcnow())
+
+
+def regroup_trip(
+    *,
+    session: Session,
+    trip_id: int,
     embedder: ModelInfo,
     settings: PipelineSettings,
-    job_id: int | None = None,
+    job_id: int | None,
 ) -> TripWriteSummary:
-    """Store new faces, regroup the whole trip and replace its folders, in one transaction.
+    """Group every stored face of the trip's live photos and rewrite its folders, in one
+    transaction. Commits on success; on any exception the previous folders and links stay.
+    The session must have no transaction open.
 
-    Commits on success; on any exception everything is rolled back and the previous faces,
-    folders and links stay as they were. The session must have no transaction open.
-
-    - An outcome with status ok replaces that photo's faces for this embedder; a re-detected
-      face keeps the folder of the old face its box overlaps (IoU >= 0.5). Any other status
-      records the error and keeps the photo's previous faces.
     - All stored faces of the trip's photos that are not deleted are grouped with
       `worker.cluster.cluster_faces`, in (photo_id, face_index) order.
     - Groups are matched one-to-one to the trip's existing folders, first by the folders
@@ -389,23 +423,216 @@ def write_trip_result(
       whose faces were each seen once -> folder 2. Deleted photos lose their links.
       Unchanged links keep their rows; unnamed folders left empty are deleted.
 
+    The same stored faces give identical rows, so running it twice changes nothing.
+    `errors` of the summary is 0 (stores count failed photos).
+    """
+    _require_no_transaction(session, "regroup_trip")
+    with session.begin():
+        _begin_immediate(session)
+        regroup = _Regroup(session, trip_id, embedder, settings, job_id)
+        regroup.lock()
+        return regroup.run(regroup.folder_vectors())
+
+
+def write_trip_result(
+    *,
+    session: Session,
+    trip_id: int,
+    analyzed: Sequence[PhotoOutcome],
+    embedder: ModelInfo,
+    settings: PipelineSettings,
+    job_id: int | None = None,
+) -> TripWriteSummary:
+    """`store_photo_outcomes` and `regroup_trip` in one transaction (all or nothing).
+
+    Commits on success; on any exception everything is rolled back and the previous faces,
+    folders and links stay as they were. The session must have no transaction open.
     Same inputs give identical rows, so a redelivered job changes nothing the second time.
     """
+    _require_no_transaction(session, "write_trip_result")
+    with session.begin():
+        _begin_immediate(session)
+        regroup = _Regroup(session, trip_id, embedder, settings, job_id)
+        regroup.lock()
+        # The folders' directions as the last regroup left them, before the store below
+        # rewrites face rows.
+        vectors = regroup.folder_vectors()
+        errors = _store_outcomes(session, trip_id, analyzed, embedder, job_id, regroup.now)
+        session.flush()
+        summary = regroup.run(vectors)
+        summary.errors = errors
+        return summary
+
+
+def _require_no_transaction(session: Session, name: str) -> None:
     if session.in_transaction():
         raise ValueError(
-            "write_trip_result runs its own transaction: pass a Session with none open "
+            f"{name} runs its own transaction: pass a Session with none open "
             "(call session.commit() after earlier reads)"
         )
-    threshold = (
-        settings.similarity_threshold
-        if settings.similarity_threshold is not None
-        else default_threshold(settings.grouping, embedder.name)
-    )
-    with session.begin():
-        # SQLite: take the write lock at BEGIN. A transaction that reads first and writes
-        # later fails at once (no busy wait) if another process is writing meanwhile.
-        session.connection(execution_options={SQLITE_BEGIN_OPTION: "IMMEDIATE"})
-        return _TripWrite(session, trip_id, embedder, settings, threshold, job_id).run(analyzed)
+
+
+def _begin_immediate(session: Session) -> None:
+    # SQLite: take the write lock at BEGIN. A transaction that reads first and writes
+    # later fails at once (no busy wait) if another process is writing meanwhile.
+    session.connection(execution_options={SQLITE_BEGIN_OPTION: "IMMEDIATE"})
+
+
+# -- storing a batch
+
+
+def _store_outcomes(
+    session: Session,
+    trip_id: int,
+    outcomes: Sequence[PhotoOutcome],
+    embedder: ModelInfo,
+    job_id: int | None,
+    now: datetime,
+) -> int:
+    """Write each outcome's faces and status in the open transaction; returns how many
+    photos failed."""
+    ids = [o.photo_id for o in outcomes]
+    if len(set(ids)) != len(ids):
+        raise ValueError("an outcome appears twice for the same photo")
+    if not ids:
+        return 0
+    photos: dict[int, tuple[int, datetime | None]] = {}
+    for chunk in _chunks(sorted(ids)):
+        rows = session.execute(
+            select(Photo.id, Photo.trip_id, Photo.deleted_at).where(Photo.id.in_(chunk))
+        )
+        photos.update({pid: (tid, deleted) for pid, tid, deleted in rows})
+    elsewhere = sorted(pid for pid, (tid, _) in photos.items() if tid != trip_id)
+    if elsewhere:
+        raise ValueError(f"photos {elsewhere} belong to other trips, not {trip_id}")
+    vanished = sorted(set(ids) - set(photos))
+    if vanished:
+        # Deleted from the web app while the job ran: nothing left to write to.
+        logger.warning(
+            "photos vanished during the job", extra={"trip_id": trip_id, "photo_ids": vanished}
+        )
+    present = sorted(photos)
+    old_by_photo: dict[int, list[Face]] = defaultdict(list)
+    analyses: dict[int, PhotoAnalysis] = {}
+    for chunk in _chunks(present):
+        for face in session.scalars(
+            select(Face)
+            .where(Face.photo_id.in_(chunk), Face.embedder_sha256 == embedder.sha256)
+            .order_by(Face.photo_id, Face.face_index)
+        ):
+            old_by_photo[face.photo_id].append(face)
+        for stored in session.scalars(
+            select(PhotoAnalysis).where(
+                PhotoAnalysis.photo_id.in_(chunk), PhotoAnalysis.embedder_sha256 == embedder.sha256
+            )
+        ):
+            analyses[stored.photo_id] = stored
+    vote_sources = _vote_sources(session, outcomes, old_by_photo, embedder)
+    removed: set[int] = set()
+    errors = 0
+    for outcome in sorted(outcomes, key=lambda o: o.photo_id):
+        if outcome.photo_id not in photos:
+            continue
+        ok = PhotoStatus(outcome.status) is PhotoStatus.OK
+        analysis = analyses.get(outcome.photo_id)
+        if analysis is None:
+            analysis = PhotoAnalysis(photo_id=outcome.photo_id, embedder_sha256=embedder.sha256)
+            session.add(analysis)
+        analysis.embedder_name = embedder.name
+        analysis.status = PhotoStatus(outcome.status).value
+        analysis.updated_at = now
+        analysis.job_id = job_id
+        if outcome.width is not None or ok:
+            analysis.width, analysis.height = outcome.width, outcome.height
+        if ok:
+            analysis.error = None
+            analysis.face_count = len(outcome.faces)
+            analysis.analyzed_at = now
+            removed |= _replace_faces(
+                session,
+                outcome,
+                old_by_photo.get(outcome.photo_id, []),
+                vote_sources.get(outcome.photo_id, []),
+                embedder=embedder,
+                now=now,
+                live=photos[outcome.photo_id][1] is None,
+            )
+        else:
+            errors += 1
+            analysis.error = (outcome.error or outcome.status)[:MAX_ERROR_CHARS]
+    if removed:
+        # Unlink matches to removed faces here rather than leave it to ON DELETE SET NULL,
+        # so the session's rows agree with the database's.
+        for chunk in _chunks(sorted(removed)):
+            for face in session.scalars(select(Face).where(Face.matched_face_id.in_(chunk))):
+                face.matched_face_id = None
+    return errors
+
+
+def _vote_sources(
+    session: Session,
+    outcomes: Sequence[PhotoOutcome],
+    old_by_photo: dict[int, list[Face]],
+    embedder: ModelInfo,
+) -> dict[int, list[Face]]:
+    """The old faces whose folders a photo's re-detected faces inherit, by photo.
+
+    This embedder's faces of the photo; for a photo it never analysed, the faces another
+    embedder found there (after a model change the folders carry over too).
+    """
+    sources = {pid: faces for pid, faces in old_by_photo.items() if faces}
+    fresh = [o.photo_id for o in outcomes if o.faces and o.photo_id not in sources]
+    for chunk in _chunks(sorted(fresh)):
+        others = session.scalars(
+            select(Face)
+            .where(Face.photo_id.in_(chunk), Face.embedder_sha256 != embedder.sha256)
+            .order_by(Face.photo_id, Face.embedder_sha256, Face.face_index)
+        )
+        for face in others:
+            sources.setdefault(face.photo_id, []).append(face)
+    return sources
+
+
+def _replace_faces(
+    session: Session,
+    outcome: PhotoOutcome,
+    old: list[Face],
+    vote_sources: list[Face],
+    *,
+    embedder: ModelInfo,
+    now: datetime,
+    live: bool,
+) -> set[int]:
+    """Rewrite a photo's face rows in place by face_index (ids stay, no duplicates).
+
+    Each row's folder becomes that of the old face at the same place (a vote the next
+    regroup counts). Returns the ids of the rows removed (the photo has fewer faces now).
+    """
+    votes = _carry_tags(vote_sources, outcome.faces)
+    by_index = {face.face_index: face for face in old}
+    for index, found in enumerate(outcome.faces):
+        row = by_index.pop(index, None)
+        if row is None:
+            row = Face(
+                photo_id=outcome.photo_id,
+                face_index=index,
+                embedder_sha256=embedder.sha256,
+                created_at=now,
+                is_cover=False,
+            )
+            session.add(row)
+        _fill_face(row, found, embedder.name)
+        _set_if_changed(row, "tagface_id", votes[index])
+        if not live:
+            # A deleted photo's faces are not grouped: nothing else will set these.
+            row.group_label = row.matched_face_id = row.similarity = None
+            row.is_cover = False
+    for leftover in by_index.values():
+        session.delete(leftover)
+    return {face.id for face in by_index.values()}
+
+
+# -- regrouping
 
 
 @dataclass
@@ -417,8 +644,8 @@ class _Grouped:
     vectors: NDArray[np.float32]
 
 
-class _TripWrite:
-    """One `write_trip_result` call, split into steps that share the trip's state."""
+class _Regroup:
+    """One regroup of a trip inside an open transaction, split into steps."""
 
     def __init__(
         self,
@@ -426,39 +653,52 @@ class _TripWrite:
         trip_id: int,
         embedder: ModelInfo,
         settings: PipelineSettings,
-        threshold: float,
         job_id: int | None,
     ) -> None:
         self.session = session
         self.trip_id = trip_id
         self.embedder = embedder
         self.settings = settings
-        self.threshold = threshold
+        self.threshold = (
+            settings.similarity_threshold
+            if settings.similarity_threshold is not None
+            else default_threshold(settings.grouping, embedder.name)
+        )
         self.job_id = job_id
         self.now = utcnow()
-        # Re-detected faces: the folder of the old face each one replaces (else the row's own).
-        self.votes: dict[Face, int | None] = {}
 
-    def _vote(self, face: Face) -> int | None:
-        return self.votes[face] if face in self.votes else face.tagface_id
-
-    def run(self, analyzed: Sequence[PhotoOutcome]) -> TripWriteSummary:
-        session = self.session
-        # Lock the trip row first: two jobs of one trip then write one after the other,
-        # and (on MySQL) the snapshot starts after the other's commit.
-        trip = session.scalars(
+    def lock(self) -> None:
+        """Lock the trip row: two writes of one trip then run one after the other, and (on
+        MySQL) the snapshot starts after the other's commit. Checks the shared folders."""
+        trip = self.session.scalars(
             select(Trip).where(Trip.id == self.trip_id).with_for_update()
         ).first()
         if trip is None:
             raise TripNotFound(self.trip_id)
+        check_shared_folders(session=self.session)
 
-        deleted_by_photo = dict(
-            session.execute(
-                select(Photo.id, Photo.deleted_at).where(Photo.trip_id == trip.id)
-            ).all()
-        )
-        old_faces = list(
-            session.scalars(
+    def folder_vectors(self) -> dict[int, NDArray[np.float32]]:
+        """Each person folder's direction as the last regroup left it.
+
+        From aftertrip_folder; a folder without a row there (written before it existed)
+        gets the mean of the faces it holds now.
+        """
+        stored = {
+            row.tagface_id: row.vector
+            for row in self.session.scalars(
+                select(FolderCentroid).where(
+                    FolderCentroid.trip_id == self.trip_id,
+                    FolderCentroid.embedder_sha256 == self.embedder.sha256,
+                )
+            )
+        }
+        computed = _tag_vectors(self._faces())
+        return {**computed, **stored}
+
+    def _faces(self) -> list[Face]:
+        """This embedder's faces of every photo of the trip (deleted ones too)."""
+        return list(
+            self.session.scalars(
                 select(Face)
                 .where(
                     Face.photo_id.in_(self._trip_photo_ids()),
@@ -467,22 +707,29 @@ class _TripWrite:
                 .order_by(Face.photo_id, Face.face_index)
             )
         )
-        old_tag_vectors = _tag_vectors(old_faces)
 
-        errors = self._store_outcomes(analyzed, deleted_by_photo, old_faces)
-        session.flush()
-
+    def run(self, old_tag_vectors: dict[int, NDArray[np.float32]]) -> TripWriteSummary:
+        session = self.session
+        deleted_by_photo = dict(
+            session.execute(
+                select(Photo.id, Photo.deleted_at).where(Photo.trip_id == self.trip_id)
+            ).all()
+        )
+        all_faces = self._faces()
         live_photo_ids = sorted(p for p, deleted in deleted_by_photo.items() if deleted is None)
-        grouped = self._group(live_photo_ids)
+        grouped = self._group(
+            [f for f in all_faces if deleted_by_photo.get(f.photo_id) is None], live_photo_ids
+        )
         trip_tags = self._trip_tags()
         group_tags, created = self._assign_tags(grouped, trip_tags, old_tag_vectors)
-        self._update_faces(grouped, group_tags, old_faces, deleted_by_photo)
+        self._update_faces(grouped, group_tags, all_faces, deleted_by_photo)
         session.flush()
 
         analysed_photos = self._analysed_photos()
         desired = _desired_links(analysed_photos, grouped, group_tags)
         added, removed = _replace_links(session, trip_id=self.trip_id, desired=desired)
-        tags_deleted = self._delete_empty_tags(trip_tags, set(group_tags.values()))
+        doomed = self._delete_empty_tags(trip_tags, set(group_tags.values()))
+        self._save_folder_vectors([f for f in all_faces if f.tagface_id not in doomed])
 
         summary = TripWriteSummary(
             photos=len(analysed_photos),
@@ -490,14 +737,14 @@ class _TripWrite:
             people=len(group_tags),
             others=sum(1 for _, tag in desired if tag == OTHERS_TAG_ID),
             no_face=sum(1 for _, tag in desired if tag == NO_FACE_TAG_ID),
-            errors=errors,
+            errors=0,
             tags_created=created,
-            tags_deleted=tags_deleted,
+            tags_deleted=len(doomed),
             links_added=added,
             links_removed=removed,
         )
         logger.info(
-            "trip result written",
+            "trip regrouped",
             extra={"trip_id": self.trip_id, "job_id": self.job_id, **summary.__dict__},
         )
         return summary
@@ -505,151 +752,9 @@ class _TripWrite:
     def _trip_photo_ids(self) -> Select[int]:
         return select(Photo.id).where(Photo.trip_id == self.trip_id)
 
-    # -- step 1: faces and per-photo status
+    # -- step 1: grouping
 
-    def _store_outcomes(
-        self,
-        analyzed: Sequence[PhotoOutcome],
-        deleted_by_photo: Mapping[int, object],
-        old_faces: list[Face],
-    ) -> int:
-        """Write each outcome's faces and status; returns how many photos failed."""
-        ids = [o.photo_id for o in analyzed]
-        if len(set(ids)) != len(ids):
-            raise ValueError("an outcome appears twice for the same photo")
-        foreign = [pid for pid in ids if pid not in deleted_by_photo]
-        if foreign:
-            elsewhere = dict(
-                self.session.execute(
-                    select(Photo.id, Photo.trip_id).where(Photo.id.in_(foreign))
-                ).all()
-            )
-            if elsewhere:
-                raise ValueError(
-                    f"photos {sorted(elsewhere)} belong to other trips, not {self.trip_id}"
-                )
-            # Deleted from the web app while the job ran: nothing left to write to.
-            logger.warning(
-                "photos vanished during the job",
-                extra={"trip_id": self.trip_id, "photo_ids": sorted(foreign)},
-            )
-        old_by_photo: dict[int, list[Face]] = defaultdict(list)
-        for face in old_faces:
-            old_by_photo[face.photo_id].append(face)
-        analyses = {
-            a.photo_id: a
-            for a in self.session.scalars(
-                select(PhotoAnalysis).where(
-                    PhotoAnalysis.photo_id.in_(self._trip_photo_ids()),
-                    PhotoAnalysis.embedder_sha256 == self.embedder.sha256,
-                )
-            )
-        }
-        vote_sources = self._vote_sources(analyzed, old_by_photo)
-        removed: set[int] = set()
-        errors = 0
-        for outcome in sorted(analyzed, key=lambda o: o.photo_id):
-            if outcome.photo_id not in deleted_by_photo:
-                continue
-            ok = PhotoStatus(outcome.status) is PhotoStatus.OK
-            analysis = analyses.get(outcome.photo_id)
-            if analysis is None:
-                analysis = PhotoAnalysis(
-                    photo_id=outcome.photo_id, embedder_sha256=self.embedder.sha256
-                )
-                self.session.add(analysis)
-            analysis.embedder_name = self.embedder.name
-            analysis.status = PhotoStatus(outcome.status).value
-            analysis.updated_at = self.now
-            analysis.job_id = self.job_id
-            if outcome.width is not None or ok:
-                analysis.width, analysis.height = outcome.width, outcome.height
-            if ok:
-                analysis.error = None
-                analysis.face_count = len(outcome.faces)
-                analysis.analyzed_at = self.now
-                removed |= self._replace_faces(
-                    outcome,
-                    old_by_photo.get(outcome.photo_id, []),
-                    vote_sources.get(outcome.photo_id, []),
-                    grouped=deleted_by_photo[outcome.photo_id] is None,
-                )
-            else:
-                errors += 1
-                analysis.error = (outcome.error or outcome.status)[:MAX_ERROR_CHARS]
-        # Unlink matches to removed faces here rather than leave it to ON DELETE SET NULL,
-        # so the session's rows agree with the database's.
-        for face in old_faces:
-            if face.matched_face_id in removed:
-                face.matched_face_id = None
-        return errors
-
-    def _vote_sources(
-        self, analyzed: Sequence[PhotoOutcome], old_by_photo: dict[int, list[Face]]
-    ) -> dict[int, list[Face]]:
-        """The old faces whose folders a photo's re-detected faces inherit, by photo.
-
-        This embedder's faces of the photo; for a photo it never analysed, the faces
-        another embedder found there (after a model change the folders carry over too).
-        """
-        sources = {pid: faces for pid, faces in old_by_photo.items() if faces}
-        fresh = [o.photo_id for o in analyzed if o.faces and o.photo_id not in sources]
-        for chunk in _chunks(sorted(fresh)):
-            others = self.session.scalars(
-                select(Face)
-                .where(Face.photo_id.in_(chunk), Face.embedder_sha256 != self.embedder.sha256)
-                .order_by(Face.photo_id, Face.embedder_sha256, Face.face_index)
-            )
-            for face in others:
-                sources.setdefault(face.photo_id, []).append(face)
-        return sources
-
-    def _replace_faces(
-        self, outcome: PhotoOutcome, old: list[Face], vote_sources: list[Face], *, grouped: bool
-    ) -> set[int]:
-        """Rewrite a photo's face rows in place by face_index (ids stay, no duplicates).
-
-        Returns the ids of the rows removed (the photo has fewer faces now).
-        """
-        votes = _carry_tags(vote_sources, outcome.faces)
-        by_index = {face.face_index: face for face in old}
-        for index, found in enumerate(outcome.faces):
-            row = by_index.pop(index, None)
-            if row is None:
-                row = Face(
-                    photo_id=outcome.photo_id,
-                    face_index=index,
-                    embedder_sha256=self.embedder.sha256,
-                    created_at=self.now,
-                )
-                self.session.add(row)
-            _fill_face(row, found, self.embedder.name)
-            # The folder of the old face at the same place: a vote for matching groups later.
-            self.votes[row] = votes[index]
-            if not grouped:
-                # A deleted photo's faces are not grouped: nothing else will set these.
-                row.tagface_id = votes[index]
-                row.group_label = row.matched_face_id = row.similarity = None
-                row.is_cover = False
-        for leftover in by_index.values():
-            self.session.delete(leftover)
-        return {face.id for face in by_index.values()}
-
-    # -- step 2: grouping
-
-    def _group(self, live_photo_ids: list[int]) -> _Grouped:
-        faces = list(
-            self.session.scalars(
-                select(Face)
-                .join(Photo, Photo.id == Face.photo_id)
-                .where(
-                    Photo.trip_id == self.trip_id,
-                    Photo.deleted_at.is_(None),
-                    Face.embedder_sha256 == self.embedder.sha256,
-                )
-                .order_by(Face.photo_id, Face.face_index)
-            )
-        )
+    def _group(self, faces: list[Face], live_photo_ids: list[int]) -> _Grouped:
         if not faces:
             empty = np.zeros(0, np.int64)
             return _Grouped([], empty, empty, np.zeros(0, np.float32), np.zeros((0, 0), np.float32))
@@ -669,7 +774,7 @@ class _TripWrite:
             faces, clustering.labels, clustering.matched_face, clustering.similarity, vectors
         )
 
-    # -- step 3: which folder each group is
+    # -- step 2: which folder each group is
 
     def _trip_tags(self) -> dict[int, TagFace]:
         """The trip's person folders: linked to its photos or holding its faces (any embedder)."""
@@ -705,7 +810,7 @@ class _TripWrite:
             row = {g: i for i, g in enumerate(labels)}
             votes = np.zeros((len(labels), len(tag_ids)), np.int64)
             for face, label in zip(grouped.faces, grouped.labels, strict=True):
-                vote = self._vote(face)
+                vote = face.tagface_id
                 if label >= 0 and vote in col:
                     votes[row[int(label)], col[vote]] += 1
             # Equal votes (two folders merged into one group): the named folder wins.
@@ -745,7 +850,7 @@ class _TripWrite:
             created += 1
         return assigned, created
 
-    # -- step 4: faces get their folder, match and cover
+    # -- step 3: faces get their folder, match and cover
 
     def _update_faces(
         self,
@@ -780,7 +885,7 @@ class _TripWrite:
             if deleted_by_photo.get(face.photo_id) is not None and face.is_cover:
                 face.is_cover = False
 
-    # -- step 5: links and empty folders
+    # -- step 4: links and empty folders
 
     def _analysed_photos(self) -> list[int]:
         """Live photos with a successful analysis for this embedder (ordered by id)."""
@@ -797,13 +902,13 @@ class _TripWrite:
         )
         return list(rows)
 
-    def _delete_empty_tags(self, trip_tags: dict[int, TagFace], in_use: set[int]) -> int:
-        """Delete the trip's unnamed folders that no photo links to any more."""
+    def _delete_empty_tags(self, trip_tags: dict[int, TagFace], in_use: set[int]) -> set[int]:
+        """Delete the trip's unnamed folders that no photo links to any more; returns their ids."""
         candidates = sorted(
             t for t, tag in trip_tags.items() if t not in in_use and not tag.is_named
         )
         if not candidates:
-            return 0
+            return set()
         still_linked = set(
             self.session.scalars(
                 select(PhotoTagFace.tagface_id).where(PhotoTagFace.tagface_id.in_(candidates))
@@ -811,14 +916,46 @@ class _TripWrite:
         )
         doomed = [t for t in candidates if t not in still_linked]
         if not doomed:
-            return 0
+            return set()
         # The foreign key would set these NULL too; doing it here keeps the session in step.
         self.session.execute(
             update(Face).where(Face.tagface_id.in_(doomed)).values(tagface_id=None)
         )
         self.session.execute(delete(TagFace).where(TagFace.id.in_(doomed)))
         logger.info("empty folders deleted", extra={"trip_id": self.trip_id, "tag_ids": doomed})
-        return len(doomed)
+        return set(doomed)
+
+    def _save_folder_vectors(self, faces: list[Face]) -> None:
+        """Remember each person folder's direction for the next regroup (aftertrip_folder)."""
+        by_tag: dict[int, list[Face]] = defaultdict(list)
+        for face in faces:
+            if face.tagface_id is not None and face.tagface_id not in SHARED_TAG_IDS:
+                by_tag[face.tagface_id].append(face)
+        vectors = _tag_vectors(faces)
+        rows: dict[int, FolderCentroid | None] = {
+            row.tagface_id: row
+            for row in self.session.scalars(
+                select(FolderCentroid).where(
+                    FolderCentroid.trip_id == self.trip_id,
+                    FolderCentroid.embedder_sha256 == self.embedder.sha256,
+                )
+            )
+        }
+        for tag_id, stale in rows.items():
+            if tag_id not in vectors and stale is not None:
+                self.session.delete(stale)
+        for tag_id in sorted(vectors):
+            data = vectors[tag_id].astype("<f4").tobytes()
+            row = rows.get(tag_id)
+            if row is None:
+                row = FolderCentroid(
+                    tagface_id=tag_id, embedder_sha256=self.embedder.sha256, trip_id=self.trip_id
+                )
+                self.session.add(row)
+            if row.centroid != data or row.face_count != len(by_tag[tag_id]):
+                row.centroid = data
+                row.face_count = len(by_tag[tag_id])
+                row.updated_at = self.now
 
 
 def _desired_links(

@@ -91,6 +91,9 @@ class Job(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Renewed every few seconds while a worker runs the job (migration 0003): a `running`
+    # row whose heartbeat is old has lost its worker or its database connection.
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     counts: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     error: Mapped[str | None] = mapped_column(Text)
     detector_name: Mapped[str | None] = mapped_column(String(255))
@@ -178,3 +181,34 @@ class Face(Base):
     def vector(self) -> NDArray[np.float32]:
         """The stored embedding as a float32 vector."""
         return np.frombuffer(self.embedding, dtype="<f4").astype(np.float32)
+
+
+class FolderCentroid(Base):
+    """aftertrip_folder: each person folder's mean embedding direction, as the last regroup
+    left it (one row per folder and embedder).
+
+    A regroup matches groups nobody voted for to folders by these directions. They are kept
+    apart from the face rows because storing a batch rewrites face rows in place: a photo
+    re-analysed between two regroups would otherwise take its old vector, and with it the
+    folder's memory of that person, with it.
+    """
+
+    __tablename__ = "aftertrip_folder"
+    __table_args__ = (Index(None, "trip_id", "embedder_sha256"),)
+
+    tagface_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey(TagFace.id, ondelete="CASCADE"), primary_key=True
+    )
+    embedder_sha256: Mapped[str] = mapped_column(String(SHA256_LENGTH), primary_key=True)
+    trip_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey(Trip.id, ondelete="CASCADE"), nullable=False
+    )
+    # float32 little-endian bytes of the unit mean direction, as `Face.embedding`.
+    centroid: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
+    face_count: Mapped[int] = mapped_column(Integer, nullable=False)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+
+    @property
+    def vector(self) -> NDArray[np.float32]:
+        """The stored direction as a float32 vector."""
+        return np.frombuffer(self.centroid, dtype="<f4").astype(np.float32)

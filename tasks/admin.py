@@ -144,6 +144,7 @@ def _run_inline(args: argparse.Namespace) -> int:
 
     from db.session import make_engine, make_sessionmaker
     from storage import s3_fetch
+    from tasks.guard import JobGuard
     from tasks.trip import open_photo_store, run_trip_job
     from worker.pipeline import FacePipeline
 
@@ -153,11 +154,16 @@ def _run_inline(args: argparse.Namespace) -> int:
     client = getattr(store, "client", None)
     pipeline = FacePipeline(settings, fetch=partial(s3_fetch, client=client))
     engine = make_engine(settings.database_url)
+    sessions = make_sessionmaker(engine)
+    guard = JobGuard(
+        sessions, heartbeat_seconds=settings.heartbeat_seconds, stall_seconds=settings.stall_seconds
+    )
     try:
         with Progress(console=console) as progress:
             bar = progress.add_task(f"trip {args.trip}", total=None)
             summary = run_trip_job(
-                sessions=make_sessionmaker(engine),
+                sessions=sessions,
+                guard=guard,
                 store=store,
                 pipeline=pipeline,
                 settings=settings,
@@ -217,13 +223,29 @@ def cmd_status(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from db.crud import TripNotFound, trip_folders, trip_status
+    from db.jobs import job_stored_photos, mark_stalled_jobs
     from db.session import make_engine, make_sessionmaker
 
     console = _console()
-    engine = make_engine(_settings().database_url)
+    settings = _settings()
+    engine = make_engine(settings.database_url)
     try:
         with make_sessionmaker(engine)() as session:
+            # A `running` row whose worker stopped beating is failed, not pending, from now on.
+            mark_stalled_jobs(
+                session=session, stall_seconds=settings.stall_seconds, trip_id=args.trip
+            )
             status = trip_status(session=session, trip_id=args.trip, limit=args.limit)
+            # A running job's progress, over its deliveries and chunks: the photos it stored.
+            progress = {
+                job.id: len(
+                    job_stored_photos(
+                        session=session, job_id=job.id, embedder_sha256=status.embedder_sha256
+                    )
+                )
+                for job in status.jobs
+                if job.status == "running" and status.embedder_sha256
+            }
             folders = trip_folders(session=session, trip_id=args.trip)
     except TripNotFound as exc:
         console.print(f"[red]error:[/red] {_escape(exc)}")
@@ -240,6 +262,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         jobs.add_column(column)
     for job in status.jobs:
         outcome = job.error or ", ".join(f"{k} {v}" for k, v in (job.counts or {}).items())
+        if job.id in progress:
+            outcome = f"{progress[job.id]} photos analysed so far"
         jobs.add_row(
             str(job.id),
             job.mode,

@@ -82,17 +82,30 @@ class ServiceSettings(PipelineSettings):
     task_time_limit: int = Field(
         default=3600, description="Seconds before a job's process is killed (hard limit)."
     )
-    task_max_retries: int = Field(
-        default=5,
-        description="Retries of a job after transient S3 or database errors (with backoff).",
+    task_retry_budget: int = Field(
+        default=900,
+        description="Seconds after a job's first transient S3, database or Redis error during "
+        "which it keeps being retried (with backoff): outages shorter than this lose no job.",
     )
     task_retry_backoff_max: int = Field(
-        default=600, description="Longest wait between retries, seconds."
+        default=60, description="Longest wait between two retries of a job, seconds."
     )
     task_max_deliveries: int = Field(
         default=3,
         description="Give up on a job whose worker process died this many times "
         "(e.g. killed for memory) instead of redelivering it forever.",
+    )
+    heartbeat_seconds: float = Field(
+        default=10.0,
+        description="A running job renews its trip lock and its row's heartbeat this often; "
+        "the lock dies 6 beats after its holder, a row with no beat for 12 reads stalled.",
+        gt=0,
+    )
+    chunk_photos: int = Field(
+        default=48,
+        ge=0,
+        description="Fan-out: a job with more than twice this many photos to analyse sends "
+        "them in chunks of this size to every free worker; 0 = one task per trip.",
     )
     lock_wait_seconds: int = Field(
         default=20, description="How long a job waits before checking again when its trip is busy."
@@ -168,9 +181,19 @@ class ServiceSettings(PipelineSettings):
         return self.task_time_limit + 600
 
     @property
-    def lock_timeout(self) -> int:
-        """Seconds a trip lock lives if its holder dies without releasing it."""
-        return self.task_time_limit + 60
+    def lock_ttl(self) -> float:
+        """Seconds a trip lock lives after its holder's last heartbeat (renewed each beat)."""
+        return self.heartbeat_seconds * 6
+
+    @property
+    def stall_seconds(self) -> float:
+        """A `running` job row without a heartbeat for this long has lost its worker."""
+        return self.heartbeat_seconds * 12
+
+    @property
+    def delivery_count_ttl(self) -> int:
+        """Seconds the per-task delivery counter is kept (longer than a job with its retries)."""
+        return self.task_time_limit + self.task_retry_budget + 3600
 
 
 def flower_auth_problems(auth: SecretStr, *, min_password: int = 1) -> list[str]:

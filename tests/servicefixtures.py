@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -51,7 +52,8 @@ def start_worker(
 ) -> subprocess.Popen[bytes]:
     """A real `celery worker` (prefork) on `queue`, started from the repository root.
 
-    The command line is the one `aftertrip-faces worker` runs, plus quieter cluster chatter.
+    The command line is the one `aftertrip-faces worker` runs, plus quieter cluster chatter
+    and the test hooks (`tests.servicehooks`, active with AFTERTRIP_TEST_HOLD_DIR).
     """
     from types import SimpleNamespace
 
@@ -61,6 +63,7 @@ def start_worker(
     args = SimpleNamespace(concurrency=concurrency, loglevel="INFO", hostname=f"{name}@%h")
     argv = worker_argv(ServiceSettings(queue=queue), args)  # type: ignore[arg-type]
     argv += ["--without-gossip", "--without-mingle", "--without-heartbeat"]
+    argv += ["--include", "tests.servicehooks"]  # holds a job where a test asks it to
     handle = log.open("wb")
     process = subprocess.Popen(
         argv, cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
@@ -103,3 +106,17 @@ def tail(log: Path, lines: int = 60) -> str:
     if not log.exists():
         return "(no log)"
     return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout: float = 300) -> None:
+    """Poll until `condition()` holds; fail saying `what` did not happen."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def held_jobs(hold_dir: Path) -> list[str]:
+    """The `held-<trip>-<job>` files of the jobs the test hook is holding (or held)."""
+    return sorted(p.name for p in hold_dir.glob("held-*"))

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, inspect, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -20,7 +21,14 @@ import db.crud
 from db import crud
 from db.models import Base, Face, Job, PhotoAnalysis
 from db.schemas import FaceOutcome, PhotoOutcome
-from db.session import VERSION_TABLE, current_revision, downgrade, make_engine, upgrade
+from db.session import (
+    VERSION_TABLE,
+    alembic_config,
+    current_revision,
+    downgrade,
+    make_engine,
+    upgrade,
+)
 from db.webapp import (
     NO_FACE_TAG_ID,
     OTHERS_TAG_ID,
@@ -229,7 +237,9 @@ def test_migrations_leave_the_web_app_tables_unchanged(empty_db_url: str) -> Non
         tables = set(inspect(engine).get_table_names())
         assert {"aftertrip_job", "aftertrip_photo", "aftertrip_face", VERSION_TABLE} <= tables
         assert _schema(engine, WEBAPP_TABLES) == before
-        assert current_revision(empty_db_url) == "0001"
+        head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+        assert head is not None and current_revision(empty_db_url) == head
+        assert "aftertrip_folder" in tables
 
         downgrade(empty_db_url, "base")
         engine.dispose()
@@ -803,3 +813,145 @@ def test_folder_cover_follows_the_result_files_rule(db_engine: Engine) -> None:
     with Session(db_engine) as session:
         covers = session.scalars(select(Face).where(Face.is_cover.is_(True))).all()
         assert [f.photo_id for f in covers] == [photo_ids[0]]
+
+
+# ---------------------------------------------------------------------------- store + regroup
+
+
+def _store(engine: Engine, trip_id: int, outcomes: list[PhotoOutcome], job_id: int | None):
+    with Session(engine) as session:
+        return crud.store_photo_outcomes(
+            session=session, trip_id=trip_id, outcomes=outcomes, embedder=EMBEDDER, job_id=job_id
+        )
+
+
+def _regroup(engine: Engine, trip_id: int, job_id: int | None = None):
+    with Session(engine) as session:
+        return crud.regroup_trip(
+            session=session, trip_id=trip_id, embedder=EMBEDDER, settings=SETTINGS, job_id=job_id
+        )
+
+
+def _job(engine: Engine, trip_id: int, mode: str = "missing") -> int:
+    with Session(engine) as session:
+        return crud.create_job(session=session, trip_id=trip_id, mode=mode).id
+
+
+def _by_position(engine: Engine, trip_id: int, photo_ids: list[int]) -> list[frozenset[int]]:
+    """Each photo's folders as the partition of photo positions they make (ids differ)."""
+    links = _links(engine, trip_id)
+    members: dict[int, set[int]] = {}
+    for position, photo_id in enumerate(photo_ids):
+        for tag in links.get(photo_id, set()):
+            members.setdefault(tag, set()).add(position)
+    return sorted(
+        (frozenset(v) for t, v in members.items() if t not in (NO_FACE_TAG_ID, OTHERS_TAG_ID)),
+        key=sorted,
+    )
+
+
+def test_batches_then_regroup_equal_one_write(db_engine: Engine) -> None:
+    people = People()
+    outcomes = _outcomes(people, list(range(len(CAST))), CAST)
+    one_trip, one_ids = _trip(db_engine)
+    for outcome, photo_id in zip(outcomes, one_ids, strict=True):
+        outcome.photo_id = photo_id
+    _write(db_engine, one_trip, outcomes)
+
+    trip_id, photo_ids = _trip(db_engine)
+    batched = _outcomes(People(), photo_ids, CAST)
+    job_id = _job(db_engine, trip_id)
+    failed = PhotoOutcome(photo_ids[4], "corrupt", "truncated JPEG", None, None, [])
+    assert _store(db_engine, trip_id, batched[:3], job_id) == 0
+    assert _store(db_engine, trip_id, [failed, *batched[5:]], job_id) == 1
+    assert _links(db_engine, trip_id) == {}  # stores write no folders
+    assert _store(db_engine, trip_id, batched[3:5], job_id) == 0  # photo 4 again, now ok
+    assert _store(db_engine, trip_id, batched[3:5], job_id) == 0  # a redelivered batch
+    summary = _regroup(db_engine, trip_id, job_id)
+    assert (summary.photos, summary.faces, summary.people, summary.errors) == (7, 10, 3, 0)
+    assert _by_position(db_engine, trip_id, photo_ids) == _by_position(db_engine, one_trip, one_ids)
+    before = _snapshot(db_engine)
+    again = _regroup(db_engine, trip_id, job_id)
+    assert _snapshot(db_engine) == before
+    assert (again.tags_created, again.links_added, again.links_removed) == (0, 0, 0)
+    with Session(db_engine) as session:
+        faces = session.scalars(
+            select(Face).join(Photo, Photo.id == Face.photo_id).where(Photo.trip_id == trip_id)
+        ).all()
+        assert len(faces) == 10  # nothing stored twice
+        jobs = session.scalars(
+            select(PhotoAnalysis.job_id).where(PhotoAnalysis.photo_id.in_(photo_ids))
+        ).all()
+        assert set(jobs) == {job_id}
+
+
+def test_stored_faces_keep_their_folder_until_the_regroup(db_engine: Engine) -> None:
+    """A batch re-analysed between two regroups: faces moved a little carry their folder on
+    their rows; moved a lot (no overlap), the folder's remembered direction finds them."""
+    people = People()
+    trip_id, photo_ids = _trip(db_engine)
+    _write(db_engine, trip_id, _outcomes(people, photo_ids, CAST))
+    alice = _tag_of(db_engine, [photo_ids[0], photo_ids[1], photo_ids[3]], trip_id)
+    _name(db_engine, alice, "Alice")
+    before = _links(db_engine, trip_id)
+    job_id = _job(db_engine, trip_id, "all")
+
+    _store(db_engine, trip_id, _outcomes(people, photo_ids[:2], CAST[:2], shift=4.0), job_id)
+    with Session(db_engine) as session:
+        carried = session.scalars(
+            select(Face.tagface_id).where(Face.photo_id.in_(photo_ids[:2]), Face.face_index == 0)
+        ).all()
+        assert carried == [alice, alice]
+    _store(db_engine, trip_id, _outcomes(people, photo_ids, CAST, shift=60.0), job_id)
+    summary = _regroup(db_engine, trip_id, job_id)
+    assert _links(db_engine, trip_id) == before
+    assert summary.tags_created == 0 and summary.tags_deleted == 0
+    with Session(db_engine) as session:
+        assert session.get(TagFace, alice).custom_name == "Alice"
+
+
+def test_a_retried_job_skips_what_it_stored(db_engine: Engine) -> None:
+    people = People()
+    trip_id, photo_ids = _trip(db_engine)
+    _write(db_engine, trip_id, _outcomes(people, photo_ids, CAST))
+    job_id = _job(db_engine, trip_id, "all")
+    failed = PhotoOutcome(photo_ids[2], "corrupt", "truncated JPEG", None, None, [])
+    _store(db_engine, trip_id, [*_outcomes(people, photo_ids[:2], CAST[:2]), failed], job_id)
+
+    def todo(mode: str, job: int | None) -> list[int]:
+        with Session(db_engine) as session:
+            photos = crud.photos_to_analyze(
+                session=session,
+                trip_id=trip_id,
+                embedder_sha256=EMBEDDER.sha256,
+                mode=mode,  # type: ignore[arg-type]
+                job_id=job,
+            )
+            return [p.id for p in photos]
+
+    assert todo("all", job_id) == photo_ids[3:]
+    assert todo("all", None) == photo_ids
+    assert todo("all", _job(db_engine, trip_id, "all")) == photo_ids  # another job: all
+    assert todo("missing", None) == [photo_ids[2]]
+    assert todo("missing", job_id) == []
+
+
+def test_store_refuses_photos_of_other_trips_and_duplicates(db_engine: Engine) -> None:
+    trip_id, photo_ids = _trip(db_engine, 2)
+    with Session(db_engine) as session, session.begin():
+        other = add_trip(session, place="Seoul")
+        (stranger,) = add_photos(session, other.id, 1)
+        stranger_id = stranger.id
+    with pytest.raises(ValueError, match="other trips"):
+        _store(db_engine, trip_id, [_outcome(stranger_id, [])], None)
+    with pytest.raises(ValueError, match="twice"):
+        _store(db_engine, trip_id, [_outcome(photo_ids[0], []), _outcome(photo_ids[0], [])], None)
+    with pytest.raises(crud.TripNotFound):
+        _store(db_engine, 10**9, [], None)
+    with Session(db_engine) as session:
+        crud.trip_photos(session=session, trip_id=trip_id)
+        with pytest.raises(ValueError, match="own transaction"):
+            crud.regroup_trip(
+                session=session, trip_id=trip_id, embedder=EMBEDDER, settings=SETTINGS, job_id=None
+            )
+    assert _snapshot(db_engine)["analyses"] == []

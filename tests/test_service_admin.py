@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -38,7 +39,12 @@ def test_settings_come_from_aftertrip_environment(monkeypatch: pytest.MonkeyPatc
     assert settings.s3_thumbnail_prefix == "faces/"
     assert settings.detector == "scrfd"
     assert settings.visibility_timeout > settings.task_time_limit == 900
-    assert settings.lock_timeout > settings.task_time_limit
+    # a dead holder's lock is gone within a minute; its row reads stalled after two
+    monkeypatch.setenv("AFTERTRIP_HEARTBEAT_SECONDS", "10")
+    monkeypatch.setenv("AFTERTRIP_TASK_RETRY_BUDGET", "600")
+    settings = ServiceSettings()
+    assert settings.lock_ttl == 60 and settings.stall_seconds == 120
+    assert settings.task_retry_budget == 600
 
 
 def test_production_refuses_development_defaults() -> None:
@@ -93,10 +99,12 @@ print(json.dumps({
     "soft": c.task_soft_time_limit, "hard": c.task_time_limit,
     "events": [c.worker_send_task_events, c.task_send_sent_event, c.task_track_started],
     "queue": route["queue"].name,
-    "name": group_trip.name, "max_retries": group_trip.max_retries,
-    "autoretry_for": sorted(e.__name__ for e in group_trip.autoretry_for),
-    "backoff": [group_trip.retry_backoff, group_trip.retry_jitter],
+    "name": group_trip.name,
+    "retryable": sorted(e.__name__ for e in RETRYABLE_ERRORS),
     "acks_late_task": group_trip.acks_late,
+    "cancel_on_connection_loss": c.worker_cancel_long_running_tasks_on_connection_loss,
+    "publish_retries": c.task_publish_retry_policy["max_retries"],
+    "result_backend_always_retry": c.result_backend_always_retry,
 }))
 """
 
@@ -108,7 +116,6 @@ def test_celery_config_and_task_options() -> None:
         "AFTERTRIP_RESULT_BACKEND": "redis://127.0.0.1:6379/15",
         "AFTERTRIP_TASK_TIME_LIMIT": "1200",
         "AFTERTRIP_TASK_SOFT_TIME_LIMIT": "1100",
-        "AFTERTRIP_TASK_MAX_RETRIES": "4",
     }
     out = subprocess.run(
         [sys.executable, "-c", _PRINT_CONFIG],
@@ -131,15 +138,17 @@ def test_celery_config_and_task_options() -> None:
     assert config["events"] == [True, True, True]
     assert config["queue"] == "faces"
     assert config["name"] == "aftertrip.group_trip"
-    assert config["max_retries"] == 4
-    assert config["backoff"] == [True, True]
-    assert config["autoretry_for"] == [
+    assert config["retryable"] == [
         "ConnectionError",
         "InterfaceError",
         "OperationalError",
         "TimeoutError",
         "TransientStorageError",
+        "TripLockLost",
     ]
+    # a Redis restart neither cancels the running job nor drops its retry or result
+    assert config["cancel_on_connection_loss"] is False
+    assert config["publish_retries"] >= 30 and config["result_backend_always_retry"] is True
 
 
 _CLIENT_IMPORTS = """
@@ -183,7 +192,7 @@ def test_client_refuses_bad_arguments() -> None:
 # --- the per-trip lock -------------------------------------------------------------------------
 
 
-def test_trip_lock_one_holder_and_takeover_by_redelivery() -> None:
+def test_trip_lock_one_holder_renewed_and_gone_with_its_holder() -> None:
     require_redis()
     from redis import Redis
 
@@ -191,23 +200,35 @@ def test_trip_lock_one_holder_and_takeover_by_redelivery() -> None:
 
     redis = Redis.from_url(REDIS_URL)
     trip_id = int(uuid.uuid4().int % 10**9) + 10**9  # no real trip has it
+    name = trip_lock_name(trip_id)
     try:
-        first = TripLock(redis, trip_id, owner="task-a", timeout=60)
-        other = TripLock(redis, trip_id, owner="task-b", timeout=60)
+        first = TripLock(redis, trip_id, owner="task-a", ttl=60)
+        other = TripLock(redis, trip_id, owner="task-b", ttl=60)
         assert first.acquire()
         assert not other.acquire()
         assert other.holder() == "task-a"
-        # the same task delivered again after its process died: takes its own lock over
-        redelivered = TripLock(redis, trip_id, owner="task-a", timeout=60)
-        assert redelivered.acquire()
-        redelivered.release()
-        assert redis.get(trip_lock_name(trip_id)) is None
+        # the same task delivered again while its first delivery may live: it waits too
+        redelivered = TripLock(redis, trip_id, owner="task-a", ttl=60)
+        assert not redelivered.acquire()
+        # a renewal resets the time to live
+        redis.pexpire(name, 500)
+        assert first.renew() and redis.pttl(name) > 50_000
+        # Redis restarted without its data: the next renewal takes the lock again
+        redis.delete(name)
+        assert first.renew() and first.holder() == "task-a"
+        # the holder dies (stops renewing): the lock is gone once its time to live passes
+        redis.pexpire(name, 1)
+        deadline = time.monotonic() + 5
+        while redis.exists(name) and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert other.acquire()
-        first.release()  # expired/not ours any more: only logged, b keeps it
+        assert not first.renew() and not first.held  # lost to task-b: the job must stop
+        first.release()  # not ours any more: nothing happens, b keeps it
         assert other.holder() == "task-b"
         other.release()
+        assert redis.get(name) is None
     finally:
-        redis.delete(trip_lock_name(trip_id))
+        redis.delete(name)
 
 
 # --- admin commands ----------------------------------------------------------------------------
@@ -241,6 +262,34 @@ def test_db_upgrade_and_status_commands(service_env: pytest.MonkeyPatch) -> None
         engine.dispose()
     assert {"photos_photo", "photos_tagface", "aftertrip_job", "aftertrip_face"} <= tables
     assert main(["status", "--trip", "12345"]) == 1  # no such trip: said, not a traceback
+
+    # a row left `running` by a worker that died: `status` shows it failed as stalled
+    from datetime import timedelta
+
+    from db.models import Job
+    from db.session import make_sessionmaker
+    from db.types import utcnow
+    from db.webapp import Trip
+
+    engine = make_engine(get_settings().database_url)
+    try:
+        with make_sessionmaker(engine)() as session:
+            trip = Trip(place="Busan", group_id=1)
+            session.add(trip)
+            session.flush()
+            old = utcnow() - timedelta(hours=1)
+            job = Job(trip_id=trip.id, mode="all", status="running", attempts=1, created_at=old)
+            job.started_at = job.heartbeat_at = old
+            session.add(job)
+            session.commit()
+            trip_id, job_id = trip.id, job.id
+        assert main(["status", "--trip", str(trip_id)]) == 0
+        with make_sessionmaker(engine)() as session:
+            stalled = session.get(Job, job_id)
+            assert stalled is not None and stalled.status == "failed"
+            assert "stalled" in (stalled.error or "")
+    finally:
+        engine.dispose()
 
     service_env.setenv("AFTERTRIP_ENVIRONMENT", "production")
     service_env.setenv("AFTERTRIP_DATABASE_URL", "postgresql+psycopg://u@127.0.0.1:1/x")

@@ -3,6 +3,9 @@ SQLite with a local photo folder, failures that keep previous results, and a ret
 
 from __future__ import annotations
 
+import os
+import signal
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -15,8 +18,9 @@ from db.session import make_sessionmaker
 from db.webapp import NO_FACE_TAG_ID, Photo, PhotoTagFace
 from storage import LocalStore, TransientStorageError
 from storage.errors import StorageError
+from tasks.guard import JobGuard, JobTimedOut
 from tasks.settings import ServiceSettings
-from tasks.trip import RETRYABLE_ERRORS, run_trip_job, thumbnail_key
+from tasks.trip import RETRYABLE_ERRORS, InvalidJobArguments, run_trip_job, thumbnail_key
 from tests import dbfixtures
 from tests.dbfixtures import add_trip
 
@@ -158,6 +162,12 @@ def test_unknown_trip_and_mode_are_refused(
         run_trip_job(trip_id=999_999, **kwargs)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="mode"):
         run_trip_job(trip_id=1, mode="some", **kwargs)  # type: ignore[arg-type]
+    # JSON brings floats, strings and booleans too: refused before the database is read
+    for bad in (1.5, "3", True, 0, -2, None):
+        with pytest.raises(InvalidJobArguments, match="trip_id must be a positive integer"):
+            run_trip_job(trip_id=bad, **kwargs)  # type: ignore[arg-type]
+    with pytest.raises(InvalidJobArguments, match="mode must be one of"):
+        run_trip_job(trip_id=1, mode=["all"], **kwargs)  # type: ignore[arg-type]
     with sessions() as session:
         assert session.scalars(select(Job)).first() is None  # no job row for either
     engine.dispose()
@@ -201,4 +211,179 @@ def test_reanalysis_with_fewer_faces_removes_their_thumbnails(
     assert store.list(prefix) == many  # left behind, and the job succeeded
     assert run("t3")["faces"] == 1
     assert store.list(prefix) == [thumbnail_key("faces/", trip_id, key, 0)]
+    engine.dispose()
+
+
+def test_soft_time_limit_ends_the_job_as_timed_out(
+    db_url: str,
+    tmp_path: Path,
+    pipeline,  # noqa: ANN001
+    players_jpg: bytes,
+    yaoming_jpg: bytes,
+    gdp_jpg: bytes,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Celery's soft limit (SIGUSR1 -> SoftTimeLimitExceeded) striking inside one photo's
+    detection: the job fails as timed out, and that photo is not recorded as broken."""
+    from db.models import PhotoAnalysis
+    from tasks.guard import install_soft_limit_handler
+
+    store = LocalStore(tmp_path / "photos")
+    settings = ServiceSettings(detector="scrfd", photo_root=tmp_path / "photos")
+    engine, sessions, trip_id, _keys = _trip_with_photos(
+        db_url, store, [("a.jpg", players_jpg), ("b.jpg", yaoming_jpg), ("c.jpg", gdp_jpg)]
+    )
+    previous = signal.getsignal(signal.SIGUSR1)
+    install_soft_limit_handler()
+    detector = pipeline.detector
+    calls = []
+
+    def detect(pixels):  # noqa: ANN001, ANN202
+        calls.append(1)
+        if len(calls) == 2:  # the limit strikes while the second photo is being detected
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return type(detector).detect(detector, pixels)
+
+    monkeypatch.setattr(detector, "detect", detect)
+    guard = JobGuard(sessions, heartbeat_seconds=30, stall_seconds=60, soft_time_limit=5)
+    try:
+        with pytest.raises(JobTimedOut, match="AFTERTRIP_TASK_SOFT_TIME_LIMIT"):
+            run_trip_job(
+                sessions=sessions,
+                store=store,
+                pipeline=pipeline,
+                settings=settings,
+                trip_id=trip_id,
+                mode="all",
+                task_id="slow-1",
+                guard=guard,
+            )
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+        import tasks.guard
+
+        tasks.guard.SOFT_LIMIT.installed = False
+    with sessions() as session:
+        job = session.scalars(select(Job).where(Job.celery_task_id == "slow-1")).one()
+        assert job.status == "failed" and (job.error or "").startswith("JobTimedOut")
+        assert job.heartbeat_at is not None  # beaten from the start
+        errors = session.scalars(select(PhotoAnalysis.error)).all()
+        assert not any("SoftTimeLimitExceeded" in (e or "") for e in errors)
+    assert not _links(sessions, trip_id), "nothing written by a job past its limit"
+    engine.dispose()
+
+
+def test_stalled_running_row_is_marked_by_the_next_job_and_by_status(
+    db_url: str,
+    tmp_path: Path,
+    pipeline,  # noqa: ANN001
+    players_jpg: bytes,
+) -> None:
+    """A row left `running` by a dead worker (old heartbeat): the next job of the trip marks
+    it failed; `mark_stalled_jobs` (what `status` runs) marks any such row; fresh ones stay."""
+    from db.crud import start_job
+    from db.jobs import beat_job, mark_stalled_jobs
+    from db.types import utcnow
+
+    store = LocalStore(tmp_path / "photos")
+    settings = ServiceSettings(detector="scrfd", photo_root=tmp_path / "photos")
+    engine, sessions, trip_id, _keys = _trip_with_photos(db_url, store, [("a.jpg", players_jpg)])
+    with sessions() as session:
+        dead = start_job(
+            session=session, trip_id=trip_id, mode="all", task_id="dead", models=pipeline.models
+        ).id
+        alive = start_job(
+            session=session, trip_id=trip_id, mode="all", task_id="alive", models=pipeline.models
+        ).id
+        beat_job(session=session, job_id=alive)
+        session.get(Job, dead).heartbeat_at = utcnow() - timedelta(minutes=5)  # type: ignore[union-attr]
+        session.commit()
+    guard = JobGuard(sessions, heartbeat_seconds=0.2, stall_seconds=120)
+    result = run_trip_job(
+        sessions=sessions,
+        store=store,
+        pipeline=pipeline,
+        settings=settings,
+        trip_id=trip_id,
+        task_id="next",
+        guard=guard,
+    )
+    assert result["analyzed"] == 1
+    with sessions() as session:
+        rows = {j.celery_task_id: j for j in session.scalars(select(Job))}
+        assert rows["dead"].status == "failed" and "stalled" in (rows["dead"].error or "")
+        assert rows["alive"].status == "running"  # its heartbeat is fresh
+        assert rows["next"].status == "succeeded" and rows["next"].heartbeat_at is not None
+        # status's check with a short limit marks the other one too; never twice
+        assert mark_stalled_jobs(session=session, stall_seconds=0) == [alive]
+        assert mark_stalled_jobs(session=session, stall_seconds=0) == []
+        assert find_queued_or_running_job(session=session, trip_id=trip_id) is None
+    engine.dispose()
+
+
+def test_retried_job_continues_where_the_last_delivery_stopped(
+    db_url: str,
+    tmp_path: Path,
+    pipeline,  # noqa: ANN001
+    players_jpg: bytes,
+    yaoming_jpg: bytes,
+    gdp_jpg: bytes,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Photos are stored as they are analysed (in batches): S3 failing on the fourth read
+    loses only what was not stored yet; the same job delivered again reads only the rest,
+    then groups the whole trip."""
+    import tasks.trip
+    from db.jobs import job_stored_photos
+
+    monkeypatch.setattr(tasks.trip, "STORE_BATCH", 1)
+    monkeypatch.setattr(pipeline.arcface, "batch_size", 1)  # each photo leaves at once
+    reads: list[str] = []
+
+    class CountingStore(FlakyStore):
+        fail_at = 4
+
+        def read(self, key: str) -> bytes:
+            reads.append(key)
+            if len(reads) == self.fail_at:
+                raise TransientStorageError(key, "connection reset")
+            return super().read(key)
+
+    store = CountingStore(tmp_path / "photos")
+    settings = ServiceSettings(detector="scrfd", photo_root=tmp_path / "photos")
+    photos = [("a.jpg", players_jpg), ("b.jpg", yaoming_jpg), ("c.jpg", gdp_jpg)]
+    engine, sessions, trip_id, keys = _trip_with_photos(db_url, store, photos * 2)
+    key_of = {}
+    with sessions() as session:
+        for photo in session.scalars(select(Photo).where(Photo.trip_id == trip_id)):
+            key_of[photo.id] = photo.s3_key
+
+    def run() -> dict:
+        return run_trip_job(
+            sessions=sessions,
+            store=store,
+            pipeline=pipeline,
+            settings=settings,
+            trip_id=trip_id,
+            mode="all",
+            task_id="resumed",
+        )
+
+    with pytest.raises(TransientStorageError):
+        run()
+    assert not _links(sessions, trip_id), "no folders before the whole trip is analysed"
+    with sessions() as session:
+        job = session.scalars(select(Job).where(Job.celery_task_id == "resumed")).one()
+        sha = job.embedder_sha256 or ""
+        stored = job_stored_photos(session=session, job_id=job.id, embedder_sha256=sha)
+    assert len(stored) >= 2, "the photos analysed before the failure were stored"
+    reads.clear()
+    store.fail_at = 0
+    result = run()
+    assert result["analyzed"] == 6 and result["errors"] == 0
+    assert sorted(reads) == sorted(set(keys) - {key_of[p] for p in stored})
+    with sessions() as session:
+        job = session.scalars(select(Job).where(Job.celery_task_id == "resumed")).one()
+        assert job.status == "succeeded" and job.attempts == 2
+    assert {photo for photo, _tag in _links(sessions, trip_id)} == set(key_of)
     engine.dispose()
