@@ -201,7 +201,14 @@ def test_errors_about_a_markup_path_are_printed_as_text(tmp_path: Path, name: st
 # --- bad configuration in production ------------------------------------------------------
 
 
-PRODUCTION = {
+def _service_settings(**values: Any) -> Any:
+    """ServiceSettings from keyword values (the fields are typed; the tests pass strings)."""
+    from tasks.settings import ServiceSettings
+
+    return ServiceSettings(**values)
+
+
+PRODUCTION: dict[str, Any] = {
     "environment": "production",
     "database_url": "postgresql+psycopg://u@db/x",
     "s3_bucket": "photos",
@@ -212,20 +219,18 @@ PRODUCTION = {
 def test_production_refuses_a_model_path_without_its_sha256(tmp_path: Path, model: str) -> None:
     from pydantic import ValidationError
 
-    from tasks.settings import ServiceSettings
-
     weights = tmp_path / "model.onnx"
     weights.write_bytes(b"not really a model")
     with pytest.raises(ValidationError) as info:
-        ServiceSettings(**PRODUCTION, **{f"{model}_path": str(weights)})
+        _service_settings(**PRODUCTION, **{f"{model}_path": str(weights)})
     message = str(info.value)
     assert f"AFTERTRIP_{model.upper()}_PATH is given without AFTERTRIP_{model.upper()}_SHA256" in (
         message
     )
     assert f"sha256sum {weights}" in message
     # with its sha256 it is accepted, and in development a path alone still is (with a warning)
-    ServiceSettings(**PRODUCTION, **{f"{model}_path": str(weights), f"{model}_sha256": "ab" * 32})
-    ServiceSettings(**{f"{model}_path": str(weights)})
+    _service_settings(**PRODUCTION, **{f"{model}_path": str(weights), f"{model}_sha256": "ab" * 32})
+    _service_settings(**{f"{model}_path": str(weights)})
 
 
 def test_model_path_without_sha256_is_logged(
@@ -258,14 +263,13 @@ def test_flower_refuses_an_empty_user_or_password(
     from pydantic import SecretStr, ValidationError
 
     from tasks.admin import flower_command
-    from tasks.settings import ServiceSettings
 
     if production_ok:
-        ServiceSettings(**PRODUCTION, flower_basic_auth=SecretStr(auth))
+        _service_settings(**PRODUCTION, flower_basic_auth=SecretStr(auth))
     else:
         with pytest.raises(ValidationError, match="AFTERTRIP_FLOWER_BASIC_AUTH"):
-            ServiceSettings(**PRODUCTION, flower_basic_auth=SecretStr(auth))
-    development = ServiceSettings(flower_basic_auth=SecretStr(auth))
+            _service_settings(**PRODUCTION, flower_basic_auth=SecretStr(auth))
+    development = _service_settings(flower_basic_auth=SecretStr(auth))
     assert (flower_command(development) is not None) is flower_starts
 
 
