@@ -12,6 +12,9 @@ from __future__ import annotations
 from worker.errors import AfterTripError, PhotoUnreadable
 from worker.types import PhotoStatus
 
+DEFAULT_MAX_OBJECT_BYTES = 256 * 1024 * 1024
+"""The largest photo file a store reads (its bytes are held in memory while it decodes)."""
+
 
 class StorageError(AfterTripError):
     """Base class of the storage layer's own errors."""

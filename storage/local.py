@@ -10,8 +10,8 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
 
-from storage.errors import NotARegularFile, StorageError
-from worker.errors import PhotoUnreadable
+from storage.errors import DEFAULT_MAX_OBJECT_BYTES, NotARegularFile, StorageError
+from worker.errors import ImageTooLarge, PhotoUnreadable
 
 logger = logging.getLogger(__name__)
 
@@ -44,9 +44,16 @@ class LocalStore:
     own files: a link in it may point at a regular file anywhere.
     """
 
-    def __init__(self, root: Path, *, follow_links: bool = False) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        follow_links: bool = False,
+        max_file_bytes: int = DEFAULT_MAX_OBJECT_BYTES,
+    ) -> None:
         self.root = Path(root).expanduser().resolve()
         self.follow_links = follow_links
+        self.max_file_bytes = max_file_bytes
 
     def __repr__(self) -> str:
         return f"LocalStore({str(self.root)!r})"
@@ -90,9 +97,15 @@ class LocalStore:
                 raise PhotoUnreadable(key, "is a symbolic link loop") from exc
             raise PhotoUnreadable(key, f"cannot be opened ({exc.strerror})") from exc
         with os.fdopen(fd, "rb") as handle:
-            mode = os.fstat(handle.fileno()).st_mode
-            if not stat.S_ISREG(mode):
-                raise NotARegularFile(key, f"is {_kind(mode)}, not a regular file: skipped")
+            info = os.fstat(handle.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise NotARegularFile(key, f"is {_kind(info.st_mode)}, not a regular file: skipped")
+            if info.st_size > self.max_file_bytes:
+                raise ImageTooLarge(
+                    key,
+                    f"the file is {info.st_size / 2**20:,.0f} MiB, over the "
+                    f"{self.max_file_bytes / 2**20:,.0f} MiB a photo may have",
+                )
             try:
                 return handle.read()
             except OSError as exc:  # an I/O error of the disk, or a file turned into a folder

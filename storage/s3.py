@@ -27,7 +27,12 @@ from botocore.exceptions import (
     ConnectionError as BotoConnectionError,
 )
 
-from storage.errors import StorageConfigError, StorageError, TransientStorageError
+from storage.errors import (
+    DEFAULT_MAX_OBJECT_BYTES,
+    StorageConfigError,
+    StorageError,
+    TransientStorageError,
+)
 from worker.errors import ImageTooLarge, ModelNotFound, PhotoUnreadable
 
 if TYPE_CHECKING:
@@ -37,7 +42,6 @@ else:
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_OBJECT_BYTES = 256 * 1024 * 1024
 """Photos larger than this are refused before download (no camera writes such JPEGs)."""
 
 _MISSING_CODES = frozenset({"NoSuchKey", "404", "NotFound"})

@@ -488,13 +488,17 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def flower_command(settings: ServiceSettings) -> tuple[list[str], dict[str, str]] | None:
-    """Flower's command line and environment, or None when no basic auth is configured.
+    """Flower's command line and environment, or None when no usable basic auth is configured
+    (none, or an entry with an empty user or password).
 
     The credentials go through Flower's FLOWER_BASIC_AUTH variable, not the command line,
     where every user of the machine could read them in `ps`. `-A tasks.trip` loads the app
     with the task registered, which Flower's `/api/task/async-apply/` needs.
     """
-    if settings.flower_basic_auth is None or not settings.flower_basic_auth.get_secret_value():
+    from tasks.settings import flower_auth_problems
+
+    auth = settings.flower_basic_auth
+    if auth is None or not auth.get_secret_value() or flower_auth_problems(auth):
         return None
     argv = [
         sys.executable,
@@ -511,17 +515,23 @@ def flower_command(settings: ServiceSettings) -> tuple[list[str], dict[str, str]
         for key, value in os.environ.items()
         if key != "FLOWER_UNAUTHENTICATED_API"  # never open the API without auth
     }
-    env["FLOWER_BASIC_AUTH"] = settings.flower_basic_auth.get_secret_value()
+    env["FLOWER_BASIC_AUTH"] = auth.get_secret_value()
     return argv, env
 
 
 def cmd_flower(args: argparse.Namespace) -> int:
     """Replace this process with Flower, only with basic auth configured."""
-    command = flower_command(_settings())
+    from tasks.settings import flower_auth_problems
+
+    settings = _settings()
+    command = flower_command(settings)
     if command is None:
+        auth = settings.flower_basic_auth
+        why = "; ".join(flower_auth_problems(auth)) if auth and auth.get_secret_value() else ""
         _console().print(
             "[red]error:[/red] Flower can run tasks from its web API, so it never starts "
             "without a login: set AFTERTRIP_FLOWER_BASIC_AUTH=user:password"
+            + (f" ({_escape(why)})" if why else "")
         )
         return 2
     argv, env = command

@@ -7,5 +7,10 @@ Importing this module imports no model code, so the web app and admin commands c
 
 from celery import Celery
 
+from tasks.logs import install_celery_logging
+from tasks.settings import get_settings
+
 app = Celery("aftertrip", include=["tasks.trip"])
 app.config_from_object("celeryconfig")
+# the worker's log lines carry the `extra=` fields (trip_id, job_id, timings)
+install_celery_logging(get_settings().log_format)

@@ -13,7 +13,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from rich.console import Console
 from rich.markup import escape
@@ -320,14 +320,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _log_format() -> Literal["text", "json"]:
+    """AFTERTRIP_LOG_FORMAT; "text" while the settings do not parse (the command says why)."""
+    from pydantic import ValidationError
+
+    from worker.settings import PipelineSettings
+
+    try:
+        return PipelineSettings().log_format
+    except ValidationError:
+        return "text"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `aftertrip-faces` command."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    from tasks.logs import configure_cli_logging
+
+    configure_cli_logging(logging.INFO if args.verbose else logging.WARNING, _log_format())
     start = time.perf_counter()
     from worker.errors import AfterTripError
 

@@ -165,14 +165,17 @@ class ServiceSettings(PipelineSettings):
             )
         if not self.s3_bucket:
             problems.append("AFTERTRIP_S3_BUCKET is not set")
-        if self.flower_basic_auth is not None:
-            for pair in self.flower_basic_auth.get_secret_value().split(","):
-                _user, _sep, password = pair.partition(":")
-                if len(password) < 12:
-                    problems.append(
-                        "AFTERTRIP_FLOWER_BASIC_AUTH has a password under 12 characters"
-                    )
-                    break
+        if self.flower_basic_auth is not None and self.flower_basic_auth.get_secret_value():
+            problems.extend(flower_auth_problems(self.flower_basic_auth, min_password=12))
+        for path, sha256, name in (
+            (self.embedder_path, self.embedder_sha256, "EMBEDDER"),
+            (self.scrfd_path, self.scrfd_sha256, "SCRFD"),
+        ):
+            if path and not sha256:
+                problems.append(
+                    f"AFTERTRIP_{name}_PATH is given without AFTERTRIP_{name}_SHA256: set it to "
+                    f"the file's sha256 (`sha256sum {path}`), so that no other file is loaded"
+                )
         if problems:
             raise UnsafeSettingsError(
                 "refusing to run with AFTERTRIP_ENVIRONMENT=production: " + "; ".join(problems)
@@ -206,6 +209,24 @@ class ServiceSettings(PipelineSettings):
     def delivery_count_ttl(self) -> int:
         """Seconds the per-task delivery counter is kept (longer than a job with its retries)."""
         return self.task_time_limit + self.task_retry_budget + 3600
+
+
+def flower_auth_problems(auth: SecretStr, *, min_password: int = 1) -> list[str]:
+    """What is wrong with AFTERTRIP_FLOWER_BASIC_AUTH (user:password[,user:password]), if
+    anything: an empty user or password is refused everywhere, short ones in production."""
+    problems = []
+    for pair in auth.get_secret_value().split(","):
+        user, sep, password = pair.partition(":")
+        if not sep or not user.strip() or not password:
+            problems.append(
+                "AFTERTRIP_FLOWER_BASIC_AUTH has an entry without a user or a password "
+                "(expected user:password[,user2:password2])"
+            )
+        elif len(password) < min_password:
+            problems.append(
+                f"AFTERTRIP_FLOWER_BASIC_AUTH has a password under {min_password} characters"
+            )
+    return list(dict.fromkeys(problems))  # each kind of problem once
 
 
 class SettingsError(AfterTripError):

@@ -40,13 +40,8 @@ from sqlalchemy import Engine, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
+from tests.s3fixtures import MOTO_ENV
 from tests.servicefixtures import ROOT, child_pids, client_app, start_worker, stop_process, tail
-
-MOTO_ENV = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-}
 
 
 def free_port() -> int:
@@ -56,7 +51,9 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_for_port(port: int, *, timeout: float = 30, process: subprocess.Popen[Any] | None = None):
+def wait_for_port(
+    port: int, *, timeout: float = 30, process: subprocess.Popen[Any] | None = None
+) -> None:
     """Wait until something accepts connections on 127.0.0.1:`port`."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -349,7 +346,8 @@ class FaultStack:
     def start_worker(self, name: str = "faults", **env: str) -> FaultWorker:
         """A real worker on this stack's queue; `env` adds or overrides AFTERTRIP_* settings."""
         log = self.tmp / f"worker-{name}-{len(self.workers)}.log"
-        process = start_worker({**self.env, **env}, log, queue=self.queue, name=name)
+        queue = env.get("AFTERTRIP_QUEUE", self.queue)
+        process = start_worker({**self.env, **env}, log, queue=queue, name=name)
         worker = FaultWorker(process, log)
         self.workers.append(worker)
         return worker

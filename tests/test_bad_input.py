@@ -196,3 +196,84 @@ def test_errors_about_a_markup_path_are_printed_as_text(tmp_path: Path, name: st
     run = cli("import-trip", str(empty), env=env)
     assert_no_crash(run)
     assert run.returncode == 2 and f"no photos in {empty}" in run.stdout, run.stdout + run.stderr
+
+
+# --- bad configuration in production ------------------------------------------------------
+
+
+def _service_settings(**values: Any) -> Any:
+    """ServiceSettings from keyword values (the fields are typed; the tests pass strings)."""
+    from tasks.settings import ServiceSettings
+
+    return ServiceSettings(**values)
+
+
+PRODUCTION: dict[str, Any] = {
+    "environment": "production",
+    "database_url": "postgresql+psycopg://u@db/x",
+    "s3_bucket": "photos",
+}
+
+
+@pytest.mark.parametrize("model", ["embedder", "scrfd"])
+def test_production_refuses_a_model_path_without_its_sha256(tmp_path: Path, model: str) -> None:
+    from pydantic import ValidationError
+
+    weights = tmp_path / "model.onnx"
+    weights.write_bytes(b"not really a model")
+    with pytest.raises(ValidationError) as info:
+        _service_settings(**PRODUCTION, **{f"{model}_path": str(weights)})
+    message = str(info.value)
+    assert f"AFTERTRIP_{model.upper()}_PATH is given without AFTERTRIP_{model.upper()}_SHA256" in (
+        message
+    )
+    assert f"sha256sum {weights}" in message
+    # with its sha256 it is accepted, and in development a path alone still is (with a warning)
+    _service_settings(**PRODUCTION, **{f"{model}_path": str(weights), f"{model}_sha256": "ab" * 32})
+    _service_settings(**{f"{model}_path": str(weights)})
+
+
+def test_model_path_without_sha256_is_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from worker.models import resolve_model, sha256_of
+
+    weights = tmp_path / "custom.onnx"
+    weights.write_bytes(b"weights")
+    with caplog.at_level("WARNING", logger="worker.models"):
+        resolve_model("w600k_mbf", override=str(weights))
+    (record,) = [r for r in caplog.records if "without an expected sha256" in r.getMessage()]
+    assert record.__dict__["sha256"] == sha256_of(weights)
+
+
+@pytest.mark.parametrize(
+    ("auth", "production_ok", "flower_starts"),
+    [
+        ("ops:", False, False),  # empty password
+        (":a-long-pass-phrase", False, False),  # empty user
+        ("ops", False, False),  # no password at all
+        ("ops:a-long-pass-phrase,admin:", False, False),  # one good entry, one empty password
+        ("ops:short", False, True),  # development only
+        ("ops:a-long-pass-phrase", True, True),
+    ],
+)
+def test_flower_refuses_an_empty_user_or_password(
+    auth: str, production_ok: bool, flower_starts: bool
+) -> None:
+    from pydantic import SecretStr, ValidationError
+
+    from tasks.admin import flower_command
+
+    if production_ok:
+        _service_settings(**PRODUCTION, flower_basic_auth=SecretStr(auth))
+    else:
+        with pytest.raises(ValidationError, match="AFTERTRIP_FLOWER_BASIC_AUTH"):
+            _service_settings(**PRODUCTION, flower_basic_auth=SecretStr(auth))
+    development = _service_settings(flower_basic_auth=SecretStr(auth))
+    assert (flower_command(development) is not None) is flower_starts
+
+
+def test_flower_command_says_why_it_refuses(tmp_path: Path) -> None:
+    run = cli("flower", env={"AFTERTRIP_FLOWER_BASIC_AUTH": "ops:"})
+    assert run.returncode == 2
+    assert "without a user or a password" in run.stdout and "ops:" not in run.stdout

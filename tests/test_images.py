@@ -407,3 +407,109 @@ def test_real_exif_orientation(shared_data: Path) -> None:
     assert rotated.pixels.shape == plain.pixels.shape
     grey = plain.pixels.astype(np.float32).mean(axis=2)
     assert mean_abs_diff(rotated.pixels.mean(axis=2), grey) < 8
+
+
+# --- memory per photo -------------------------------------------------------------------
+
+
+def test_decoded_bytes_budget_refuses_before_decoding(upright: Image.Image) -> None:
+    # 8000x8000 16-bit greyscale: a header of ~100 bytes that would decode to 128 MB
+    wide = png_bytes(8000, 8000, 16, 0)
+    with pytest.raises(ImageTooLarge) as err:
+        decode_image(wide, name="scan.png", max_decoded_bytes=100_000_000)
+    assert err.value.status is PhotoStatus.TOO_LARGE
+    assert str(err.value) == (
+        "scan.png: decoding 8000x8000 PNG (I;16) would take 128 MB, over the 100 MB budget "
+        "(AFTERTRIP_MAX_DECODED_BYTES)"
+    )
+    # a JPEG counts at the DCT scale it will be decoded at, a PNG at full size
+    big = upright.resize((2400, 1600))
+    budget = 2400 * 1600 * 4 // 8  # under the PNG's 15 MB, over the JPEG's 1/8 scale
+    decoded = decode_image(
+        save(big, "JPEG"), name="big.jpg", working_pixels=100_000, max_decoded_bytes=budget
+    )
+    assert decoded.pixels.shape[:2] == (200, 300)
+    with pytest.raises(ImageTooLarge, match="2400x1600 PNG"):
+        decode_image(save(big, "PNG"), name="big.png", max_decoded_bytes=budget)
+
+
+@pytest.mark.parametrize("mode", ["I;16", "RGBA", "LA", "P", "1", "F", "L"])
+def test_large_photos_are_reduced_in_their_own_mode(upright: Image.Image, mode: str) -> None:
+    """Reduced before any conversion (in bands), each mode still gives the right picture."""
+    big = upright.resize((2400, 1600))
+    grey = np.asarray(big.convert("L"))
+    if mode == "I;16":
+        im = Image.fromarray(grey.astype(np.uint16) * 257)
+    elif mode == "F":
+        im = Image.fromarray(grey.astype(np.float32) / 255)
+    elif mode in ("RGBA", "LA"):
+        im = big.convert(mode)
+        alpha = np.full((1600, 2400), 255, np.uint8)
+        alpha[:, 1200:] = 0  # right half transparent
+        im.putalpha(Image.fromarray(alpha))
+    elif mode == "P":
+        im = big.convert("P", palette=Image.Palette.ADAPTIVE, colors=128)
+    elif mode == "1":
+        im = big.convert("L").convert("1", dither=Image.Dither.NONE)
+    else:
+        im = big.convert(mode)
+    data = save(im, "TIFF" if mode == "F" else "PNG")
+    decoded = decode_image(data, name=f"big-{mode}.png", working_pixels=150_000)
+    h, w, _ = decoded.pixels.shape
+    assert w * h <= 150_000 and w * h > 0.99 * 150_000
+    assert (decoded.original_width, decoded.original_height) == (2400, 1600)
+    expected = Image.open(io.BytesIO(data)).convert("RGBA" if "A" in mode else "RGB")
+    if mode in ("I;16", "F"):
+        expected = Image.fromarray(grey).convert("RGB")
+    if "A" in mode:
+        white = Image.new("RGBA", expected.size, (255, 255, 255, 255))
+        expected = Image.alpha_composite(white, expected).convert("RGB")
+    tolerance = 25 if mode in ("1", "P") else 3  # nearest-neighbour steps on the way down
+    assert mean_abs_diff(decoded.pixels, expected.resize((w, h), Image.Resampling.BOX)) < (
+        tolerance
+    ), mode
+    if "A" in mode:
+        assert (decoded.pixels[:, w // 2 + 2 :] == 255).all(), "transparent half is white"
+
+
+def test_decodes_share_the_budget_of_their_process() -> None:
+    import threading
+
+    budget = images._DecodeBudget()
+    first_in, second_in, release = threading.Event(), threading.Event(), threading.Event()
+
+    def first() -> None:
+        with budget.hold(60, 100):
+            first_in.set()
+            release.wait(10)
+
+    def second() -> None:
+        with budget.hold(60, 100):
+            second_in.set()
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    threads[0].start()
+    assert first_in.wait(10)
+    threads[1].start()
+    assert not second_in.wait(0.3), "60 + 60 bytes in flight, over a budget of 100"
+    release.set()
+    assert second_in.wait(10), "the second decode runs once the first is done"
+    for thread in threads:
+        thread.join(10)
+    with budget.hold(100, 100), budget.hold(0, 100):
+        pass  # a photo alone always fits, and zero-cost ones never wait
+
+
+def test_peak_memory_of_a_16bit_photo_stays_near_its_decoded_size(tmp_path: Path) -> None:
+    """The issue's case at 64 Mpx: 16-bit greyscale PNG, a tiny file. Its pixels take 128 MB;
+    the decode used to cost ~12x that (float64 of the whole image). Measured in a process of
+    its own (tests/decode_memory.py)."""
+    from tests.decode_memory import measure
+
+    ramp = np.linspace(0, 65535, 8000).astype(np.uint16)
+    path = tmp_path / "scan16.png"
+    Image.fromarray(np.ascontiguousarray(np.broadcast_to(ramp, (8000, 8000)))).save(path)
+    result = measure(path)
+    assert str(result["outcome"]).startswith("ok"), result
+    decoded_mib = 8000 * 8000 * 2 / 2**20  # 122 MiB
+    assert float(result["decode_mib"]) < decoded_mib + 64, result  # measured: about +10 MiB

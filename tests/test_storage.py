@@ -114,6 +114,14 @@ def test_local_store_never_opens_a_fifo_or_device(tmp_path: Path) -> None:
         assert info.value.status is PhotoStatus.UNSUPPORTED
 
 
+def test_local_store_refuses_a_file_over_its_size_cap(tmp_path: Path) -> None:
+    (tmp_path / "huge.tif").write_bytes(b"\0" * 2048)
+    with pytest.raises(ImageTooLarge, match="a photo may have") as info:
+        LocalStore(tmp_path, max_file_bytes=1024).read("huge.tif")
+    assert info.value.status is PhotoStatus.TOO_LARGE
+    assert LocalStore(tmp_path).read("huge.tif") == b"\0" * 2048
+
+
 def test_local_store_follow_links_reads_the_users_files_elsewhere(tmp_path: Path) -> None:
     album, elsewhere = tmp_path / "album", tmp_path / "Pictures"
     album.mkdir()

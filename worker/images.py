@@ -16,7 +16,7 @@ import pillow_heif
 from numpy.typing import NDArray
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from worker.errors import CorruptImage, ImageTooLarge, ImageTooSmall, UnsupportedImage
+from worker.errors import CorruptImage, ImageTooLarge, ImageTooSmall, PhotoError, UnsupportedImage
 from worker.types import DecodedImage
 
 try:  # JPEG XL is optional: without the plugin a .jxl photo is reported as unsupported
@@ -111,6 +111,88 @@ def _raise_pillow_limit(max_image_pixels: int) -> None:
     with _PILLOW_LIMIT_LOCK:
         if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < max_image_pixels:
             Image.MAX_IMAGE_PIXELS = max_image_pixels
+
+
+DEFAULT_MAX_DECODED_BYTES = 600_000_000
+"""Decoded bytes one photo may take (AFTERTRIP_MAX_DECODED_BYTES): 150 Mpx of 8-bit RGB."""
+
+# Bytes per pixel Pillow stores for a mode (RGB is padded to 4); modes not named take 4.
+_STORED_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2}
+# Decoders that fill buffers of their own and then copy them into Pillow's image hold the
+# pixels several times while they decode: measured 16 bytes/px for WebP, 7.3 for HEIF
+# (docs/reliability.md, `python -m tests.decode_memory`); AVIF and JPEG XL taken as HEIF.
+_DECODER_COPIES = {"WEBP": 4, "HEIF": 2, "AVIF": 2, "JXL": 2}
+
+
+def decoded_bytes(im: Image.Image) -> int:
+    """The memory decoding `im` at its current size (after any JPEG draft) will hold at most."""
+    per_pixel = _STORED_BYTES.get(im.mode, 4)
+    return im.width * im.height * per_pixel * _DECODER_COPIES.get(str(im.format), 1)
+
+
+class _DecodeBudget:
+    """Decoded bytes in flight in this process: a decode waits until its share fits.
+
+    Decode threads (AFTERTRIP_DECODE_WORKERS) would otherwise each hold a large photo at
+    once; with this, a process never holds more than one budget of full-size pixels.
+    """
+
+    def __init__(self) -> None:
+        self._in_use = 0
+        self._free = threading.Condition()
+
+    @contextmanager
+    def hold(self, cost: int, budget: int) -> Iterator[None]:
+        with self._free:
+            # a photo alone always fits (costs over the budget are refused before this)
+            self._free.wait_for(lambda: self._in_use == 0 or self._in_use + cost <= budget)
+            self._in_use += cost
+        try:
+            yield
+        finally:
+            with self._free:
+                self._in_use -= cost
+                self._free.notify_all()
+
+
+_DECODE_BUDGET = _DecodeBudget()
+
+
+def _shrink(
+    im: Image.Image, target: tuple[int, int], box: tuple[float, float, float, float] | None
+) -> tuple[Image.Image, tuple[float, float, float, float] | None]:
+    """`im` reduced by a whole factor towards `target` in its own mode, before any conversion
+    (a conversion of the full-size pixels would hold a second, wider copy of them)."""
+    factor = min(im.width // target[0], im.height // target[1])
+    if factor < 2:
+        return im, box
+    if im.mode in ("1", "P"):
+        # Pillow resizes these by nearest neighbour only: stop at about twice the target, so
+        # that the final resize (bilinear, after conversion) still smooths
+        factor = min(-(-im.width // (2 * target[0])), -(-im.height // (2 * target[1])))
+        if factor < 2:
+            return im, box
+    small = Image.new(im.mode, (-(-im.width // factor), -(-im.height // factor)))
+    if im.mode == "P":
+        small.putpalette(im.getpalette() or [])
+    # In bands: Pillow's reduce() of RGBA/LA premultiplies a full-size copy first, and its
+    # resize() of 16-bit modes widens one; a band of rows costs a few MB instead.
+    rows = factor * max(1, 2_000_000 // max(1, im.width * factor))
+    for top in range(0, im.height, rows):
+        band = im.crop((0, top, im.width, min(im.height, top + rows)))
+        size = (small.width, -(-band.height // factor))
+        if im.mode in ("1", "P"):
+            part = band.resize(size, Image.Resampling.NEAREST)
+        elif im.mode.startswith("I;16"):  # reduce() does not take 16-bit modes
+            part = band.resize(size, Image.Resampling.BOX)
+        else:
+            part = band.reduce(factor)
+        small.paste(part, (0, top // factor))
+    if "transparency" in im.info:
+        small.info["transparency"] = im.info["transparency"]
+    if box is not None:
+        box = (box[0] / factor, box[1] / factor, box[2] / factor, box[3] / factor)
+    return small, box
 
 
 def _isobmff_truncated(data: bytes) -> bool:
@@ -210,12 +292,16 @@ def _to_rgb(im: Image.Image) -> Image.Image:
         return Image.alpha_composite(background, rgba).convert("RGB")
     if im.mode.startswith("I") or im.mode == "F":
         # Pillow clips wide greyscale to 0..255 instead of scaling it; scale by the type's range
-        grey = np.asarray(im).astype(np.float64)
+        # in float32 and in place: float64 temporaries cost 24 bytes a pixel
+        grey = np.asarray(im).astype(np.float32)
         if im.mode == "F":
             top = 1.0 if grey.max(initial=0.0) <= 1.0 else 255.0
         else:
             top = 65535.0 if im.mode.startswith("I;16") or grey.max(initial=0) > 255 else 255.0
-        im = Image.fromarray(np.clip(grey * (255.0 / top) + 0.5, 0, 255).astype(np.uint8))
+        grey *= np.float32(255.0 / top)
+        grey += np.float32(0.5)
+        np.clip(grey, 0, 255, out=grey)
+        im = Image.fromarray(grey.astype(np.uint8))
     return im.convert("RGB")  # L, 1, P, CMYK (incl. Adobe's inverted JPEGs), YCbCr, RGBX
 
 
@@ -231,12 +317,17 @@ def decode_image(
     name: str,
     working_pixels: int | None = None,
     max_image_pixels: int = 150_000_000,
+    max_decoded_bytes: int | None = DEFAULT_MAX_DECODED_BYTES,
     min_side: int = 2,
 ) -> DecodedImage:
     """Decode photo bytes to upright RGB, at most `working_pixels` pixels when given.
 
-    JPEGs are decoded at a reduced DCT scale when that is enough. Raises CorruptImage,
-    UnsupportedImage, ImageTooLarge or ImageTooSmall, each naming `name`.
+    JPEGs are decoded at a reduced DCT scale when that is enough. A photo whose decoded
+    pixels would take more than `max_decoded_bytes` (at that scale, in its own bit depth) is
+    refused before any pixel is decoded; the full-size pixels are reduced in their own mode
+    before they are converted. Decodes in one process share that budget, so the process
+    never holds more full-size pixels than that at once, whatever the photos' format.
+    Raises CorruptImage, UnsupportedImage, ImageTooLarge or ImageTooSmall, naming `name`.
     """
     start = time.perf_counter()
     if ImageFile.LOAD_TRUNCATED_IMAGES:  # someone turned it on: we cannot see truncation then
@@ -254,21 +345,39 @@ def decode_image(
         if im.format in ("HEIF", "AVIF") and _isobmff_truncated(data):
             raise CorruptImage(name, f"truncated {im.format} file")
         _raise_pillow_limit(max_image_pixels)
+        jpeg = im.format in ("JPEG", "MPO")
         try:
-            orientation = _orientation(im, name)
-            width, height = _oriented_size(im, orientation)
-            target = _working_size(width, height, working_pixels)
-            dct = _dct_size(width, height, working_pixels)
-            if im.format in ("JPEG", "MPO") and dct is not None:
-                target = dct
-            stored_target = target[::-1] if orientation >= 5 else target
-            box = None
-            if im.format in ("JPEG", "MPO") and target != (width, height):
-                # DCT scaling decodes 1/2, 1/4 or 1/8 of the pixels, never below the target
-                drafted = im.draft("RGB", stored_target)
-                box = drafted[1] if drafted else None
-            im.load()
-            rgb = _to_rgb(im)
+            box: tuple[float, float, float, float] | None = None
+            if jpeg:  # the EXIF orientation is in the header: known before the draft
+                orientation = _orientation(im, name)
+                width, height = _oriented_size(im, orientation)
+                target = _dct_size(width, height, working_pixels) or _working_size(
+                    width, height, working_pixels
+                )
+                stored_target = target[::-1] if orientation >= 5 else target
+                if target != (width, height):
+                    # DCT scaling decodes 1/2, 1/4 or 1/8 of the pixels, never below the target
+                    drafted = im.draft("RGB", stored_target)
+                    box = drafted[1] if drafted else None
+            cost = decoded_bytes(im)
+            if max_decoded_bytes and cost > max_decoded_bytes:
+                raise ImageTooLarge(
+                    name,
+                    f"decoding {im.width}x{im.height} {im.format} ({im.mode}) would take "
+                    f"{cost / 1e6:,.0f} MB, over the {max_decoded_bytes / 1e6:,.0f} MB budget "
+                    "(AFTERTRIP_MAX_DECODED_BYTES)",
+                )
+            with _DECODE_BUDGET.hold(cost, max_decoded_bytes or cost):
+                if not jpeg:  # may decode: a PNG can keep its EXIF after the pixels
+                    orientation = _orientation(im, name)
+                    width, height = _oriented_size(im, orientation)
+                    target = _working_size(width, height, working_pixels)
+                    stored_target = target[::-1] if orientation >= 5 else target
+                im.load()
+                small, box = _shrink(im, stored_target, box)
+                if small is not im:
+                    im.close()  # frees the full-size pixels now, not when the photo is done
+                rgb = _to_rgb(small)
             if rgb.size != stored_target:
                 rgb = rgb.resize(
                     stored_target, Image.Resampling.BILINEAR, box=box, reducing_gap=2.0
@@ -276,7 +385,7 @@ def decode_image(
             if orientation in _TRANSPOSE:
                 rgb = rgb.transpose(_TRANSPOSE[orientation])
             pixels = np.array(rgb, dtype=np.uint8)
-        except MemoryError:
+        except (MemoryError, PhotoError):
             raise
         except Exception as exc:  # truncated or damaged pixel data, whatever the decoder says
             raise CorruptImage(

@@ -171,6 +171,14 @@ def resolve_model(
         if not path.is_file():
             raise ModelNotFound(f"model file {path} for {name} does not exist")
         digest = _verify(path, override_sha256, name, remedy)
+        if override_sha256 is None:  # production settings refuse this (tasks.settings)
+            logger.warning(
+                "model file %s for %s loaded without an expected sha256 (it is %s)",
+                path,
+                name,
+                digest,
+                extra={"model": name, "path": str(path), "sha256": digest},
+            )
         return ModelInfo(
             name=path.stem, role=spec.role if spec else "custom", path=str(path), sha256=digest
         )

@@ -146,6 +146,7 @@ class FacePipeline:
                 name=source.name,
                 working_pixels=self.settings.working_pixels,
                 max_image_pixels=self.settings.max_image_pixels,
+                max_decoded_bytes=self.settings.max_decoded_bytes,
             )
             return _Decoded(source, image, None, time.perf_counter() - start)
         except PhotoError as exc:

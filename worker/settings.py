@@ -28,6 +28,12 @@ class PipelineSettings(BaseSettings):
     max_image_pixels: int = Field(
         150_000_000, description="Refuse images with more pixels than this (decompression bombs)."
     )
+    max_decoded_bytes: int = Field(
+        600_000_000,
+        description="Refuse a photo whose decoded pixels would take more bytes than this, "
+        "whatever its format and bit depth; a worker process's decodes share it, which bounds "
+        "its decode memory (docs/reliability.md). 0 = no limit.",
+    )
     working_pixels: int = Field(
         4_200_000,
         description="Decode and detect at about this many pixels; larger photos are scaled down.",
@@ -102,6 +108,12 @@ class PipelineSettings(BaseSettings):
         "reads, e.g. from S3, while the other decodes).",
     )
     prefetch: int = Field(4, description="Photos decoded ahead of detection (bounds memory).")
+
+    log_format: Literal["text", "json"] = Field(
+        "text",
+        description="Log lines as text with the structured fields as key=value, or one JSON "
+        "object per line (log collectors).",
+    )
 
     # grouping
     grouping: str = Field("default", description="Grouping method: default or seed.")
