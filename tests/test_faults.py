@@ -240,19 +240,10 @@ def _outage_mid_job(faulty: Faulty, link: TcpProxy) -> None:
 # Both pass with `max_retries=None` on the `aftertrip.group_trip` decorator (tried: 60.7 s and
 # 61 s); without it Celery's `self.retry(max_retries=None)` falls back to the task's default
 # of 3, so the job fails on its 4th retry, ~10 s into the outage, whatever the time budget.
-MISSING_RETRY_FIX = (
-    "needs @app.task(..., max_retries=None) on aftertrip.group_trip (tasks/trip.py, the "
-    "orchestration branch): Celery's retry(max_retries=None) means the task's default of 3, "
-    "so AFTERTRIP_TASK_RETRY_BUDGET is cut short after 3 retries"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=MISSING_RETRY_FIX)
 def test_database_down_60s_mid_job(faulty: Faulty) -> None:
     _outage_mid_job(faulty, faulty.stack.postgres)
 
 
-@pytest.mark.xfail(strict=True, reason=MISSING_RETRY_FIX)
 def test_s3_down_60s_mid_job(faulty: Faulty) -> None:
     _outage_mid_job(faulty, faulty.stack.s3)
 
