@@ -60,6 +60,10 @@ result_backend_max_sleep_between_retries_ms = 3000
 # timeout after the container is killed.
 worker_soft_shutdown_timeout = _settings.worker_soft_shutdown_timeout
 
+# The last guard on memory: each photo's decode is bounded (AFTERTRIP_MAX_DECODED_BYTES), and
+# a pool process that still grew past this is replaced after its job.
+worker_max_memory_per_child = _settings.worker_max_memory_per_child or None
+
 task_soft_time_limit = _settings.task_soft_time_limit
 task_time_limit = _settings.task_time_limit
 
