@@ -10,10 +10,12 @@ from numpy.typing import NDArray
 from worker.cluster import (
     ConstraintConflict,
     InvalidConstraint,
+    UnknownGraphIndex,
     UnknownGroupingMethod,
     cluster_faces,
     default_threshold,
     seed_grouping,
+    similarity_graph,
 )
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -431,6 +433,103 @@ def test_constraints_already_met_change_nothing() -> None:
         again = cluster_faces(emb, photos, cannot_link=apart, must_link=[[3]], **kwargs)
         for name in ("labels", "matched_face", "similarity"):
             np.testing.assert_array_equal(getattr(again, name), getattr(plain, name))
+
+
+# --- grouping without an n x n matrix ------------------------------------------------------------
+
+
+def random_trip(seed: int) -> tuple[NDArray[np.float32], NDArray[np.int64], NDArray[np.float64]]:
+    """A seeded trip: people of 1-30 faces, photos of about two faces, detector scores."""
+    rng = np.random.default_rng(seed)
+    emb, truth = people(
+        list(rng.integers(1, 30, size=25)), spread=0.11 + 0.01 * (seed % 4), seed=seed, dim=128
+    )
+    photos = rng.integers(0, int(len(truth) * 0.6), size=len(truth))
+    return emb, photos, rng.uniform(0.7, 1.0, size=len(truth))
+
+
+def test_graph_grouping_is_the_dense_grouping() -> None:
+    # The product's graph-based grouping against the first, dense implementation (now in
+    # bench/): the same labels and matches, similarities up to float32 rounding; with weak
+    # faces, and with constraints.
+    from bench.dense_grouping import dense_cluster_faces
+
+    for seed in range(6):
+        emb, photos, quality = random_trip(seed)
+        rng = np.random.default_rng(100 + seed)
+        n = len(photos)
+        must = [[int(a), int(b)] for a, b in rng.integers(0, n, (6, 2)) if photos[a] != photos[b]]
+        cannot = [(int(a), int(b)) for a, b in rng.integers(0, n, (6, 2)) if a != b]
+        cannot = [p for p in cannot if not any(set(p) <= set(m) for m in must)]
+        for kwargs in (
+            {},
+            {"quality": quality, "min_quality": 0.9},
+            {"must_link": must, "cannot_link": cannot},
+        ):
+            graph = cluster_faces(emb, photos, **kwargs)
+            dense = dense_cluster_faces(emb, photos, **kwargs)
+            np.testing.assert_array_equal(graph.labels, dense.labels)
+            np.testing.assert_array_equal(graph.matched_face, dense.matched_face)
+            np.testing.assert_allclose(graph.similarity, dense.similarity, atol=1e-6)
+            # The cells index finds the same neighbours on sets this clear.
+            cells = cluster_faces(emb, photos, index="cells", **kwargs)
+            np.testing.assert_array_equal(cells.labels, dense.labels)
+
+
+def test_exact_graph_holds_every_pair_above_the_cut() -> None:
+    emb, _, _ = random_trip(1)
+    sim = emb @ emb.T
+    graph = similarity_graph(emb, 0.34, index="exact", neighbours=len(emb))
+    a, b = np.nonzero(np.triu(sim > 0.34, k=1))
+    assert graph.index == "exact"
+    assert set(zip(graph.a.tolist(), graph.b.tolist(), strict=True)) == set(
+        zip(a.tolist(), b.tolist(), strict=True)
+    )
+    np.testing.assert_allclose(graph.similarity, sim[graph.a, graph.b], atol=1e-6)
+
+
+def test_graph_keeps_each_faces_best_neighbours() -> None:
+    emb, _, _ = random_trip(2)
+    sim = emb @ emb.T
+    np.fill_diagonal(sim, -np.inf)
+    k = 3
+    graph = similarity_graph(emb, 0.34, index="exact", neighbours=k)
+    kth = -np.sort(-sim, axis=1)[:, k - 1]
+    # Every edge is among the k best of one of its two faces...
+    in_a = sim[graph.a, graph.b] >= kth[graph.a] - 1e-6
+    in_b = sim[graph.a, graph.b] >= kth[graph.b] - 1e-6
+    assert (in_a | in_b).all()
+    # ...and every face's k best above the cut are edges.
+    edges = set(zip(graph.a.tolist(), graph.b.tolist(), strict=True))
+    for face in range(len(emb)):
+        for other in np.argsort(-sim[face])[:k]:
+            if sim[face, other] > 0.34:
+                assert (min(face, other), max(face, other)) in edges
+    # Only active faces have edges.
+    active = np.arange(len(emb)) % 2 == 0
+    sparse = similarity_graph(emb, 0.34, active=active, index="exact")
+    assert active[sparse.a].all() and active[sparse.b].all()
+
+
+def test_cells_graph_finds_pairs_above_the_cut_with_their_exact_similarity() -> None:
+    emb, truth = people([12] * 60, spread=0.09, seed=5, dim=128)
+    exact = similarity_graph(emb, 0.34, index="exact")
+    cells = similarity_graph(emb, 0.34, index="cells")
+    n = len(emb)
+    found = set((cells.a * n + cells.b).tolist())
+    truth_pairs = set((exact.a * n + exact.b).tolist())
+    assert found <= truth_pairs
+    assert len(found) >= 0.95 * len(truth_pairs)
+    np.testing.assert_allclose(
+        cells.similarity, (emb[cells.a] * emb[cells.b]).sum(axis=1), atol=1e-5
+    )
+    labels = cluster_faces(emb, np.arange(n), index="cells").labels
+    assert same_partition(labels, truth)
+
+
+def test_unknown_graph_index_is_refused() -> None:
+    with pytest.raises(UnknownGraphIndex, match="faiss-like"):
+        cluster_faces(np.eye(3, dtype=np.float32), np.arange(3), index="faiss-like")
 
 
 # --- the bench's metrics and baseline ---------------------------------------------------------

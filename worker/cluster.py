@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from numpy.typing import NDArray
+from scipy.sparse import csr_matrix
 
 from worker.models import REGISTRY
 
@@ -269,18 +270,30 @@ NEIGHBOURS = 64
 the similarity graph (`similarity_graph`). Grouping is exact while no face has more
 neighbours above the cut than this; docs/scaling.md."""
 
-EXACT_GRAPH_LIMIT = 30_000
-"""Up to this many faces the graph is computed exactly (blockwise matrix products); above it,
-with `index="auto"`, from an HNSW index (faiss) when faiss is installed."""
+EXACT_GRAPH_LIMIT = 10_000
+"""Up to this many faces the graph is computed exactly (every similarity, blockwise); above
+it, with `index="auto"`, from cells (`CELL_*`)."""
 
 GRAPH_BLOCK_BYTES = 64 << 20
-"""Memory for one block of similarities while the exact graph is computed."""
+"""Memory for one block of similarities while the graph is computed."""
 
-GRAPH_INDEXES = ("auto", "exact", "hnsw")
+CELL_SIZE = 160
+"""Cells index: faces per cell on average (cells = faces / CELL_SIZE)."""
+
+CELL_PROBES = 8
+"""Cells index: how many of its nearest cells each face is compared in."""
+
+CELL_FILED = 2
+"""Cells index: in how many of its nearest cells each face is filed."""
+
+CELL_ROUNDS = 6
+"""Cells index: rounds of spherical k-means that place the cells."""
+
+GRAPH_INDEXES = ("auto", "exact", "cells")
 
 
 class UnknownGraphIndex(ValueError):
-    """The similarity graph's index is not one of `GRAPH_INDEXES`, or faiss is missing."""
+    """The similarity graph's index is not one of `GRAPH_INDEXES`."""
 
 
 @dataclass(frozen=True)
@@ -306,8 +319,11 @@ def similarity_graph(
     most similar active faces with a similarity above `threshold`, as undirected pairs.
 
     `exact` computes every similarity, a block of rows at a time (memory grows with the number
-    of faces, not its square; time with its square); `hnsw` asks a faiss HNSW index for each
-    face's nearest faces (approximate: a few true neighbours may be missed); `auto` is exact up
+    of faces, time with its square); `cells` (an inverted file, as in faiss's IVF, on matrix
+    products) places `faces / CELL_SIZE` cells by spherical k-means, files each face in its
+    nearest cell, and compares each face with the faces filed in its `CELL_PROBES` nearest
+    cells: time grows with faces x CELL_PROBES x CELL_SIZE, but a pair of faces above the cut
+    whose cells are far apart is missed (docs/scaling.md measures how often). `auto` is exact up
     to `EXACT_GRAPH_LIMIT` faces.
     """
     if index not in GRAPH_INDEXES:
@@ -315,53 +331,66 @@ def similarity_graph(
     n = embeddings.shape[0]
     faces = np.arange(n) if active is None else np.flatnonzero(active)
     if index == "auto":
-        index = "exact" if len(faces) <= EXACT_GRAPH_LIMIT or not _has_faiss() else "hnsw"
+        index = "exact" if len(faces) <= EXACT_GRAPH_LIMIT else "cells"
     x = np.ascontiguousarray(embeddings[faces], np.float32)
     if len(faces) < 2:
-        rows, cols, vals = (np.zeros(0, np.int64),) * 2 + (np.zeros(0, np.float32),)
+        rows, cols, vals = np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
     elif index == "exact":
-        rows, cols, vals = _exact_neighbours(x, threshold, neighbours)
+        rows, cols, vals = _exact_neighbours(x, threshold)
     else:
-        rows, cols, vals = _hnsw_neighbours(x, threshold, neighbours)
+        rows, cols, vals = _cell_neighbours(x, threshold)
+    # Both directions of each pair, then each face's best `neighbours`, then undirected.
+    rows, cols = np.concatenate([rows, cols]), np.concatenate([cols, rows])
+    vals = np.concatenate([vals, vals])
+    order = np.lexsort((cols, -vals, rows))
+    rows, cols, vals = rows[order], cols[order], vals[order]
+    first = np.ones(len(rows), bool)
+    first[1:] = (rows[1:] != rows[:-1]) | (cols[1:] != cols[:-1])
+    rows, cols, vals = rows[first], cols[first], vals[first]
+    keep = _top_per_row(rows, neighbours)
+    rows, cols, vals = rows[keep], cols[keep], vals[keep]
     a, b = faces[np.minimum(rows, cols)], faces[np.maximum(rows, cols)]
-    key, first = np.unique(a * n + b, return_index=True)
-    return SimilarityGraph(key // n, key % n, vals[first], index)
+    key, first_at = np.unique(a * n + b, return_index=True)
+    return SimilarityGraph(key // n, key % n, vals[first_at], index)
 
 
-def _has_faiss() -> bool:
-    try:
-        import faiss  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def _top_per_row(rows: NDArray[np.int64], k: int) -> NDArray[np.bool_]:
+    """Which entries are among the first `k` of their row (rows sorted, best first)."""
+    starts = np.flatnonzero(np.concatenate([[True], rows[1:] != rows[:-1]])) if len(rows) else rows
+    rank = np.arange(len(rows)) - np.repeat(starts, np.diff(np.concatenate([starts, [len(rows)]])))
+    return rank < k
 
 
-def _top_per_row(rows: NDArray[np.int64], vals: NDArray[np.float32], k: int) -> NDArray[np.bool_]:
-    """Which (row-sorted) entries are among the `k` largest of their row."""
-    keep = np.ones(len(rows), bool)
-    counts = np.bincount(rows) if len(rows) else np.zeros(0, np.int64)
-    starts = np.concatenate([[0], np.cumsum(counts)])
-    for row in np.flatnonzero(counts > k):
-        lo, hi = starts[row], starts[row + 1]
-        order = np.argsort(-vals[lo:hi], kind="stable")
-        keep[lo + order[k:]] = False
-    return keep
+def _pairs_above(
+    q: NDArray[np.float32], x: NDArray[np.float32], threshold: float
+) -> tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.float32]]:
+    """(i, j, similarity) of the pairs of rows of `q` and `x` above `threshold`."""
+    block = q @ x.T
+    r, c = np.nonzero(block > threshold)
+    return r, c, block[r, c]
 
 
 def _exact_neighbours(
-    x: NDArray[np.float32], threshold: float, k: int
+    x: NDArray[np.float32], threshold: float
 ) -> tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.float32]]:
+    """Every pair above the threshold (each once, i < j): blocks of rows against the rows
+    after them."""
     m = x.shape[0]
     step = max(1, GRAPH_BLOCK_BYTES // (4 * m))
     parts = []
     for lo in range(0, m, step):
         hi = min(m, lo + step)
-        block = x[lo:hi] @ x.T
-        block[np.arange(hi - lo), np.arange(lo, hi)] = -np.inf
-        r, c = np.nonzero(block > threshold)
-        v = block[r, c]
-        keep = _top_per_row(r, v, k)
-        parts.append((r[keep] + lo, c[keep], v[keep]))
+        r, c, v = _pairs_above(x[lo:hi], x[lo:], threshold)
+        later = c > r
+        parts.append((r[later] + lo, c[later] + lo, v[later]))
+    return _joined(parts)
+
+
+def _joined(
+    parts: list[tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.float32]]],
+) -> tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.float32]]:
+    if not parts:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
     return (
         np.concatenate([p[0] for p in parts]).astype(np.int64),
         np.concatenate([p[1] for p in parts]).astype(np.int64),
@@ -369,28 +398,74 @@ def _exact_neighbours(
     )
 
 
-def _hnsw_neighbours(
-    x: NDArray[np.float32], threshold: float, k: int
+def _cell_neighbours(
+    x: NDArray[np.float32], threshold: float
 ) -> tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.float32]]:
-    try:
-        import faiss
-    except ImportError as exc:
-        raise UnknownGraphIndex(
-            "the hnsw similarity graph needs faiss: pip install faiss-cpu (or use index='exact')"
-        ) from exc
-    m, d = x.shape
-    hnsw = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT)
-    hnsw.hnsw.efConstruction = 64
-    hnsw.add(x)
-    hnsw.hnsw.efSearch = max(96, 2 * k)
-    width = min(m, k + 1)
-    vals, cols = hnsw.search(x, width)
-    rows = np.repeat(np.arange(m), width)
-    vals, cols = vals.ravel(), cols.ravel().astype(np.int64)
-    keep = (cols >= 0) & (cols != rows) & (vals > threshold)
-    rows, cols, vals = rows[keep], cols[keep], vals[keep]
-    keep = _top_per_row(rows, vals, k)
-    return rows[keep], cols[keep], vals[keep].astype(np.float32)
+    """Pairs above the threshold among faces filed in the cells each face probes."""
+    m = x.shape[0]
+    centroids = _spherical_kmeans(x, max(1, m // CELL_SIZE))
+    cells = centroids.shape[0]
+    probes = min(CELL_PROBES, cells)
+    near = np.empty((m, probes), np.int64)
+    step = max(1, GRAPH_BLOCK_BYTES // (4 * cells))
+    for lo in range(0, m, step):
+        sims = x[lo : lo + step] @ centroids.T
+        if probes < cells:
+            part = np.argpartition(-sims, probes - 1, axis=1)[:, :probes]
+            rank = np.argsort(-np.take_along_axis(sims, part, axis=1), axis=1)
+            near[lo : lo + step] = np.take_along_axis(part, rank, axis=1)
+        else:
+            near[lo : lo + step] = np.argsort(-sims, axis=1)
+    # Each face is filed in its CELL_FILED nearest cells and probes its `probes` nearest.
+    filed_in = min(CELL_FILED, probes)
+    home = near[:, :filed_in].ravel()
+    filed = np.argsort(home, kind="stable")
+    filed_start = np.searchsorted(home[filed], np.arange(cells + 1))
+    filed = filed // filed_in
+    probe_cell = near.ravel()
+    probing = np.argsort(probe_cell, kind="stable")
+    probe_start = np.searchsorted(probe_cell[probing], np.arange(cells + 1))
+    parts = []
+    for cell in range(cells):
+        members = filed[filed_start[cell] : filed_start[cell + 1]]
+        queries = probing[probe_start[cell] : probe_start[cell + 1]] // probes
+        if len(members) == 0 or len(queries) == 0:
+            continue
+        r, c, v = _pairs_above(x[queries], x[members], threshold)
+        q, f = queries[r], members[c]
+        other = q != f
+        parts.append((q[other], f[other], v[other]))
+    return _joined(parts)
+
+
+def _home(x: NDArray[np.float32], centroids: NDArray[np.float32]) -> NDArray[np.int64]:
+    """The nearest centroid of each row, a block of rows at a time."""
+    out = np.empty(x.shape[0], np.int64)
+    step = max(1, GRAPH_BLOCK_BYTES // (4 * centroids.shape[0]))
+    for lo in range(0, x.shape[0], step):
+        out[lo : lo + step] = np.argmax(x[lo : lo + step] @ centroids.T, axis=1)
+    return out
+
+
+def _spherical_kmeans(x: NDArray[np.float32], k: int) -> NDArray[np.float32]:
+    """`k` unit centroids placed by spherical k-means (fixed seed: the same faces, the same
+    cells), on a sample of at most 256 faces per centroid."""
+    rng = np.random.default_rng(0)
+    sample = x if len(x) <= 256 * k else x[rng.choice(len(x), 256 * k, replace=False)]
+    centroids = sample[rng.choice(len(sample), k, replace=False)].copy()
+    for _ in range(CELL_ROUNDS):
+        owner = _home(sample, centroids)
+        member = csr_matrix(
+            (np.ones(len(sample), np.float32), (owner, np.arange(len(sample)))),
+            shape=(k, len(sample)),
+        )
+        sums = np.asarray(member @ sample, np.float32)
+        norms = np.linalg.norm(sums, axis=1, keepdims=True)
+        empty = norms[:, 0] == 0
+        sums[empty] = sample[rng.choice(len(sample), int(empty.sum()))]
+        norms[empty] = 1.0
+        centroids = (sums / norms).astype(np.float32)
+    return centroids
 
 
 def _same_photo_pairs(photo_index: NDArray[np.int64]) -> tuple[NDArray[np.int64], ...]:
