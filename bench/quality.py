@@ -601,6 +601,7 @@ def _drop_singletons(labels: NDArray[np.int64]) -> NDArray[np.int64]:
 
 
 DEFAULT_ROW = "default"
+DENSE_ROW = "default, dense matrix (before the graph)"
 """The row of the product's default method (what the goal is checked against)."""
 
 
@@ -647,12 +648,28 @@ def methods(settings: PipelineSettings, *, sensitivity: bool = True) -> dict[str
     def plain(album: Album) -> NDArray[np.float32]:
         return album.embeddings
 
+    def dense(threshold: float, attach_threshold: float) -> GroupingMethod:
+        from bench.dense_grouping import dense_cluster_faces
+
+        return lambda a: (
+            dense_cluster_faces(
+                a.embeddings,
+                a.photo_index,
+                threshold=threshold,
+                attach_threshold=attach_threshold,
+                embedder=embedder,
+                quality=a.quality["score"],
+                min_quality=MIN_DETECTION_SCORE.get(settings.detector),
+            ).labels
+        )
+
     rows: dict[str, GroupingMethod] = {
         "greedy@0.45 (seed)": seed(0.45),
         "greedy@0.55 (seed)": seed(0.55),
         "immich (d<=0.5, min 3)": lambda a: _drop_singletons(immich_dbscan(a.embeddings)),
         "avg linkage@0.3, no attach (v0)": default(0.3, np.inf, plain, None),
         DEFAULT_ROW: default(core, attach, plain),
+        DENSE_ROW: dense(core, attach),
         "default + flip TTA (bench only)": default(core, attach, _flip_tta),
     }
     if sensitivity:
@@ -745,6 +762,9 @@ def run_quality(
             "mode": SET_MODES.get(set_name, "whole"),
             "sections": {key: evaluate(al, grouping) for key, al in sections.items()},
         }
+        for key, al in sections.items():
+            same = sum(np.array_equal(grouping[DEFAULT_ROW](a), grouping[DENSE_ROW](a)) for a in al)
+            report["sets"][set_name]["sections"][key]["same_as_dense"] = [int(same), len(al)]
     report["compare"] = []
     for other in compare:
         other_cache = FaceCache(other, cache_dir)
@@ -868,6 +888,23 @@ def _summary(report: dict[str, Any]) -> list[str]:
                 f"| {'yes' if met else 'no'} |"
             )
     lines.append("")
+    same = [
+        (set_name, key, section["same_as_dense"])
+        for set_name, result in report["sets"].items()
+        for key, section in result["sections"].items()
+        if "same_as_dense" in section
+    ]
+    if same:
+        lines.append(
+            "The default groups on a similarity graph (`worker.cluster`, docs/scaling.md); "
+            "albums whose labels are identical to the dense-matrix implementation it replaced "
+            "(row *"
+            + DENSE_ROW
+            + "*), in this run: "
+            + "; ".join(f"{s} {k} {a}/{b}" for s, k, (a, b) in same)
+            + "."
+        )
+        lines.append("")
     return lines
 
 

@@ -286,7 +286,7 @@ CELL_PROBES = 8
 CELL_FILED = 2
 """Cells index: in how many of its nearest cells each face is filed."""
 
-CELL_ROUNDS = 6
+CELL_ROUNDS = 4
 """Cells index: rounds of spherical k-means that place the cells."""
 
 GRAPH_INDEXES = ("auto", "exact", "cells")
@@ -339,19 +339,18 @@ def similarity_graph(
         rows, cols, vals = _exact_neighbours(x, threshold)
     else:
         rows, cols, vals = _cell_neighbours(x, threshold)
-    # Both directions of each pair, then each face's best `neighbours`, then undirected.
-    rows, cols = np.concatenate([rows, cols]), np.concatenate([cols, rows])
-    vals = np.concatenate([vals, vals])
-    order = np.lexsort((cols, -vals, rows))
-    rows, cols, vals = rows[order], cols[order], vals[order]
-    first = np.ones(len(rows), bool)
-    first[1:] = (rows[1:] != rows[:-1]) | (cols[1:] != cols[:-1])
-    rows, cols, vals = rows[first], cols[first], vals[first]
-    keep = _top_per_row(rows, neighbours)
-    rows, cols, vals = rows[keep], cols[keep], vals[keep]
-    a, b = faces[np.minimum(rows, cols)], faces[np.maximum(rows, cols)]
-    key, first_at = np.unique(a * n + b, return_index=True)
-    return SimilarityGraph(key // n, key % n, vals[first_at], index)
+    # Each pair once, then (only if some face has more) each face's best `neighbours`.
+    lo, hi = np.minimum(rows, cols), np.maximum(rows, cols)
+    key, first = np.unique(lo * n + hi, return_index=True)
+    a, b, vals = key // n, key % n, vals[first]
+    if len(a) and np.bincount(np.concatenate([a, b])).max() > neighbours:
+        ends = np.concatenate([a, b])
+        order = np.lexsort((-np.concatenate([vals, vals]), ends))
+        ranked = np.empty(len(ends), bool)
+        ranked[order] = _top_per_row(ends[order], neighbours)
+        keep = ranked[: len(a)] | ranked[len(a) :]
+        a, b, vals = a[keep], b[keep], vals[keep]
+    return SimilarityGraph(faces[a], faces[b], vals.astype(np.float32), index)
 
 
 def _top_per_row(rows: NDArray[np.int64], k: int) -> NDArray[np.bool_]:
@@ -449,9 +448,9 @@ def _home(x: NDArray[np.float32], centroids: NDArray[np.float32]) -> NDArray[np.
 
 def _spherical_kmeans(x: NDArray[np.float32], k: int) -> NDArray[np.float32]:
     """`k` unit centroids placed by spherical k-means (fixed seed: the same faces, the same
-    cells), on a sample of at most 256 faces per centroid."""
+    cells), on a sample of at most 64 faces per centroid."""
     rng = np.random.default_rng(0)
-    sample = x if len(x) <= 256 * k else x[rng.choice(len(x), 256 * k, replace=False)]
+    sample = x if len(x) <= 64 * k else x[rng.choice(len(x), 64 * k, replace=False)]
     centroids = sample[rng.choice(len(sample), k, replace=False)].copy()
     for _ in range(CELL_ROUNDS):
         owner = _home(sample, centroids)
@@ -540,7 +539,7 @@ class _GraphLinkage:
         for comp_faces in _groups_of(anchor):
             root = int(comp_faces[0])
             for face in comp_faces[1:]:
-                self._merge(root, int(face))
+                self._merge(root, int(face))  # faces in order: `root` stays the lowest
         for root in {self.find(int(f)) for f in np.flatnonzero(pinned)}:
             self._push_scores(root)
         # Pairs of single faces: the graph's own similarities, best first.
@@ -582,58 +581,70 @@ class _GraphLinkage:
         return set(self.base_cannot[c]) if got is None else got
 
     def _merge(self, i: int, j: int) -> int:
-        i, j = self.find(i), self.find(j)
-        if i == j:
-            return i
+        """Join groups i and j (roots) into the lower one; its neighbours, shared photos and
+        cannot-links are the union of both, in ids that `_push_scores` resolves."""
         i, j = min(i, j), max(i, j)
         self.parent[j] = i
         self.size[i] += self.size[j]
         self.sums[i] += self.sums[j]
         self.version[i] += 1
         self.version[j] = -1
-        find = self.find
-        near = {find(c) for c in self._neighbours_of(i)} | {find(c) for c in self._neighbours_of(j)}
-        near.discard(i)
+        near, other = self._neighbours_of(i), self._neighbours_of(j)
+        if len(near) < len(other):
+            near, other = other, near
+        near |= other
         self.neighbours[i] = near
-        shared: dict[int, int] = {}
-        for part in (self._shared_of(i), self._shared_of(j)):
-            for c, count in part.items():
-                root = find(c)
-                if root != i:
-                    shared[root] = shared.get(root, 0) + count
-        self.shared[i] = shared
-        cannot = self._cannot_of(i) | self._cannot_of(j)
-        if cannot:
-            self.cannot[i] = {find(c) for c in cannot}
+        if self.shared or self.base_shared[i] or self.base_shared[j]:
+            shared, extra = self._shared_of(i), self._shared_of(j)
+            if shared or extra:
+                for c, count in extra.items():
+                    shared[c] = shared.get(c, 0) + count
+                self.shared[i] = shared
+        if self.cannot or self.base_cannot[i] or self.base_cannot[j]:
+            cannot = self._cannot_of(i) | self._cannot_of(j)
+            if cannot:
+                self.cannot[i] = cannot
         return i
 
     def _push_scores(self, i: int) -> None:
+        """Put group i's pairs with each neighbouring group above the cut into the heap."""
         find = self.find
         near = {find(c) for c in self.neighbours.get(i, ())}
         near.discard(i)
         self.neighbours[i] = near
         if not near:
             return
+        shared: dict[int, int] = {}
         if i in self.shared:
-            shared_now: dict[int, int] = {}
             for c, count in self.shared[i].items():
                 root = find(c)
-                shared_now[root] = shared_now.get(root, 0) + count
-            self.shared[i] = shared_now
+                shared[root] = shared.get(root, 0) + count
+            shared.pop(i, None)
+            self.shared[i] = shared
+        cannot: set[int] = set()
         if i in self.cannot:
-            self.cannot[i] = {find(c) for c in self.cannot[i]}
-        others = np.fromiter(near, np.int64, len(near))
-        sizes = np.array([self.size[c] for c in others.tolist()], np.float64)
-        scores = (self.sums[others] @ self.sums[i]) / (self.size[i] * sizes)
-        shared = self.shared.get(i, {})
-        cannot = self.cannot.get(i, set())
-        limit = _shared_photo_limit(np.full(len(sizes), float(self.size[i])), sizes)
-        version = self.version
-        for c, score, lim in zip(others.tolist(), scores.tolist(), limit.tolist(), strict=True):
-            if not score > self.threshold or shared.get(c, 0) > lim or c in cannot:
+            cannot = self.cannot[i] = {find(c) for c in self.cannot[i]}
+        others = list(near)
+        size = self.size
+        sizes = np.array([size[c] for c in others], np.float64)
+        scores = (self.sums[others] @ self.sums[i]) / (size[i] * sizes)
+        above = np.flatnonzero(scores > self.threshold)
+        if len(above) == 0:
+            return
+        version, heap, size_i = self.version, self.heap, size[i]
+        for k, score in zip(above.tolist(), scores[above].tolist(), strict=True):
+            c = others[k]
+            if c in cannot:
                 continue
+            if c in shared:
+                smaller = min(size_i, size[c])
+                limit = (
+                    int(SHARED_PHOTO_SHARE * smaller) if smaller >= SHARED_PHOTO_MIN_GROUP else 0
+                )
+                if shared[c] > limit:
+                    continue
             a, b = (i, c) if i < c else (c, i)
-            heapq.heappush(self.heap, (-score, a, b, version[a], version[b]))
+            heapq.heappush(heap, (-score, a, b, version[a], version[b]))
 
     def run(self) -> list[int]:
         """Merge until no pair of groups is above the cut; the group (root face) of each face."""
