@@ -117,11 +117,17 @@ def synthetic_trip(
     return out, photo, person
 
 
+def _singletons(labels: NDArray[np.int64]) -> NDArray[np.int64]:
+    """Labels with each face in "others" (-1) a group of its own."""
+    out = labels.copy()
+    alone = np.flatnonzero(out < 0)
+    out[alone] = out.max(initial=-1) + 1 + np.arange(len(alone))
+    return out
+
+
 def bcubed(truth: NDArray[np.int64], labels: NDArray[np.int64]) -> dict[str, float]:
     """BCubed precision/recall/F1 of face labels against the people (-1: a singleton)."""
-    pred = labels.copy()
-    alone = np.flatnonzero(pred < 0)
-    pred[alone] = pred.max(initial=-1) + 1 + np.arange(len(alone))
+    pred = _singletons(labels)
     _, t = np.unique(truth, return_inverse=True)
     _, p = np.unique(pred, return_inverse=True)
     key, count = np.unique(t * (p.max() + 1) + p, return_counts=True)
@@ -135,7 +141,7 @@ def bcubed(truth: NDArray[np.int64], labels: NDArray[np.int64]) -> dict[str, flo
 
 def agreement(a: NDArray[np.int64], b: NDArray[np.int64]) -> float:
     """BCubed F1 of one grouping against another (1.0: the same partition)."""
-    return bcubed(a, b)["f1"]
+    return bcubed(_singletons(a), b)["f1"]
 
 
 def _cpu_seconds() -> float:
@@ -250,11 +256,10 @@ def run_scale(
         for row in got.values():
             if reference is not None and row is not reference and "labels_file" in row:
                 if "labels_file" in reference:
+                    ref, mine = np.load(reference["labels_file"]), np.load(row["labels_file"])
                     row["same_as"] = reference["method"]
-                    row["agreement"] = round(
-                        agreement(np.load(reference["labels_file"]), np.load(row["labels_file"])),
-                        6,
-                    )
+                    row["agreement"] = round(agreement(ref, mine), 6)
+                    row["identical"] = bool(np.array_equal(ref, mine))
         for row in got.values():
             labels_file = row.pop("labels_file", None)
             if labels_file:
@@ -296,8 +301,8 @@ def render(result: dict[str, Any]) -> str:
         "the process's user+system time (BLAS uses both cores: CPU s can exceed s on an idle "
         "machine; on a loaded one, s is mostly waiting).",
         "",
-        "| faces | method | graph | s | CPU s | peak RSS MB | before MB | people | groups | others | "
-        "BCubed P | BCubed R | BCubed F1 | agreement | load (1 min) |",
+        "| faces | method | graph | s | CPU s | peak RSS MB | before MB | people | groups | "
+        "others | BCubed P | BCubed R | BCubed F1 | agreement | load (1 min) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
@@ -305,7 +310,10 @@ def render(result: dict[str, Any]) -> str:
             lines.append(f"| {r['n']} | {r['method']} | | {r['error']} | | | | | | | | | | | |")
             continue
         b = r["bcubed"]
-        agree = f"{r['agreement']:.4f} vs {r['same_as']}" if "agreement" in r else ""
+        agree = ""
+        if "agreement" in r:
+            same = "identical" if r["identical"] else f"{r['agreement']:.4f}"
+            agree = f"{same} vs {r['same_as']}"
         load = r.get("uptime", "").split("load average:")[-1].split(",")[0].strip()
         lines.append(
             f"| {r['n']} | {r['method']} | {r['graph']} | {r['seconds']} | {r['cpu_s']} | "

@@ -280,7 +280,7 @@ GRAPH_BLOCK_BYTES = 64 << 20
 CELL_SIZE = 160
 """Cells index: faces per cell on average (cells = faces / CELL_SIZE)."""
 
-CELL_PROBES = 8
+CELL_PROBES = 16
 """Cells index: how many of its nearest cells each face is compared in."""
 
 CELL_FILED = 2
