@@ -583,6 +583,49 @@ def test_immich_port_cores_then_deferred_faces() -> None:
     assert labels.tolist() == [0, 0, 0, 0, -1]
 
 
+def test_bench_scale_synthetic_people_keep_their_similarities() -> None:
+    from bench.scale import Base, bcubed, synthetic_trip
+
+    emb, truth = people([4, 5, 6], spread=0.1, seed=4, dim=64)
+    base = Base(emb, truth)
+    faces, photo, person = synthetic_trip(base, 60, seed=1)
+    assert faces.shape == (60, 64) and len(np.unique(person)) > 3
+    np.testing.assert_allclose(np.linalg.norm(faces, axis=1), 1.0, atol=1e-5)
+    # Photos of one to three faces.
+    assert set(np.bincount(photo)[np.unique(photo)].tolist()) <= {1, 2, 3}
+    # A moved copy of a person: its faces as alike as the real person's (a rotation of their
+    # part not explained by the mean face, a little noise), unlike the real person's faces.
+    sim = faces @ faces.T
+    mean_within = [
+        sim[np.ix_(m, m)][~np.eye(len(m), dtype=bool)].mean()
+        for m in (np.flatnonzero(person == p) for p in np.unique(person))
+        if len(m) > 1
+    ]
+    real = emb @ emb.T
+    assert min(mean_within) > real[:4, :4][~np.eye(4, dtype=bool)].mean() - 0.15
+    across = sim[person[:, None] != person[None, :]]
+    assert across.mean() < min(mean_within) - 0.2
+    assert bcubed(person, person)["f1"] == pytest.approx(1.0)
+    assert bcubed(person, np.full(60, -1))["p"] == pytest.approx(1.0)
+
+
+def test_bench_results_keep_marked_sections(tmp_path) -> None:
+    from bench.run import write_results
+    from bench.scale import replace_marked
+
+    md = tmp_path / "RESULTS.md"
+    md.write_text(
+        replace_marked("# Benchmark results\n", "scale", "<!-- scale -->\nA\n<!-- /scale -->\n")
+    )
+    md.write_text(replace_marked(md.read_text(), "scale", "<!-- scale -->\nB\n<!-- /scale -->\n"))
+    assert md.read_text().count("<!-- scale -->") == 1 and "\nB\n" in md.read_text()
+    # Another benchmark rewriting the file keeps the marked section and ignores its key.
+    (tmp_path / "results.json").write_text('{"scale": {"rows": []}}')
+    write_results(tmp_path, {"detection": {"machine": {}, "result": {}}})
+    text = md.read_text()
+    assert "## detection" in text and "<!-- scale -->\nB\n<!-- /scale -->" in text
+
+
 # --- the dev sets: the default against the prototype -----------------------------------------
 
 
