@@ -1,5 +1,8 @@
 """The first implementation of the default grouping, on a dense n x n similarity matrix.
 
+Its linkage and attach stages as they were (the parts that hold the matrix); the one-face-per-
+photo rule and the explanations are the product's own (`worker.cluster`).
+
 Kept for the benchmarks only (`bench quality` compares it with the product's graph-based
 `worker.cluster` in the same run, `bench scale` shows its memory): the product groups without
 an n x n matrix. Same method, same constraints, same results up to floating-point rounding.
@@ -18,6 +21,8 @@ from worker.cluster import (
     ESTABLISHED_GROUP,
     Clustering,
     Constraints,
+    _explain,
+    _one_face_per_photo,
     _relabel_by_first_face,
     _shared_photo_limit,
     attach_threshold_for,
@@ -56,10 +61,10 @@ def dense_cluster_faces(
     strong = np.ones(n, bool)
     if quality is not None and min_quality is not None:
         strong = np.asarray(quality) >= min_quality
-    labels = _core_groups(sim, photo_index, cut, strong, constraints)
+    labels = _core_groups(sim, embeddings, photo_index, cut, strong, constraints)
     labels = _attach_small_groups(sim, photo_index, labels, attach, constraints)
     labels = _relabel_by_first_face(labels)
-    matched, similarity = _explain(sim, labels)
+    matched, similarity = _explain(embeddings, labels)
     return Clustering(labels, matched, similarity)
 
 
@@ -155,55 +160,9 @@ def _average_linkage(
     return ids.astype(np.int64)
 
 
-def _one_face_per_photo(
-    sim: NDArray[np.float32],
-    photo_index: NDArray[np.int64],
-    labels: NDArray[np.int64],
-    pinned: NDArray[np.bool_] | None = None,
-) -> NDArray[np.int64]:
-    """In each group, of the faces that share a photo only the one most similar on average to
-    the group's other photos stays (a `pinned`, must-linked, face always: there is at most one
-    per photo in a group); the rest leave the group (-1), as does a group left with a single
-    face."""
-    out = labels.copy()
-    for label in np.unique(labels[labels >= 0]):
-        members = np.flatnonzero(labels == label)
-        photos = photo_index[members]
-        shared, counts = np.unique(photos, return_counts=True)
-        for photo in shared[counts > 1]:
-            faces = members[photos == photo]
-            rest = members[photos != photo]
-            if pinned is not None and pinned[faces].any():
-                keep = faces[np.flatnonzero(pinned[faces])[0]]
-            elif len(rest):
-                keep = faces[int(np.argmax(sim[np.ix_(faces, rest)].mean(axis=1)))]
-            else:
-                keep = faces[0]
-            out[faces[faces != keep]] = -1
-    ids, counts = np.unique(out[out >= 0], return_counts=True)
-    out[np.isin(out, ids[counts < 2])] = -1
-    return out
-
-
-def _explain(
-    sim: NDArray[np.float32], labels: NDArray[np.int64]
-) -> tuple[NDArray[np.int64], NDArray[np.float32]]:
-    """For each grouped face, its most similar face in the same group and that similarity."""
-    n = len(labels)
-    matched = np.full(n, -1, np.int64)
-    similarity = np.full(n, np.nan, np.float32)
-    for label in np.unique(labels[labels >= 0]):
-        members = np.flatnonzero(labels == label)
-        block = sim[np.ix_(members, members)].copy()
-        np.fill_diagonal(block, -np.inf)
-        best = np.argmax(block, axis=1)
-        matched[members] = members[best]
-        similarity[members] = block[np.arange(len(members)), best]
-    return matched, similarity
-
-
 def _core_groups(
     sim: NDArray[np.float32],
+    embeddings: NDArray[np.float32],
     photo_index: NDArray[np.int64],
     threshold: float,
     strong: NDArray[np.bool_],
@@ -246,7 +205,7 @@ def _core_groups(
             if len(faces) >= 2:
                 labels[faces] = next_label
                 next_label += 1
-    return _one_face_per_photo(sim, photo_index, labels, pinned if pinned.any() else None)
+    return _one_face_per_photo(embeddings, photo_index, labels, pinned if pinned.any() else None)
 
 
 def _local_constraints(
@@ -275,16 +234,8 @@ def _attach_small_groups(
     threshold: float,
     constraints: Constraints,
 ) -> NDArray[np.int64]:
-    """Stage 2: faces left alone and pairs join, as a unit, the established group (3+ faces)
-    they resemble most on average, if that mean similarity is above `threshold` and the group
-    holds no face of their photos.
-
-    A mean over a whole group is a steadier estimate than the one pair that stage 1 needed
-    above its cut, so it can use a lower bar; loners never form new groups here, and units join
-    strongest first so that a photo gives a group at most one face. A unit never joins a group
-    that holds a face cannot-linked to one of its faces (including faces that joined earlier in
-    this stage); a must-linked pair is a small group like any other, and joins as a whole.
-    """
+    """Stage 2 as `worker.cluster._attach_small_groups` (same rules), from the full matrix:
+    sums of similarities of each unit to each established group."""
     ids, counts = np.unique(labels[labels >= 0], return_counts=True)
     groups = ids[counts >= ESTABLISHED_GROUP]
     if len(groups) == 0:
