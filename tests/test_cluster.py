@@ -635,6 +635,7 @@ def test_default_beats_the_prototype_on_the_dev_sets(shared_data) -> None:
     precision: on every dev set already in the bench's face cache (`bench quality` fills it,
     two albums per section), else on twice (whole set) and one celeba album computed now."""
     from bench.quality import (
+        GOAL_F1,
         SET_MODES,
         Album,
         FaceCache,
@@ -676,5 +677,9 @@ def test_default_beats_the_prototype_on_the_dev_sets(shared_data) -> None:
         rows = evaluate(albums, grouping)["methods"]
         greedy, default = rows["greedy"], rows["default"]
         assert default["bcubed_f1"] > greedy["bcubed_f1"], (key, rows)
-        # Precision may give a little (greedy at 0.45 rarely merges anyone on these sets).
-        assert default["bcubed_p"] >= greedy["bcubed_p"] - 0.01, (key, rows)
+        # Precision may give a little (greedy at 0.45 rarely merges anyone on these sets), and
+        # as much more as a set's goal allows for its noisy labels (GOAL_F1: nogizaka's
+        # two-person shots, whose largest face the default files with the other member; since
+        # the set lost its men on 2026-11-30, greedy merges too little there to file them).
+        slack = 0.01 + (0.97 - GOAL_F1.get(key.split()[0], 0.97))
+        assert default["bcubed_p"] >= greedy["bcubed_p"] - slack, (key, rows)
