@@ -3,6 +3,8 @@ default against the prototype on the team's dev sets."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 from numpy.typing import NDArray
@@ -307,7 +309,7 @@ def test_must_link_holds_for_weak_faces_and_loners() -> None:
     np.fill_diagonal(gram, 1.0)
     emb = vectors_with_gram(gram)
     quality = np.array([0.99] * 5 + [0.5])
-    kwargs = {"quality": quality, "min_quality": 0.9}
+    kwargs: dict[str, Any] = {"quality": quality, "min_quality": 0.9}
     assert cluster_faces(emb, np.arange(6), **kwargs).labels[5] == -1
     labels = cluster_faces(emb, np.arange(6), must_link=[[5, 0, 1]], **kwargs).labels
     assert labels.tolist() == [0] * 6
@@ -421,7 +423,7 @@ def test_constraints_already_met_change_nothing() -> None:
         emb, truth = people(list(rng.integers(1, 30, size=25)), spread=0.12, seed=seed, dim=128)
         photos = rng.integers(0, int(len(truth) * 0.6), size=len(truth))
         quality = rng.uniform(0.7, 1.0, size=len(truth))
-        kwargs = {"quality": quality, "min_quality": 0.9}
+        kwargs: dict[str, Any] = {"quality": quality, "min_quality": 0.9}
         plain = cluster_faces(emb, photos, **kwargs)
         grouped = np.flatnonzero(plain.labels >= 0)
         apart = [
@@ -461,11 +463,12 @@ def test_graph_grouping_is_the_dense_grouping() -> None:
         must = [[int(a), int(b)] for a, b in rng.integers(0, n, (6, 2)) if photos[a] != photos[b]]
         cannot = [(int(a), int(b)) for a, b in rng.integers(0, n, (6, 2)) if a != b]
         cannot = [p for p in cannot if not any(set(p) <= set(m) for m in must)]
-        for kwargs in (
+        variants: list[dict[str, Any]] = [
             {},
             {"quality": quality, "min_quality": 0.9},
             {"must_link": must, "cannot_link": cannot},
-        ):
+        ]
+        for kwargs in variants:
             graph = cluster_faces(emb, photos, **kwargs)
             dense = dense_cluster_faces(emb, photos, **kwargs)
             np.testing.assert_array_equal(graph.labels, dense.labels)
