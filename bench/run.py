@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,8 @@ def write_results(out_dir: Path, sections: dict[str, Any]) -> Path:
     store.write_text(json.dumps(data, indent=1))
     lines = ["# Benchmark results", "", "Written by `aftertrip-faces bench` (see README)."]
     for name, section in data.items():
+        if name not in ("speed", "detection"):
+            continue  # sections of their own, kept between their markers below
         info = section.get("machine", {})
         lines += ["", f"## {name}", ""]
         lines.append(
@@ -86,7 +89,10 @@ def write_results(out_dir: Path, sections: dict[str, Any]) -> Path:
         else:
             lines += _detection_table(section["result"])
     md = out_dir / "RESULTS.md"
-    md.write_text("\n".join(lines) + "\n")
+    old = md.read_text() if md.exists() else ""
+    # Sections other benchmarks keep between `<!-- name -->` markers stay as they are.
+    blocks = re.findall(r"(<!-- (\S+) -->.*?<!-- /\2 -->\n?)", old, re.S)
+    md.write_text("\n".join(lines) + "\n" + "".join("\n" + block for block, _ in blocks))
     return md
 
 

@@ -213,6 +213,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Run the speed/detection benchmarks or the grouping-quality benchmark."""
+    if args.what == "scale":
+        from bench.scale import run_scale
+
+        result = run_scale(
+            args.data,
+            sizes=tuple(args.sizes),
+            identities=args.identities,
+            cache_dir=args.cache,
+            out_dir=args.out,
+            cached_only=args.cached_only,
+            timeout=args.timeout,
+        )
+        console.print(f"wrote {args.out / 'RESULTS.md'} ({len(result['rows'])} rows)")
+        return 0
     from bench.run import run_bench
 
     return run_bench(args, _settings(args), console)
@@ -286,8 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
         "what",
         nargs="?",
         default="speed",
-        choices=["speed", "detection", "quality", "all"],
-        help="speed + detection write bench/RESULTS.md; quality writes bench/QUALITY.md",
+        choices=["speed", "detection", "quality", "scale", "all"],
+        help="speed + detection + scale write bench/RESULTS.md; quality writes bench/QUALITY.md",
     )
     bench.add_argument("--data", type=Path, default=Path("../shared/data"), help="data folder")
     bench.add_argument("--out", type=Path, default=Path("bench"), help="results folder")
@@ -301,6 +315,24 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         choices=["mtcnn", "scrfd"],
         help="quality: also run the default grouping on these detectors' faces",
+    )
+    bench.add_argument(
+        "--sizes",
+        nargs="*",
+        type=int,
+        default=[1_000, 5_000, 20_000, 50_000, 100_000, 200_000],
+        help="scale: numbers of faces",
+    )
+    bench.add_argument(
+        "--identities", type=int, default=None, help="scale: LFW people to build faces from"
+    )
+    bench.add_argument(
+        "--cached-only",
+        action="store_true",
+        help="scale: only LFW people whose faces are already in the cache",
+    )
+    bench.add_argument(
+        "--timeout", type=float, default=900, help="scale: seconds per size and method"
     )
     _add_pipeline_options(bench)
     bench.set_defaults(handler=cmd_bench)
