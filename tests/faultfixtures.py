@@ -354,14 +354,14 @@ class FaultStack:
 
     def add_trip(self, photos: list[tuple[str, bytes | None]]) -> tuple[int, list[int]]:
         """A trip whose photos are uploaded under their `str(file_key)` (None = no object)."""
-        from db.webapp import Photo, Trip
+        from db.webapp import Photo
         from storage import S3Store
+        from tests.dbfixtures import add_trip
 
         store = S3Store(self.bucket, client=self.s3_client())
         with self.sessions() as session:
-            trip = Trip(place="Jeju", group_id=1)
-            session.add(trip)
-            session.flush()
+            # The real schema: a trip needs its accounts_group row.
+            trip = add_trip(session, place="Jeju")
             ids = []
             for name, data in photos:
                 photo = Photo(trip_id=trip.id, file_key=uuid.uuid4(), file_name=name, url="")

@@ -31,11 +31,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import Face
 from db.session import make_engine, make_sessionmaker
-from db.webapp import SHARED_TAG_IDS, Photo, PhotoTagFace, Trip
+from db.webapp import SHARED_TAG_IDS, Photo, PhotoTagFace
 from storage import S3Store
 from tasks.client import enqueue_trip
 from tests import s3fixtures
-from tests.dbfixtures import fresh_database, prepare_database
+from tests.dbfixtures import add_trip, fresh_database, prepare_database
 from tests.s3fixtures import moto_client
 from tests.servicefixtures import (
     REDIS_URL,
@@ -97,9 +97,8 @@ class Stack:
 
     def add_trip(self, photos: list[bytes]) -> tuple[int, list[int]]:
         with self.sessions() as session:
-            trip = Trip(place="Seoul", group_id=1)
-            session.add(trip)
-            session.flush()
+            # The real schema: a trip needs its accounts_group row.
+            trip = add_trip(session, place="Seoul")
             ids = []
             for n, data in enumerate(photos):
                 photo = Photo(trip_id=trip.id, file_key=uuid.uuid4(), file_name=f"{n}.jpg", url="")

@@ -408,8 +408,10 @@ def test_compose_file_is_valid(tmp_path: Path) -> None:
         "ops:flower-secret-123"
     )
     assert services["worker-cpu"]["command"] == ["aftertrip-faces", "worker"]
-    # Dockerfiles: the GPU image swaps onnxruntime for onnxruntime-gpu and takes CUDA torch
+    # Dockerfiles: the GPU image takes ONNX Runtime from the `gpu` extra alone (one runtime,
+    # nothing to uninstall) and no torch
     gpu_dockerfile = (ROOT / "docker/Dockerfile.gpu").read_text()
     assert "FROM nvidia/cuda:" in gpu_dockerfile and "cudnn" in gpu_dockerfile
-    assert "pip uninstall -y onnxruntime" in gpu_dockerfile
+    assert '".[gpu' in gpu_dockerfile and "pip uninstall" not in gpu_dockerfile
+    assert "[cpu" not in gpu_dockerfile and "torch" not in gpu_dockerfile.split("RUN", 1)[1]
     assert "requirements-models.txt" in gpu_dockerfile
