@@ -50,7 +50,8 @@ def measure(sizes: list[int], workers: int, chunk: int) -> dict[str, Any]:
     from db.webapp import Photo
     from storage import S3Store
     from tasks.client import enqueue_trip
-    from tests.dbfixtures import add_trip, fresh_database, prepare_database
+    from tests.dbfixtures import add_trip as add_trip_row
+    from tests.dbfixtures import fresh_database, prepare_database
     from tests.s3fixtures import moto_client
     from tests.servicefixtures import (
         REDIS_URL,
@@ -92,7 +93,7 @@ def measure(sizes: list[int], workers: int, chunk: int) -> dict[str, Any]:
             def add_trip(paths: list[Path]) -> int:
                 with sessions() as session:
                     # The real schema: a trip needs its accounts_group row.
-                    trip = add_trip(session, place="LFW")
+                    trip = add_trip_row(session, place="LFW")
                     for path in paths:
                         photo = Photo(
                             trip_id=trip.id, file_key=uuid.uuid4(), file_name=path.name, url=""
