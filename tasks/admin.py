@@ -151,16 +151,16 @@ def cmd_rerun(args: argparse.Namespace) -> int:
 
 def _forget_corrections(trip_id: int) -> int:
     from db.crud import TripNotFound, forget_corrections
-    from db.session import make_engine, make_sessionmaker
+    from db.session import make_sessionmaker
 
     console = _console()
     settings = _settings()
-    engine = make_engine(settings.database_url, time_zone=settings.webapp_time_zone)
+    engine = settings.database_engine()
     try:
         with make_sessionmaker(engine)() as session:
             forgotten = forget_corrections(session=session, trip_id=trip_id)
     except TripNotFound as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error:[/red] {_escape(exc)}")
         return 1
     finally:
         engine.dispose()
@@ -177,7 +177,7 @@ def _run_inline(args: argparse.Namespace) -> int:
 
     from rich.progress import Progress
 
-    from db.session import make_engine, make_sessionmaker
+    from db.session import make_sessionmaker
     from storage import s3_fetch
     from tasks.guard import JobGuard
     from tasks.trip import open_photo_store, run_trip_job
@@ -188,7 +188,7 @@ def _run_inline(args: argparse.Namespace) -> int:
     store = open_photo_store(settings)
     client = getattr(store, "client", None)
     pipeline = FacePipeline(settings, fetch=partial(s3_fetch, client=client))
-    engine = make_engine(settings.database_url, time_zone=settings.webapp_time_zone)
+    engine = settings.database_engine()
     sessions = make_sessionmaker(engine)
     guard = JobGuard(
         sessions, heartbeat_seconds=settings.heartbeat_seconds, stall_seconds=settings.stall_seconds
@@ -260,11 +260,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     from db.crud import TripNotFound, trip_folders, trip_status
     from db.jobs import job_stored_photos, mark_stalled_jobs
-    from db.session import make_engine, make_sessionmaker
+    from db.session import make_sessionmaker
 
     console = _console()
     settings = _settings()
-    engine = make_engine(settings.database_url, time_zone=settings.webapp_time_zone)
+    engine = settings.database_engine()
     try:
         with make_sessionmaker(engine)() as session:
             # A `running` row whose worker stopped beating is failed, not pending, from now on.
@@ -366,7 +366,7 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
     """Apply the worker's Alembic migrations (its aftertrip_* tables only)."""
     from sqlalchemy.engine import make_url
 
-    from db.session import current_revision, make_engine, upgrade
+    from db.session import current_revision, upgrade
 
     console = _console()
     settings = _settings()
@@ -380,7 +380,7 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
             return 2
         from db.webapp import create_webapp_tables
 
-        engine = make_engine(url, time_zone=settings.webapp_time_zone)
+        engine = settings.database_engine()
         try:
             create_webapp_tables(engine)
         finally:
@@ -406,7 +406,7 @@ def cmd_import_trip(args: argparse.Namespace) -> int:
     import uuid
     from pathlib import Path
 
-    from db.session import make_engine, make_sessionmaker
+    from db.session import make_sessionmaker
     from db.webapp import (
         IMPORTED_URL_PREFIX,
         Photo,
@@ -427,7 +427,7 @@ def cmd_import_trip(args: argparse.Namespace) -> int:
         console.print(f"[red]error:[/red] no photos in {_escape(folder)}")
         return 2
     store = open_photo_store(settings)
-    engine = make_engine(settings.database_url, time_zone=settings.webapp_time_zone)
+    engine = settings.database_engine()
     try:
         with make_sessionmaker(engine).begin() as session:
             foreign = None if args.allow_webapp_data else foreign_webapp_data(session=session)

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Literal, Self
+from typing import TYPE_CHECKING, Literal, Self
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import Field, SecretStr, ValidationError, model_validator
 
 from worker.errors import AfterTripError
 from worker.settings import PipelineSettings
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
 
 Environment = Literal["development", "production"]
 
@@ -186,6 +189,13 @@ class ServiceSettings(PipelineSettings):
             raise UnsafeSettingsError(
                 "refusing to run with AFTERTRIP_ENVIRONMENT=production: " + "; ".join(problems)
             )
+
+    def database_engine(self) -> Engine:
+        """An engine on the web app's database that writes datetimes by its time rule
+        (AFTERTRIP_WEBAPP_TIME_ZONE): every engine of the service is made here."""
+        from db.session import make_engine
+
+        return make_engine(self.database_url, time_zone=self.webapp_time_zone)
 
     @property
     def effective_lock_url(self) -> str:

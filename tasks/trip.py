@@ -49,7 +49,7 @@ from db.crud import (
     trip_thumbnail_keys,
 )
 from db.jobs import job_is_running, job_stored_photos
-from db.session import make_engine, make_sessionmaker
+from db.session import make_sessionmaker
 from db.webapp import Trip
 from storage import LocalStore, PhotoStore, S3Store, photo_sources, s3_fetch
 from storage.errors import StorageConfigError, StorageError, TransientStorageError
@@ -623,9 +623,7 @@ class GroupTripTask(Task):
     def sessions(self) -> sessionmaker[Session]:
         """Sessions on the process's one engine."""
         if GroupTripTask._sessions is None:
-            GroupTripTask._engine = make_engine(
-                self.settings.database_url, time_zone=self.settings.webapp_time_zone
-            )
+            GroupTripTask._engine = self.settings.database_engine()
             GroupTripTask._sessions = make_sessionmaker(GroupTripTask._engine)
         return GroupTripTask._sessions
 
