@@ -54,6 +54,41 @@ def test_sessions_do_not_spin_and_use_the_thread_budget(monkeypatch: pytest.Monk
     assert seen == {"spinning": "0", "threads": 1}
 
 
+def test_cpu_sessions_share_one_arena_and_plan_no_per_shape_patterns(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The memory settings of docs/throughput.md reach every CPU session, and sessions made
+    that way run: SCRFD on two photo shapes and the embedder on two batch sizes."""
+    import numpy as np
+
+    from worker.models import resolve_model
+
+    seen = []
+    real = runtime.ort.InferenceSession
+
+    def spy(model, sess_options, providers):  # type: ignore[no-untyped-def]
+        seen.append(
+            (
+                sess_options.get_session_config_entry("session.use_env_allocators"),
+                sess_options.enable_mem_pattern,
+            )
+        )
+        return real(model, sess_options=sess_options, providers=providers)
+
+    monkeypatch.setattr(runtime.ort, "InferenceSession", spy)
+    settings = PipelineSettings(device="cpu", threads=1)
+    scrfd = runtime.onnx_session(resolve_model("scrfd_500m_bnkps").path, settings)
+    arcface = runtime.onnx_session(resolve_model("w600k_mbf").path, settings)
+    assert seen == [("1", False), ("1", False)]
+    for shape in ((1, 3, 320, 640), (1, 3, 640, 480)):
+        outputs = scrfd.run(None, {scrfd.get_inputs()[0].name: np.zeros(shape, np.float32)})
+        assert len(outputs) == 9
+    for batch in (3, 8):
+        chips = np.zeros((batch, 3, 112, 112), np.float32)
+        (vectors,) = arcface.run(None, {arcface.get_inputs()[0].name: chips})
+        assert vectors.shape == (batch, 512)
+
+
 def test_both_onnx_runtimes_installed_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(metadata, "version", lambda dist: "1.23.2")
     with pytest.raises(RuntimeError, match=r"exactly one of the extras `\.\[cpu\]` or `\.\[gpu\]`"):

@@ -96,10 +96,45 @@ def onnx_providers(settings: PipelineSettings) -> list[str | tuple[str, dict[str
     return ["CPUExecutionProvider"]
 
 
+_SHARED_ARENA_PID: int | None = None
+"""The process that registered the shared CPU arena (a forked child registers its own)."""
+
+
+def _shared_cpu_arena() -> None:
+    """Register one CPU memory arena for every session of this process (once per process).
+
+    By default each session grows an arena of its own and keeps it at its high-water mark:
+    SCRFD's at the largest photo shape, the embedder's at the largest batch. The models run
+    one after another, so one arena shared by all of them holds the largest need of any one,
+    not the sum (docs/throughput.md, Memory)."""
+    global _SHARED_ARENA_PID
+    if _SHARED_ARENA_PID == os.getpid():
+        return
+    memory = ort.OrtMemoryInfo(
+        "Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT
+    )
+    try:
+        ort.create_and_register_allocator(memory, ort.OrtArenaCfg(0, -1, -1, -1))
+    except Exception as exc:  # already registered in this ORT environment (e.g. before a fork)
+        logger.debug("shared CPU arena not registered again: %s", exc)
+    _SHARED_ARENA_PID = os.getpid()
+
+
 def onnx_session(model: str | bytes, settings: PipelineSettings) -> ort.InferenceSession:
     """An inference session for one model (a file, or ONNX bytes) with the project's
-    providers and threads."""
+    providers and threads.
+
+    On CPU, every session shares one memory arena, and ONNX Runtime's memory patterns are
+    off: a pattern is planned and kept per input shape, and a photo album brings a new SCRFD
+    shape with most aspect ratios and a new embedder batch with most face counts. Together,
+    with the embedder's batch at 8: peak RSS on the 44 g20 photos 718 -> 576-589 MB, in the
+    same time (docs/throughput.md)."""
+    providers = onnx_providers(settings)
     options = ort.SessionOptions()
+    if providers == ["CPUExecutionProvider"]:
+        _shared_cpu_arena()
+        options.add_session_config_entry("session.use_env_allocators", "1")
+        options.enable_mem_pattern = False
     options.intra_op_num_threads = cpu_threads(settings)
     options.inter_op_num_threads = 1
     # Spinning threads would hold every core between the small operators of these models and
@@ -107,7 +142,7 @@ def onnx_session(model: str | bytes, settings: PipelineSettings) -> ort.Inferenc
     options.add_session_config_entry("session.intra_op.allow_spinning", ALLOW_SPINNING)
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3  # the models declare batch 1 outputs; ORT warns on every call
-    session = ort.InferenceSession(model, sess_options=options, providers=onnx_providers(settings))
+    session = ort.InferenceSession(model, sess_options=options, providers=providers)
     what = model if isinstance(model, str) else f"{len(model)} bytes of ONNX"
     logger.info("loaded %s on %s", what, session.get_providers()[0])
     return session

@@ -96,9 +96,9 @@ class PipelineSettings(BaseSettings):
         "so decoding overlaps with inference.",
     )
     embed_batch_size: int = Field(
-        16,
-        description="Face chips per embedder call. 16 on CPU: peak memory 0.51 GB on 12 g20 photos "
-        "(64: 0.84 GB) for about 6% more CPU per face; GPU workers take 64 "
+        8,
+        description="Face chips per embedder call. 8 on CPU: peak RSS 576-589 MB on the 44 g20 "
+        "photos (16: 600-615 MB) in the same time; GPU workers take 64 "
         "(docker/Dockerfile.gpu), where a full batch costs hardly more than one chip.",
     )
     decode_workers: int = Field(
