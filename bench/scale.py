@@ -39,8 +39,12 @@ logger = logging.getLogger(__name__)
 SIZES = (1_000, 5_000, 20_000, 50_000, 100_000, 200_000)
 DENSE_LIMIT = 20_000
 """Sizes up to which the old dense grouping is measured too (its matrix is n x n)."""
-EXACT_LIMIT = 20_000
-"""Sizes up to which the graph is also computed exactly, to compare with the cells index."""
+EXACT_LIMIT = 200_000
+"""Sizes above the product's exact limit (`worker.cluster.EXACT_GRAPH_LIMIT`) up to which the
+graph is also computed exactly, to compare with the cells index."""
+CELLS_FROM = 50_000
+"""Sizes from here up to the product's exact limit also get a row with the cells index (what
+`auto` uses above that limit), compared with the exact graph."""
 NOISE = 0.005
 BASE_FILE = "lfw-base.npz"
 MARKER = "scale"
@@ -244,6 +248,8 @@ def run_scale(
         methods = ["graph"]
         if n <= exact_limit and n > _exact_graph_limit():
             methods.append("graph-exact")
+        if CELLS_FROM <= n <= _exact_graph_limit():
+            methods.append("graph-cells")
         if n <= dense_limit:
             methods.append("dense")
         got: dict[str, dict[str, Any]] = {}
@@ -253,6 +259,8 @@ def run_scale(
             logger.info("scale: %s", row)
             got[method] = row
         reference = got.get("dense") or got.get("graph-exact")
+        if reference is None and "graph-cells" in got:
+            reference = got["graph"]  # exact at this size
         for row in got.values():
             if reference is not None and row is not reference and "labels_file" in row:
                 if "labels_file" in reference:

@@ -3,6 +3,7 @@ default against the prototype on the team's dev sets."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -584,6 +585,17 @@ def test_immich_port_cores_then_deferred_faces() -> None:
     gram = np.maximum(gram, gram.T)
     labels = immich_dbscan(vectors_with_gram(gram), max_distance=0.5, min_faces=3)
     assert labels.tolist() == [0, 0, 0, 0, -1]
+
+
+def test_cells_probed_grow_with_the_number_of_cells() -> None:
+    from worker.cluster import CELL_PROBE_SHARE, CELL_PROBES, cell_probes
+
+    assert cell_probes(5) == 5  # fewer cells than probes: every cell
+    assert cell_probes(125) == CELL_PROBES  # 20,000 faces: the floor
+    # 200,000 faces: a tenth of the 1,250 cells, not 16 of them (1.3 %).
+    assert cell_probes(1250) == math.ceil(1250 * CELL_PROBE_SHARE) == 125
+    shares = [cell_probes(c) / c for c in (625, 1250, 5000)]
+    assert min(shares) >= CELL_PROBE_SHARE
 
 
 def test_bench_scale_synthetic_people_keep_their_similarities() -> None:
