@@ -644,13 +644,17 @@ def test_bench_results_keep_marked_sections(tmp_path) -> None:
 # --- the dev sets: the default against the prototype -----------------------------------------
 
 
+PRECISION_SLACK = {"nogizaka": 0.025}
+"""How much BCubed precision the default may give up against greedy@0.45, per dev set (0.01
+where not listed)."""
+
+
 @pytest.mark.shared
 def test_default_beats_the_prototype_on_the_dev_sets(shared_data) -> None:
     """The default's BCubed F1 beats the prototype's greedy grouping at 0.45 at about the same
     precision: on every dev set already in the bench's face cache (`bench quality` fills it,
     two albums per section), else on twice (whole set) and one celeba album computed now."""
     from bench.quality import (
-        GOAL_F1,
         SET_MODES,
         Album,
         FaceCache,
@@ -692,9 +696,9 @@ def test_default_beats_the_prototype_on_the_dev_sets(shared_data) -> None:
         rows = evaluate(albums, grouping)["methods"]
         greedy, default = rows["greedy"], rows["default"]
         assert default["bcubed_f1"] > greedy["bcubed_f1"], (key, rows)
-        # Precision may give a little (greedy at 0.45 rarely merges anyone on these sets), and
-        # as much more as a set's goal allows for its noisy labels (GOAL_F1: nogizaka's
-        # two-person shots, whose largest face the default files with the other member; since
-        # the set lost its men on 2026-11-30, greedy merges too little there to file them).
-        slack = 0.01 + (0.97 - GOAL_F1.get(key.split()[0], 0.97))
+        # Precision may give a little (greedy at 0.45 rarely merges anyone on these sets):
+        # 0.01, and on nogizaka 0.025 for its two-person shots, whose largest face the default
+        # files with the other member where greedy merges too little to file them at all
+        # (measured 2026-11-30 on the whole set: default 0.960, greedy 0.980).
+        slack = PRECISION_SLACK.get(key.split()[0], 0.01)
         assert default["bcubed_p"] >= greedy["bcubed_p"] - slack, (key, rows)

@@ -330,8 +330,9 @@ def similarity_graph(
     `exact` computes every similarity, a block of rows at a time (memory grows with the number
     of faces, time with its square); `cells` (an inverted file, as in faiss's IVF, on matrix
     products) places `faces / CELL_SIZE` cells by spherical k-means, files each face in its
-    nearest cell, and compares each face with the faces filed in its `CELL_PROBES` nearest
-    cells: time grows with faces x CELL_PROBES x CELL_SIZE, but a pair of faces above the cut
+    `CELL_FILED` nearest cells, and compares each face with the faces filed in its
+    `cell_probes` nearest cells (a tenth of them, at least `CELL_PROBES`): time grows with
+    faces x probes x CELL_FILED x CELL_SIZE, but a pair of faces above the cut
     whose cells are far apart is missed (docs/scaling.md measures how often). `auto` is exact up
     to `EXACT_GRAPH_LIMIT` faces.
     """
