@@ -103,3 +103,12 @@ def test_comparison_section_replaces_only_itself(tmp_path: Path) -> None:
     text = results.read_text()
     assert "scale rows" in text and "second" in text and "first" not in text
     assert text.count(MARK_BEGIN) == 1
+
+
+def test_freed_memory_is_handed_back_on_glibc() -> None:
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("malloc_trim is glibc's; elsewhere release_freed_memory does nothing")
+    assert runtime._malloc_trim() is not None
+    runtime.release_freed_memory()

@@ -27,7 +27,12 @@ from worker.embed import ArcFaceEmbedder
 from worker.errors import PhotoError
 from worker.images import decode_image, encode_jpeg
 from worker.models import RemoteFetcher
-from worker.runtime import decode_threads, limit_image_threads
+from worker.runtime import (
+    TRIM_EVERY_PHOTOS,
+    decode_threads,
+    limit_image_threads,
+    release_freed_memory,
+)
 from worker.settings import PipelineSettings
 from worker.types import (
     NO_FACE_GROUP,
@@ -189,8 +194,11 @@ class FacePipeline:
         detector, embedder = self.detector, self.arcface
         pending: list[_Pending] = []
         queued_chips = 0
-        for decoded in self._decoded_in_order(photos, timer):
+        for count, decoded in enumerate(self._decoded_in_order(photos, timer), 1):
             entry = self._detect_and_align(decoded, detector, timer, face_thumbnails, previews)
+            del decoded  # its pixels are cut into chips: free them before the next photo
+            if count % TRIM_EVERY_PHOTOS == 0:
+                release_freed_memory()
             pending.append(entry)
             queued_chips += len(entry.chips)
             if queued_chips >= embedder.batch_size:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import logging
 import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import onnxruntime as ort
@@ -41,6 +45,31 @@ def limit_image_threads() -> None:
     import cv2
 
     cv2.setNumThreads(1)
+
+
+TRIM_EVERY_PHOTOS = 4
+"""`FacePipeline.analyze` hands freed heap memory back every this many photos."""
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim  # type: ignore[no-any-return]
+    except (OSError, AttributeError):  # not glibc: nothing to hand back this way
+        return None
+
+
+def release_freed_memory() -> None:
+    """Hand the heap's free pages back to the system (glibc's `malloc_trim`; elsewhere nothing).
+
+    Decoded photos, resized copies and detector outputs are large, short-lived and of every
+    size; glibc keeps what they free inside its heaps, where the next photo's pieces rarely
+    fit, so resident memory creeps up over an album. Trimming every `TRIM_EVERY_PHOTOS`
+    photos kept g20 + celeba + g20 + celeba + g20 in one process at 534 instead of 615 MB
+    peak, in the same time (after every photo: 533 MB, 8 % slower; docs/throughput.md)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def decode_threads(settings: PipelineSettings) -> int:
