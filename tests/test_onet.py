@@ -26,6 +26,7 @@ from worker.onet import (
     ONET_ONNX_SHA256,
     ONetSession,
     ONetVerifier,
+    area_crop,
     crop_windows,
     normalised_crops,
     onet_graph,
@@ -192,3 +193,17 @@ print(json.dumps({{
     assert report["faces"] >= 3
     assert "mtcnn_onet" in report["models"]
     assert report["torch"] == []
+
+
+@pytest.mark.parametrize(
+    "window",
+    [(0, 0, 1700, 1300), (7, 3, 1100, 1299), (5, 9, 53, 40), (3, 4, 5, 300), (0, 0, 47, 49)],
+)
+def test_area_crop_is_adaptive_average_pooling(window: tuple[int, int, int, int]) -> None:
+    """The crop MTCNN sees, computed from bin sums, equals torch's adaptive average pooling of
+    the window (large windows, windows smaller than the output, thin ones)."""
+    image = np.random.default_rng(0).integers(0, 256, (1300, 1700, 3), dtype=np.uint8)
+    x0, y0, x1, y1 = window
+    region = torch.as_tensor(image[y0:y1, x0:x1].copy()).permute(2, 0, 1).float()
+    expected = torch.nn.functional.adaptive_avg_pool2d(region.unsqueeze(0), 48)[0].numpy()
+    np.testing.assert_allclose(area_crop(image, np.array(window), 48), expected, atol=1e-3)
