@@ -119,3 +119,67 @@ def test_same_face_is_closer_than_a_different_face(
     different = vectors[2:] @ vectors[0]
     assert same > 0.6
     assert different.max() < 0.3
+
+
+# --- the embedder's runtime on CPU: OpenVINO (the cpu extra) or ONNX Runtime ---------------
+
+
+def _real_chips(players_jpg: bytes) -> np.ndarray:
+    from worker.detect import load_detector
+
+    detector = load_detector(PipelineSettings(detector="scrfd"))
+    image = np.asarray(Image.open(io.BytesIO(players_jpg)).convert("RGB"))
+    found = detector.detect(image)
+    assert len(found) >= 5
+    return align_faces(image, found.landmarks)
+
+
+def test_openvino_embedder_gives_onnx_runtimes_vectors(players_jpg: bytes) -> None:
+    """The cpu extra's default (OpenVINO, float32) and ONNX Runtime embed the same real faces
+    to the same vectors, in batches of every size the pipeline sends."""
+    pytest.importorskip("openvino", reason="the cpu extra installs openvino")
+    from worker import runtime
+
+    chips = _real_chips(players_jpg)
+    ov = ArcFaceEmbedder.load(PipelineSettings(device="cpu", embed_runtime="openvino"))
+    ort = ArcFaceEmbedder.load(PipelineSettings(device="cpu", embed_runtime="onnxruntime"))
+    assert ov.session.get_providers() == [runtime.OPENVINO_PROVIDER]
+    assert ort.session.get_providers() == ["CPUExecutionProvider"]
+    assert (ov.chip_size, ov.dim) == (ort.chip_size, ort.dim) == (112, 512)
+    expected = ort.embed(chips)
+    for batch in (1, 3, 8):
+        ov.batch_size = batch
+        np.testing.assert_allclose(ov.embed(chips), expected, atol=1e-4)
+    # Distinct faces stay distinct: the comparison is not between constant vectors.
+    assert (expected @ expected.T)[np.triu_indices(len(chips), 1)].max() < 0.9
+
+
+def test_embed_runtime_auto_picks_openvino_on_cpu_when_installed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from worker import runtime
+
+    cpu = PipelineSettings(device="cpu")
+    monkeypatch.setattr(runtime, "openvino_installed", lambda: True)
+    assert runtime.embed_runtime(cpu) == "openvino"
+    assert runtime.embed_runtime(PipelineSettings(device="cpu", embed_runtime="onnxruntime")) == (
+        "onnxruntime"
+    )
+    monkeypatch.setattr(runtime, "openvino_installed", lambda: False)
+    assert runtime.embed_runtime(cpu) == "onnxruntime"
+    # A CUDA provider in use keeps the embedder on ONNX Runtime (OpenVINO runs on CPU here).
+    monkeypatch.setattr(runtime, "openvino_installed", lambda: True)
+    monkeypatch.setattr(
+        runtime, "onnx_providers", lambda s: [("CUDAExecutionProvider", {}), "CPUExecutionProvider"]
+    )
+    assert runtime.embed_runtime(PipelineSettings(device="auto")) == "onnxruntime"
+
+
+def test_openvino_asked_for_but_missing_says_what_to_do(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from worker import runtime
+
+    monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino -> ImportError
+    with pytest.raises(runtime.OpenVINOUnavailable, match="AFTERTRIP_EMBED_RUNTIME=onnxruntime"):
+        ArcFaceEmbedder.load(PipelineSettings(device="cpu", embed_runtime="openvino"))

@@ -1,4 +1,5 @@
-"""ArcFace embeddings on ONNX Runtime: aligned chips in, L2-normalised vectors out.
+"""ArcFace embeddings on OpenVINO (CPU) or ONNX Runtime: aligned chips in, L2-normalised
+vectors out.
 
 The chip size and the vector length are read from the model (its declared input and output
 shapes), the pixel scaling from its registry entry: an operator's model of another size works,
@@ -15,11 +16,12 @@ from numpy.typing import NDArray
 
 from worker.errors import ModelError
 from worker.models import REGISTRY, RemoteFetcher, resolve_model
-from worker.runtime import onnx_session
+from worker.runtime import embedder_session
 
 if TYPE_CHECKING:
     import onnxruntime as ort
 
+    from worker.runtime import OpenVINOSession
     from worker.settings import PipelineSettings
     from worker.types import ModelInfo
 
@@ -40,7 +42,7 @@ class ArcFaceEmbedder:
 
     def __init__(
         self,
-        session: ort.InferenceSession,
+        session: ort.InferenceSession | OpenVINOSession,
         model: ModelInfo,
         batch_size: int,
         *,
@@ -95,7 +97,7 @@ class ArcFaceEmbedder:
         # `settings.embedder` says it (also for a file given by AFTERTRIP_EMBEDDER_PATH).
         spec = REGISTRY.get(settings.embedder)
         return cls(
-            onnx_session(model.path, settings),
+            embedder_session(model.path, settings),
             model,
             settings.embed_batch_size,
             mean=spec.input_mean if spec else DEFAULT_MEAN,

@@ -8,8 +8,10 @@ import functools
 import logging
 import os
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import onnxruntime as ort
 
 if TYPE_CHECKING:
@@ -189,3 +191,98 @@ def torch_device(settings: PipelineSettings) -> str:
     if settings.device == "cuda":
         raise RuntimeError("AFTERTRIP_DEVICE=cuda, but torch sees no CUDA device")
     return "cpu"
+
+
+OPENVINO_PROVIDER = "OpenVINO CPU"
+"""What `OpenVINOSession.get_providers` names (it is not an ONNX Runtime provider)."""
+
+
+class OpenVINOUnavailable(RuntimeError):
+    """AFTERTRIP_EMBED_RUNTIME=openvino, but the `openvino` package is not installed."""
+
+
+@dataclass(frozen=True)
+class _Port:
+    name: str
+    shape: list[int | None]
+
+
+class OpenVINOSession:
+    """An ONNX model on OpenVINO's CPU plugin, behind the part of ONNX Runtime's
+    `InferenceSession` the embedder uses (`get_inputs`, `get_outputs`, `get_providers`, `run`).
+
+    Float32 inference (`INFERENCE_PRECISION_HINT`): on CPUs with bfloat16 units the plugin
+    would otherwise compute in bfloat16 and move the embeddings (cosine 0.9986 to the float32
+    ones on the bench machine). One infer request, used by the thread that runs the pipeline;
+    the batch dimension stays dynamic, as the model declares it."""
+
+    def __init__(self, model: str, threads: int) -> None:
+        try:
+            import openvino
+        except ImportError as exc:
+            raise OpenVINOUnavailable(
+                "AFTERTRIP_EMBED_RUNTIME=openvino, but the openvino package is not installed: "
+                "install the `cpu` extra, or set AFTERTRIP_EMBED_RUNTIME=onnxruntime"
+            ) from exc
+        core = openvino.Core()
+        self._compiled = core.compile_model(
+            core.read_model(model),
+            "CPU",
+            {
+                "INFERENCE_NUM_THREADS": threads,
+                "PERFORMANCE_HINT": "LATENCY",
+                "INFERENCE_PRECISION_HINT": "f32",
+            },
+        )
+        self._request = self._compiled.create_infer_request()
+        self._inputs = [self._port(p) for p in self._compiled.inputs]
+        self._outputs = [self._port(p) for p in self._compiled.outputs]
+        logger.info("loaded %s on %s (%d threads)", model, OPENVINO_PROVIDER, threads)
+
+    @staticmethod
+    def _port(port: Any) -> _Port:
+        shape = port.get_partial_shape()
+        dims = [d.get_length() if d.is_static else None for d in shape]
+        return _Port(port.get_any_name(), dims)
+
+    def get_inputs(self) -> list[_Port]:
+        return list(self._inputs)
+
+    def get_outputs(self) -> list[_Port]:
+        return list(self._outputs)
+
+    def get_providers(self) -> list[str]:
+        return [OPENVINO_PROVIDER]
+
+    def run(self, output_names: list[str] | None, feed: dict[str, Any]) -> list[Any]:
+        results = self._request.infer({name: value for name, value in feed.items()})
+        names = output_names or [p.name for p in self._outputs]
+        by_name = {port.get_any_name(): value for port, value in results.items()}
+        # The request reuses its output buffers: copy before the next call.
+        return [np.array(by_name[name], copy=True) for name in names]
+
+
+def openvino_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("openvino") is not None
+
+
+def embed_runtime(settings: PipelineSettings) -> str:
+    """`openvino` or `onnxruntime`: what runs the embedder for these settings.
+
+    OpenVINO only runs on the CPU here; with a CUDA provider in use the embedder stays on ONNX
+    Runtime's."""
+    if settings.embed_runtime == "openvino":
+        return "openvino"
+    if settings.embed_runtime == "onnxruntime":
+        return "onnxruntime"
+    on_cpu = onnx_providers(settings)[0] == "CPUExecutionProvider"
+    return "openvino" if on_cpu and openvino_installed() else "onnxruntime"
+
+
+def embedder_session(model: str, settings: PipelineSettings) -> Any:
+    """The embedder's session: OpenVINO's CPU plugin or ONNX Runtime (`embed_runtime`)."""
+    if embed_runtime(settings) == "openvino":
+        return OpenVINOSession(model, cpu_threads(settings))
+    return onnx_session(model, settings)
