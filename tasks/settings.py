@@ -132,7 +132,7 @@ class ServiceSettings(PipelineSettings):
     worker_max_memory_per_child: int = Field(
         default=2_500_000,
         description="KiB of resident memory after which a pool process is replaced once its "
-        "job ends (Celery's last guard; a CPU worker peaks at about 1.7 GiB whatever the album, "
+        "job ends (Celery's last guard; a CPU worker peaks at about 1.8 GiB whatever the album, "
         "docs/reliability.md); 0 = no limit.",
     )
 
