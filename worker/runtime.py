@@ -255,7 +255,7 @@ class OpenVINOSession:
         return [OPENVINO_PROVIDER]
 
     def run(self, output_names: list[str] | None, feed: dict[str, Any]) -> list[Any]:
-        results = self._request.infer({name: value for name, value in feed.items()})
+        results = self._request.infer(feed)
         names = output_names or [p.name for p in self._outputs]
         by_name = {port.get_any_name(): value for port, value in results.items()}
         # The request reuses its output buffers: copy before the next call.
@@ -273,15 +273,15 @@ def embed_runtime(settings: PipelineSettings) -> str:
 
     OpenVINO only runs on the CPU here; with a CUDA provider in use the embedder stays on ONNX
     Runtime's."""
-    if settings.embed_runtime == "openvino":
-        return "openvino"
-    if settings.embed_runtime == "onnxruntime":
-        return "onnxruntime"
+    if settings.embed_runtime != "auto":
+        return settings.embed_runtime
     on_cpu = onnx_providers(settings)[0] == "CPUExecutionProvider"
     return "openvino" if on_cpu and openvino_installed() else "onnxruntime"
 
 
-def embedder_session(model: str, settings: PipelineSettings) -> Any:
+def embedder_session(
+    model: str, settings: PipelineSettings
+) -> ort.InferenceSession | OpenVINOSession:
     """The embedder's session: OpenVINO's CPU plugin or ONNX Runtime (`embed_runtime`)."""
     if embed_runtime(settings) == "openvino":
         return OpenVINOSession(model, cpu_threads(settings))

@@ -106,9 +106,9 @@ class PipelineSettings(BaseSettings):
     )
     embed_batch_size: int = Field(
         8,
-        description="Face chips per embedder call. 8 on CPU: peak RSS 576-589 MB on the 44 g20 "
-        "photos (16: 600-615 MB) in the same time; GPU workers take 64 "
-        "(docker/Dockerfile.gpu), where a full batch costs hardly more than one chip.",
+        description="Face chips per embedder call. 8 on CPU: with every model on ONNX Runtime, "
+        "peak RSS 576-589 MB on the 44 g20 photos (16: 600-615 MB) in the same time; GPU workers "
+        "take 64 (docker/Dockerfile.gpu), where a full batch costs hardly more than one chip.",
     )
     decode_workers: int = Field(
         0,
