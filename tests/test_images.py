@@ -193,6 +193,51 @@ def test_gif_gives_the_first_frame(upright: Image.Image) -> None:
     assert mean_abs_diff(decode_image(data, name="anim.gif").pixels, upright) < 10
 
 
+def test_still_webp_is_decoded_by_opencv_to_pillows_pixels(
+    upright: Image.Image, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A still, opaque WebP goes through OpenCV's libwebp (3 bytes a pixel instead of
+    Pillow's 16): the same pixels Pillow gives, at full size and reduced to the working size."""
+    calls: list[tuple[int, int]] = []
+    opencv = images._decode_webp
+    monkeypatch.setattr(
+        images, "_decode_webp", lambda data, target: calls.append(target) or opencv(data, target)
+    )
+    data = save(upright.resize((900, 600)), "WEBP", quality=80)
+    pillow = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    assert np.array_equal(decode_image(data, name="still.webp").pixels, pillow)
+    small = decode_image(data, name="still.webp", working_pixels=60_000)
+    h, w, _ = small.pixels.shape
+    assert w * h <= 60_000 and small.scale == pytest.approx(w / 900)
+    assert mean_abs_diff(small.pixels, Image.fromarray(pillow).resize((w, h), Image.BOX)) < 3
+    assert calls == [(900, 600), (w, h)]
+
+
+def test_webp_with_alpha_or_frames_is_decoded_by_pillow(
+    upright: Image.Image, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """OpenCV would drop a WebP's alpha (not composite it) and read one frame of its own
+    choosing: those stay with Pillow."""
+    monkeypatch.setattr(images, "_decode_webp", lambda *_: pytest.fail("decoded by OpenCV"))
+    rgba = upright.convert("RGBA")
+    alpha = np.full((160, 240), 255, np.uint8)
+    alpha[:, 120:] = 0
+    rgba.putalpha(Image.fromarray(alpha))
+    pixels = decode_image(save(rgba, "WEBP", lossless=True), name="alpha.webp").pixels
+    assert (pixels[:, 120:] == 255).all()
+    assert mean_abs_diff(pixels[:, :120], np.asarray(upright)[:, :120]) < 2
+    second = Image.new("RGB", upright.size, (255, 0, 0))
+    data = save(upright, "WEBP", save_all=True, append_images=[second], quality=90)
+    assert mean_abs_diff(decode_image(data, name="anim.webp").pixels, upright) < 10
+
+
+def test_decoded_pixels_are_read_only(upright: Image.Image) -> None:
+    """They share the decoder's buffer (no second copy): nobody may draw on them."""
+    pixels = decode_image(save(upright, "PNG"), name="a.png").pixels
+    with pytest.raises(ValueError, match="read-only"):
+        pixels[0, 0] = 0
+
+
 # --- reduced-scale decoding -------------------------------------------------------------
 
 
@@ -513,3 +558,17 @@ def test_peak_memory_of_a_16bit_photo_stays_near_its_decoded_size(tmp_path: Path
     assert str(result["outcome"]).startswith("ok"), result
     decoded_mib = 8000 * 8000 * 2 / 2**20  # 122 MiB
     assert float(result["decode_mib"]) < decoded_mib + 64, result  # measured: about +10 MiB
+
+
+def test_peak_memory_of_a_large_webp_is_a_few_bytes_a_pixel(tmp_path: Path) -> None:
+    """A 36 Mpx WebP: Pillow's decoder held 16 bytes a pixel (553 MiB); through OpenCV it
+    is measured at about 6 (216 MiB). Measured in a process of its own."""
+    from tests.decode_memory import measure
+
+    ramp = np.linspace(0, 255, 6000).astype(np.uint8)
+    grey = np.ascontiguousarray(np.broadcast_to(ramp, (6000, 6000)))
+    path = tmp_path / "big.webp"
+    Image.fromarray(grey).convert("RGB").save(path, "WEBP", quality=50, method=0)
+    result = measure(path)
+    assert str(result["outcome"]).startswith("ok"), result
+    assert float(result["decode_mib"]) < 6000 * 6000 * 7 / 2**20, result  # 240 MiB

@@ -44,7 +44,8 @@ class DecodedImage:
     """A decoded photo: RGB pixels with EXIF orientation applied.
 
     `pixels` may be smaller than the original (reduced-scale decoding); `scale` maps
-    working pixels to original pixels: original = working / scale.
+    working pixels to original pixels: original = working / scale. `pixels` is read-only
+    (it shares the decoder's buffer): copy it to draw on it.
     """
 
     pixels: NDArray[np.uint8]
