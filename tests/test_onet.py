@@ -207,3 +207,19 @@ def test_area_crop_is_adaptive_average_pooling(window: tuple[int, int, int, int]
     region = torch.as_tensor(image[y0:y1, x0:x1].copy()).permute(2, 0, 1).float()
     expected = torch.nn.functional.adaptive_avg_pool2d(region.unsqueeze(0), 48)[0].numpy()
     np.testing.assert_allclose(area_crop(image, np.array(window), 48), expected, atol=1e-3)
+
+
+@pytest.mark.parametrize("window", [(0, 0, 1700, 1300), (5, 9, 53, 40), (3, 4, 5, 300)])
+def test_area_crop_integral_and_bins_agree_exactly(
+    window: tuple[int, int, int, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Small windows are summed through OpenCV's integral image, large ones by bins: both
+    give the same crop, to the bit, whichever a window gets."""
+    import worker.onet
+
+    image = np.random.default_rng(1).integers(0, 256, (1300, 1700, 3), dtype=np.uint8)
+    crops = []
+    for limit in (0, 1 << 30):  # everything by bins, then everything by the integral image
+        monkeypatch.setattr(worker.onet, "INTEGRAL_MAX_PIXELS", limit)
+        crops.append(area_crop(image, np.array(window), 48))
+    np.testing.assert_array_equal(crops[0], crops[1])

@@ -24,6 +24,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import cv2
 import numpy as np
 from numpy.typing import NDArray
 
@@ -296,20 +297,40 @@ def _bin_sums(
     return at_end - at_start, ends - starts
 
 
+INTEGRAL_MAX_PIXELS = 1 << 20
+"""Windows up to this many pixels are summed through OpenCV's integral image (int32: exact up
+to 8.4 Mpx of 8-bit values; 12 bytes a pixel, so at most 12 MB here); larger ones by bins."""
+
+
 def area_crop(
     image: NDArray[np.uint8], window: NDArray[np.int64], size: int
 ) -> NDArray[np.float32]:
     """(3, size, size) mean of each output cell's pixels, as torch's adaptive average pooling
     (cell i spans floor(i*n/size) to ceil((i+1)*n/size)).
 
-    Rows are summed per bin first (uint32: a segment holds at most 255 x its rows), then the
-    columns of those `size` rows: exact integer sums, equal to an integral image's, without
-    one. A face filling a 4 Mpx photo took 109 ms and 0.3 GB of float64 integral image and
-    copies that way, 15 ms and a few MB this way."""
+    The cells' sums are exact integers either way. A window of up to `INTEGRAL_MAX_PIXELS`
+    takes them from `cv2.integral` (a 300 x 300 face: 0.1 ms, against 2 ms by bins); a
+    larger one sums its rows per bin first (uint32: a segment holds at most 255 x its rows),
+    then the columns of those `size` rows, without an integral image of its own size: a face
+    filling a 4 Mpx photo took 109 ms and 0.3 GB of float64 integral image and copies that
+    way, 15 ms and a few MB this way."""
     x0, y0, x1, y1 = (int(v) for v in window)
     region = image[y0:y1, x0:x1]
-    rows, heights = _bin_sums(region, size, 0, np.uint32)
-    cells, widths = _bin_sums(rows, size, 1, np.int64)
+    cells: NDArray[Any]  # exact integer sums either way
+    if region.shape[0] * region.shape[1] <= INTEGRAL_MAX_PIXELS:
+        top, bottom = _pool_bins(region.shape[0], size)
+        left, right = _pool_bins(region.shape[1], size)
+        sums = cv2.integral(region, sdepth=cv2.CV_32S)
+        cells = (
+            sums[np.ix_(bottom, right)]
+            - sums[np.ix_(top, right)]
+            - sums[np.ix_(bottom, left)]
+            + sums[np.ix_(top, left)]
+        )
+        heights, widths = bottom - top, right - left
+    else:
+        rows, heights = _bin_sums(region, size, 0, np.uint32)
+        cells, widths = _bin_sums(rows, size, 1, np.int64)
     area = (heights[:, None] * widths[None, :])[..., None]
     return (cells / area).astype(np.float32).transpose(2, 0, 1)
 
