@@ -6,13 +6,16 @@ import ctypes
 import ctypes.util
 import functools
 import logging
+import math
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnxruntime as ort
+from numpy.typing import NDArray
 
 if TYPE_CHECKING:
     from worker.settings import PipelineSettings
@@ -72,6 +75,26 @@ def release_freed_memory() -> None:
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
+
+
+class ScratchArrays:
+    """Arrays reused from call to call, one set per thread: a model's input, rebuilt for every
+    photo, is written into the same memory each time instead of into fresh arrays of a few MB
+    (SCRFD's input for a 500 x 416 photo: 0.4 ms into reused arrays, 2.5 ms as fresh arrays
+    through a transposed view, on the 2-core bench machine). An array handed out is valid
+    until the same thread asks for the same `name` again."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: type[np.generic]) -> NDArray[Any]:
+        """A C-contiguous array of `shape` and `dtype` (contents undefined)."""
+        buffers: dict[str, NDArray[Any]] = self._local.__dict__.setdefault("buffers", {})
+        size = math.prod(shape)
+        buffer = buffers.get(name)
+        if buffer is None or buffer.dtype != dtype or buffer.size < size:
+            buffer = buffers[name] = np.empty(size, dtype)
+        return buffer[:size].reshape(shape)
 
 
 def decode_threads(settings: PipelineSettings) -> int:
