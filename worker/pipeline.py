@@ -2,13 +2,15 @@
 
 Photos are read and decoded ahead on a small thread pool (reading may be network I/O;
 decoding releases the GIL), detected and aligned in order, and their chips embedded in
-batches across photos. Decoded pixels are dropped as soon as a photo's chips are cut, so
-memory depends on the prefetch window and batch size, not on the album's size.
+batches across photos on a thread of their own, while the next photos are detected.
+Decoded pixels are dropped as soon as a photo's chips are cut, so memory depends on the
+prefetch window and batch size, not on the album's size.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -58,14 +60,17 @@ PHOTO_PREVIEW_SIDE = 320
 
 
 class StageTimer:
-    """Seconds spent per stage, summed over photos (decode time is summed over threads)."""
+    """Seconds spent per stage, summed over photos (decode time is summed over threads;
+    embedding overlaps detection, so the stages add up to more than the wall time)."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self._lock = threading.Lock()  # stages run on several threads
 
     def add(self, stage: str, seconds: float) -> None:
         """Account `seconds` to `stage`."""
-        self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
+        with self._lock:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -106,6 +111,50 @@ class _Decoded:
 class _Pending:
     photo: AnalyzedPhoto
     chips: NDArray[np.uint8]
+
+
+EMBED_AHEAD = 2
+"""Batches of chips being embedded while the next photos are detected."""
+
+
+@dataclass
+class _Batch:
+    """Photos whose chips are being embedded on the embedding thread."""
+
+    entries: list[_Pending]
+    vectors: Future[NDArray[np.float32]]
+
+    @classmethod
+    def start(
+        cls,
+        entries: list[_Pending],
+        embedder: ArcFaceEmbedder,
+        thread: ThreadPoolExecutor,
+        timer: StageTimer,
+    ) -> _Batch:
+        chips = np.concatenate([p.chips for p in entries])
+
+        def embed() -> NDArray[np.float32]:
+            with timer.stage("embed"):
+                return embedder.embed(chips)
+
+        return cls(entries, thread.submit(embed))
+
+    def done(self) -> bool:
+        return self.vectors.done()
+
+    def photos(self, keep_chips: bool) -> Iterator[AnalyzedPhoto]:
+        """The batch's photos with their embeddings (waits for them; raises what embedding
+        raised)."""
+        vectors = self.vectors.result()
+        offset = 0
+        for entry in self.entries:
+            count = len(entry.chips)
+            entry.photo.embeddings = vectors[offset : offset + count]
+            if keep_chips:
+                entry.photo.chips = entry.chips
+            offset += count
+            yield entry.photo
 
 
 class FacePipeline:
@@ -194,17 +243,26 @@ class FacePipeline:
         detector, embedder = self.detector, self.arcface
         pending: list[_Pending] = []
         queued_chips = 0
-        for count, decoded in enumerate(self._decoded_in_order(photos, timer), 1):
-            entry = self._detect_and_align(decoded, detector, timer, face_thumbnails, previews)
-            del decoded  # its pixels are cut into chips: free them before the next photo
-            if count % TRIM_EVERY_PHOTOS == 0:
-                release_freed_memory()
-            pending.append(entry)
-            queued_chips += len(entry.chips)
-            if queued_chips >= embedder.batch_size:
-                yield from self._flush(pending, embedder, timer, keep_chips)
-                pending, queued_chips = [], 0
-        yield from self._flush(pending, embedder, timer, keep_chips)
+        embedding: deque[_Batch] = deque()
+        with ThreadPoolExecutor(1, "embed") as embed_thread:
+            for count, decoded in enumerate(self._decoded_in_order(photos, timer), 1):
+                entry = self._detect_and_align(decoded, detector, timer, face_thumbnails, previews)
+                del decoded  # its pixels are cut into chips: free them before the next photo
+                if count % TRIM_EVERY_PHOTOS == 0:
+                    release_freed_memory()
+                pending.append(entry)
+                queued_chips += len(entry.chips)
+                if queued_chips >= embedder.batch_size:
+                    embedding.append(_Batch.start(pending, embedder, embed_thread, timer))
+                    pending, queued_chips = [], 0
+                # Photos leave in order, as soon as their batch is embedded; at most
+                # EMBED_AHEAD batches wait (their chips are the memory this holds).
+                while embedding and (len(embedding) > EMBED_AHEAD or embedding[0].done()):
+                    yield from embedding.popleft().photos(keep_chips)
+            if pending:
+                embedding.append(_Batch.start(pending, embedder, embed_thread, timer))
+            while embedding:
+                yield from embedding.popleft().photos(keep_chips)
 
     def _detect_and_align(
         self,
@@ -253,24 +311,6 @@ class FacePipeline:
             preview=preview,
         )
         return _Pending(photo, chips)
-
-    @staticmethod
-    def _flush(
-        pending: list[_Pending], embedder: ArcFaceEmbedder, timer: StageTimer, keep_chips: bool
-    ) -> Iterator[AnalyzedPhoto]:
-        if not pending:
-            return
-        chips = np.concatenate([p.chips for p in pending])
-        with timer.stage("embed"):
-            vectors = embedder.embed(chips)
-        offset = 0
-        for entry in pending:
-            count = len(entry.chips)
-            entry.photo.embeddings = vectors[offset : offset + count]
-            if keep_chips:
-                entry.photo.chips = entry.chips
-            offset += count
-            yield entry.photo
 
 
 def _failed(source: PhotoSource, status: PhotoStatus, reason: str, dim: int = 512) -> AnalyzedPhoto:
