@@ -207,6 +207,53 @@ def test_streaming_keeps_input_order_across_embedding_batches(
     np.testing.assert_allclose(out[0].embeddings, out[4].embeddings, atol=1e-3)
 
 
+def test_embedding_runs_beside_detection_and_its_errors_reach_the_caller(
+    players_jpg: bytes, yaoming_jpg: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chips are embedded on a thread of their own while the next photos are detected; the
+    photos still come out in order, and an embedder failure is raised to the caller."""
+    import threading
+    import time
+
+    settings = SETTINGS.model_copy(update={"embed_batch_size": 2, "prefetch": 2})
+    small = FacePipeline(settings)
+    detector, embedder = small.detector, small.arcface
+    events: list[tuple[str, str, float, float]] = []
+    real_detect, real_embed = detector.detect, embedder.embed
+
+    def detect(image):  # noqa: ANN001, ANN202 - a recording wrapper
+        start = time.monotonic()
+        found = real_detect(image)
+        events.append(("detect", threading.current_thread().name, start, time.monotonic()))
+        return found
+
+    def slow_embed(chips):  # noqa: ANN001, ANN202
+        start = time.monotonic()
+        time.sleep(0.3)
+        vectors = real_embed(chips)
+        events.append(("embed", threading.current_thread().name, start, time.monotonic()))
+        return vectors
+
+    monkeypatch.setattr(detector, "detect", detect)
+    monkeypatch.setattr(embedder, "embed", slow_embed)
+    names = [f"p{i}.jpg" for i in range(6)]
+    photos = [source(n, yaoming_jpg if i % 2 else players_jpg) for i, n in enumerate(names)]
+    out = list(small.analyze(photos))
+    assert [p.photo_id for p in out] == names
+    assert all(p.embeddings.shape == (len(p.detections), 512) for p in out)
+    embeds = [e for e in events if e[0] == "embed"]
+    detects = [e for e in events if e[0] == "detect"]
+    assert embeds and all(e[1] != threading.current_thread().name for e in embeds)
+    assert any(d[2] < e[3] and e[2] < d[3] for d in detects for e in embeds), "no overlap"
+
+    def broken(chips):  # noqa: ANN001, ANN202
+        raise RuntimeError("embedder broke")
+
+    monkeypatch.setattr(embedder, "embed", broken)
+    with pytest.raises(RuntimeError, match="embedder broke"):
+        list(small.analyze(photos))
+
+
 def test_seed_album_from_the_prototype(pipeline: FacePipeline, shared_data) -> None:
     album = sorted((shared_data / "albums" / "seed-glory").rglob("*.jpg"))
     assert album, "albums/seed-glory is empty"
