@@ -172,9 +172,17 @@ class TcpProxy:
 
 
 def _reset(sock: socket.socket) -> None:
-    """Close with RST (SO_LINGER 0), as a crashed peer's kernel would."""
+    """Close with RST (SO_LINGER 0), as a crashed peer's kernel would.
+
+    A pump thread is blocked in `recv` on every proxied socket, and a socket closed under a
+    blocked reader is not released (nor reset) until that read returns: the peer would see a
+    connection that neither answers nor fails, forever if it is waiting for an answer (a query
+    in flight when the link was cut). Shutting the reading side first wakes the reader, so
+    the close takes effect and the peer gets its RST now."""
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RD)
     with contextlib.suppress(OSError):
         sock.close()
 
@@ -301,6 +309,16 @@ class FaultWorker:
 
     def stop(self) -> None:
         stop_process(self.process)
+
+    def dump_stacks(self) -> None:
+        """Have the worker and its pool write every thread's stack to the log (the test
+        hooks' `DUMP_STACKS_SIGNAL`)."""
+        from tests.servicehooks import DUMP_STACKS_SIGNAL
+
+        for pid in [self.pid, *self.children()]:  # one at a time: they share the log
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, DUMP_STACKS_SIGNAL)
+                time.sleep(0.5)
 
     def text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
@@ -446,6 +464,25 @@ class FaultStack:
             "analyses": sorted(tuple(r) for r in analyses),
         }
 
+    def report_failure(self) -> None:
+        """On a failed test (before anything is stopped): every worker's stacks and log, and
+        the job rows, to stderr, where pytest shows them with the failure."""
+        import sys
+
+        from db.models import Job
+
+        for worker in self.workers:
+            if worker.process.poll() is None:
+                worker.dump_stacks()
+        with contextlib.suppress(Exception), self.sessions() as session:
+            for job in session.scalars(select(Job).order_by(Job.id)):
+                sys.stderr.write(
+                    f"job {job.id}: trip {job.trip_id} {job.status} attempts={job.attempts} "
+                    f"heartbeat={job.heartbeat_at} error={job.error!r}\n"
+                )
+        for worker in self.workers:
+            sys.stderr.write(f"--- {worker.log.name} (pid {worker.pid})\n{worker.text()}\n")
+
     def assert_settled(self, trip_id: int) -> None:
         """No job row of the trip left running/queued/retrying, and no trip lock behind."""
         jobs = [(j.id, j.celery_task_id, j.status, j.error) for j in self.jobs(trip_id)]
@@ -546,4 +583,8 @@ def fault_stack(tmp: Path, *, detector: str = "scrfd") -> Iterator[FaultStack]:
                 stop_process(worker.process, timeout=20)
 
         stack.callback(stop_workers)
-        yield faults
+        try:
+            yield faults
+        except BaseException:
+            faults.report_failure()
+            raise

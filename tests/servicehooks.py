@@ -6,12 +6,17 @@ its trip's lock and its job row, and has listed its photos) while `<dir>/hold` e
 `<dir>/held-<trip>-<job>` and waits until `hold` is removed (at most `HOLD_LIMIT` seconds).
 Likewise `<dir>/hold-chunk` holds an `analyze_chunk` task after it stored its first batch
 (`held-chunk-<job>-<pid>`): a chunk caught half done.
+
+`DUMP_STACKS_SIGNAL` (SIGUSR2, which Celery leaves alone) makes the worker's processes write
+every thread's stack to their log: what a test sends a worker that stopped answering.
 """
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -20,6 +25,10 @@ from tasks.trip import analysis_started, photos_stored
 logger = logging.getLogger(__name__)
 
 HOLD_LIMIT = 300.0
+DUMP_STACKS_SIGNAL = signal.SIGUSR2
+
+# Loaded before the pool forks: its processes inherit the handler (written to stderr, the log).
+faulthandler.register(DUMP_STACKS_SIGNAL, all_threads=True)
 
 
 def hold_dir() -> Path | None:

@@ -79,6 +79,25 @@ def test_proxy_cut_refuses_and_restore_reconnects() -> None:
         server.close()
 
 
+def test_proxy_cut_resets_a_connection_waiting_for_an_answer() -> None:
+    """A client waiting for a reply when the link is cut (a query in flight) is reset at
+    once, as by a server that died; it used to wait forever (the proxy closed its socket
+    under the thread blocked reading it, which keeps the connection alive)."""
+    server, port = _echo_server()
+    proxy = TcpProxy("127.0.0.1", port).start()
+    try:
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as conn:
+            threading.Timer(0.2, proxy.cut).start()
+            start = time.monotonic()
+            with pytest.raises(ConnectionResetError):
+                if not conn.recv(1024):  # nothing was sent: only the cut can end this read
+                    raise ConnectionResetError("closed")
+            assert time.monotonic() - start < 4
+    finally:
+        proxy.close()
+        server.close()
+
+
 def test_proxy_freeze_holds_bytes_until_restore() -> None:
     server, port = _echo_server()
     proxy = TcpProxy("127.0.0.1", port).start()
