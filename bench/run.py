@@ -23,6 +23,10 @@ DETECTORS = ("mtcnn", "scrfd")
 
 def _speed_table(rows: list[dict[str, Any]]) -> list[str]:
     out = [
+        "Stage seconds are summed per stage over the run: decoding and embedding run on threads "
+        "of their own beside detection, so they add up to more than the wall time. The floor is "
+        "the same photos' decode, detect and embed, each run alone, one after another.",
+        "",
         "| set | detector | photos | faces | photos/s | faces/s | decode s | detect s | "
         "align s | embed s | group s | wall s | floor s (decode+detect+embed) | wall/floor |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
