@@ -3,12 +3,12 @@
     python -m bench.compare_insightface --peer-python ../peer-venv/bin/python
 
 Each side runs in its own process (the peer in its own virtualenv: see
-`bench/peer_insightface.py` for the command that makes it), loads its models once (timed,
-then warmed up off the clock), and gets the same photo lists in turns, product and peer
-alternating which goes first, `--rounds` times; the best wall time of each side per set
-counts. Both use the same SCRFD-500M and w600k_mbf files. The peer's photos/s over the
-product's, the peak RSS of each process and the machine's load average during the run go
-into bench/compare.json and a marked section of bench/RESULTS.md.
+`bench/peer_insightface.py` for the command that makes it), loads its models once, when both
+have finished importing (timed, then warmed up off the clock), and gets the same photo lists
+in turns, product and peer alternating which goes first, `--rounds` times; the best wall
+time of each side per set counts. Both use the same SCRFD-500M and w600k_mbf files. The
+peer's photos/s over the product's, the peak RSS of each process and the machine's load
+average during the run go into bench/compare.json and a marked section of bench/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -59,11 +59,13 @@ def serve_product() -> None:
     pipeline: FacePipeline | None = None
     for line in sys.stdin:
         command = json.loads(line)
-        if "load" in command:
+        if "ping" in command:
+            answer: dict[str, Any] = {"ready": True}
+        elif "load" in command:
             start = time.perf_counter()
             pipeline = FacePipeline(settings)
             _ = pipeline.models
-            answer: dict[str, Any] = {"load_s": time.perf_counter() - start}
+            answer = {"load_s": time.perf_counter() - start}
             group_album(sources(command.get("warmup", [])), settings, pipeline=pipeline)
         else:
             start = time.perf_counter()
@@ -131,6 +133,10 @@ def compare(
         ),
         "insightface": Side("insightface", [peer_python, peer_script], env),
     }
+    # Both processes done importing before either loads: a side's model load is timed while
+    # the other is idle, not while it imports its libraries on the same cores.
+    for side in sides.values():
+        side.ask({"ping": True})
     loads = {name: side.ask({"load": models, "warmup": warmup}) for name, side in sides.items()}
     runs: list[dict[str, Any]] = []
     try:

@@ -12,6 +12,7 @@ model. Per photo: `cv2.imread`, `SCRFD.detect` at det_size 640x640, then for eac
 linkage on cosine distance. Default ONNX Runtime sessions (its own thread choice).
 
 Protocol: one JSON command per line on stdin, one JSON answer per line on stdout:
+{"ping": true} -> {"ready": true} (once its imports are done);
 {"load": {"scrfd": path, "arcface": path}} -> {"load_s": ...};
 {"run": [photo paths], "threshold": cosine} -> {"wall_s", "faces", "people", "peak_rss_mb"}.
 """
@@ -72,7 +73,9 @@ def main():
     det = rec = None
     for line in sys.stdin:
         command = json.loads(line)
-        if "load" in command:
+        if "ping" in command:
+            answer = {"ready": True}
+        elif "load" in command:
             start = time.perf_counter()
             det, rec = load(command["load"])
             answer = {"load_s": time.perf_counter() - start}
