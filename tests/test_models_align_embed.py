@@ -154,6 +154,42 @@ def test_openvino_embedder_gives_onnx_runtimes_vectors(players_jpg: bytes) -> No
     assert (expected @ expected.T)[np.triu_indices(len(chips), 1)].max() < 0.9
 
 
+def test_openvino_compiled_model_is_kept_and_checked_before_use(
+    players_jpg: bytes, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The compiled embedder is kept under the model cache and imported by the next process;
+    a kept blob whose bytes changed (OpenVINO's own cache would load it and embed NaN) is
+    compiled again, and a cache that cannot be written only costs the compile."""
+    pytest.importorskip("openvino", reason="the cpu extra installs openvino")
+    chips = _real_chips(players_jpg)
+    settings = PipelineSettings(device="cpu", embed_runtime="openvino", model_cache_dir=tmp_path)
+    expected = ArcFaceEmbedder.load(settings).embed(chips)
+    (blob,) = (tmp_path / "openvino").glob("w600k_mbf.*.blob")
+    assert blob.with_suffix(".sha256").is_file()
+    written = blob.stat().st_mtime_ns
+
+    np.testing.assert_allclose(ArcFaceEmbedder.load(settings).embed(chips), expected, atol=1e-6)
+    assert blob.stat().st_mtime_ns == written  # imported, not compiled and written again
+
+    data = bytearray(blob.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 100_000] = bytes(range(256)) * 390 + bytes(160)
+    blob.write_bytes(bytes(data))
+    with caplog.at_level("WARNING", logger="worker.runtime"):
+        again = ArcFaceEmbedder.load(settings).embed(chips)
+    assert "does not match its sha256" in caplog.text
+    np.testing.assert_allclose(again, expected, atol=1e-6)
+    assert blob.read_bytes() != bytes(data)  # the entry was written again
+
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="worker.runtime"):
+        unkept = ArcFaceEmbedder.load(settings.model_copy(update={"model_cache_dir": not_a_folder}))
+    assert "cannot keep the compiled model" in caplog.text
+    np.testing.assert_allclose(unkept.embed(chips), expected, atol=1e-6)
+
+
 def test_embed_runtime_auto_picks_openvino_on_cpu_when_installed(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -97,7 +97,7 @@ class ArcFaceEmbedder:
         # `settings.embedder` says it (also for a file given by AFTERTRIP_EMBEDDER_PATH).
         spec = REGISTRY.get(settings.embedder)
         return cls(
-            embedder_session(model.path, settings),
+            embedder_session(model, settings),
             model,
             settings.embed_batch_size,
             mean=spec.input_mean if spec else DEFAULT_MEAN,
