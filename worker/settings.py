@@ -83,7 +83,9 @@ class PipelineSettings(BaseSettings):
     scrfd_sha256: str | None = Field(None, description="Expected sha256 of AFTERTRIP_SCRFD_PATH.")
     model_cache_dir: Path = Field(
         default_factory=_default_cache_dir,
-        description="Where models given as s3:// URIs are downloaded and verified once.",
+        description="Where models given as s3:// URIs are downloaded and verified once, and "
+        "where ONet's graph and OpenVINO's compiled embedder are kept (each checked by sha256 "
+        "before use; a read-only folder costs a rebuild per process).",
     )
 
     # execution
