@@ -340,7 +340,7 @@ class _CompiledModelCache:
                 partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
                 partial.write_bytes(content if isinstance(content, bytes) else content.encode())
                 partial.replace(path)
-        except OSError as exc:  # a read-only cache costs a compile per process, nothing else
+        except Exception as exc:  # a read-only cache (or a failed export) costs a compile
             logger.warning("cannot keep the compiled model in %s: %s", self.folder, exc)
         return compiled
 
