@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -107,6 +108,16 @@ def sha256_of(path: Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def write_cache_file(path: Path, data: bytes) -> None:
+    """Write `data` to `path` whole or not at all: into a file of this process's own first,
+    then renamed over `path`, so that neither a reader nor another process writing the same
+    entry ever sees part of it. Creates the folder; raises OSError where it cannot."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    partial.write_bytes(data)
+    partial.replace(path)
 
 
 def package_dir(package: str) -> Path | None:

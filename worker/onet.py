@@ -29,7 +29,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from worker.errors import ModelChecksumMismatch, ModelError
-from worker.models import resolve_model, sha256_of
+from worker.models import resolve_model, sha256_of, write_cache_file
 from worker.runtime import onnx_session
 
 if TYPE_CHECKING:
@@ -234,10 +234,7 @@ def onet_onnx(settings: PipelineSettings, info: ModelInfo) -> bytes:
             "--no-deps facenet-pytorch==2.6.0`, or report this with your onnx version"
         )
     try:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        partial = cached.with_suffix(".partial")
-        partial.write_bytes(data)
-        partial.replace(cached)
+        write_cache_file(cached, data)
     except OSError as exc:  # a read-only cache only costs a rebuild per process
         logger.warning("cannot cache %s: %s", cached, exc)
     return data

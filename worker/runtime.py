@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import hashlib
 import io
 import json
 import logging
@@ -19,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnxruntime as ort
 from numpy.typing import NDArray
+
+from worker.models import write_cache_file
 
 if TYPE_CHECKING:
     from worker.settings import PipelineSettings
@@ -305,8 +308,6 @@ class _CompiledModelCache:
         self.model_sha256 = model_sha256  # checked when the model file was resolved
 
     def _entry(self, model: str, config: dict[str, Any]) -> Path:
-        import hashlib
-
         import openvino
 
         key = json.dumps(
@@ -317,8 +318,6 @@ class _CompiledModelCache:
 
     def load(self, core: Any, model: str, config: dict[str, Any]) -> Any:
         """The compiled model: imported from a checked entry, or compiled (and kept)."""
-        import hashlib
-
         blob = self._entry(model, config)
         checksum = blob.with_suffix(".sha256")
         try:
@@ -335,11 +334,8 @@ class _CompiledModelCache:
             stream = io.BytesIO()
             compiled.export_model(stream)
             data = stream.getvalue()
-            self.folder.mkdir(parents=True, exist_ok=True)
-            for path, content in ((blob, data), (checksum, hashlib.sha256(data).hexdigest())):
-                partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
-                partial.write_bytes(content if isinstance(content, bytes) else content.encode())
-                partial.replace(path)
+            write_cache_file(blob, data)
+            write_cache_file(checksum, hashlib.sha256(data).hexdigest().encode())
         except Exception as exc:  # a read-only cache (or a failed export) costs a compile
             logger.warning("cannot keep the compiled model in %s: %s", self.folder, exc)
         return compiled
