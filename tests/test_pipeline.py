@@ -282,3 +282,37 @@ def test_exif_rotated_portrait_gives_the_same_face(pipeline: FacePipeline, share
     a, b = (result.faces[largest_face(result, n)] for n in names)
     assert iou(a.box, b.box) > 0.9
     assert a.group == b.group >= 0
+
+
+def test_a_read_that_fails_the_job_comes_after_every_photo_read_before_it(
+    players_jpg: bytes, yaoming_jpg: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A storage outage (an error that is not the photo's own) is raised to the caller, but
+    only after the photos read before it have come out with their embeddings, even those
+    still waiting on the embedding thread: a job that stores photos as they come loses only
+    the unread ones."""
+    import time
+
+    settings = SETTINGS.model_copy(update={"embed_batch_size": 1, "prefetch": 4})
+    small = FacePipeline(settings)
+    embedder = small.arcface
+    real_embed = embedder.embed
+
+    def slow_embed(chips):  # noqa: ANN001, ANN202 - embedding lags behind the reads
+        time.sleep(0.3)
+        return real_embed(chips)
+
+    monkeypatch.setattr(embedder, "embed", slow_embed)
+
+    def outage() -> bytes:
+        raise ConnectionError("storage is down")
+
+    photos = [source(f"p{i}.jpg", yaoming_jpg if i % 2 else players_jpg) for i in range(3)]
+    photos.append(PhotoSource(id="p3.jpg", name="p3.jpg", read=outage))
+    photos.append(source("p4.jpg", yaoming_jpg))
+    out = []
+    with pytest.raises(ConnectionError, match="storage is down"):
+        for photo in small.analyze(photos):
+            out.append(photo)
+    assert [p.photo_id for p in out] == ["p0.jpg", "p1.jpg", "p2.jpg"]
+    assert all(len(p.detections) and p.embeddings.shape == (len(p.detections), 512) for p in out)

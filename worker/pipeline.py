@@ -13,9 +13,9 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -208,7 +208,7 @@ class FacePipeline:
 
     def _decoded_in_order(
         self, photos: Iterable[PhotoSource], timer: StageTimer
-    ) -> Iterator[_Decoded]:
+    ) -> Generator[_Decoded]:
         window = max(1, self.settings.prefetch)
         with ThreadPoolExecutor(decode_threads(self.settings), "decode") as pool:
             queue: deque[Future[_Decoded]] = deque()
@@ -237,15 +237,30 @@ class FacePipeline:
         """Decode, detect, align and embed each photo; results come out in input order.
 
         A photo that cannot be read or decoded, or that breaks a stage, comes out with its
-        status and error instead of failing the album.
+        status and error instead of failing the album. A read that raises anything else (a
+        storage outage the job must retry) is raised after every photo read before it has
+        come out, so a caller that stores photos as they come loses only the unread ones.
         """
         timer = timer or StageTimer()
         detector, embedder = self.detector, self.arcface
         pending: list[_Pending] = []
         queued_chips = 0
         embedding: deque[_Batch] = deque()
-        with ThreadPoolExecutor(1, "embed") as embed_thread:
-            for count, decoded in enumerate(self._decoded_in_order(photos, timer), 1):
+        failure: Exception | None = None
+        with (
+            ThreadPoolExecutor(1, "embed") as embed_thread,
+            closing(self._decoded_in_order(photos, timer)) as decoded_photos,
+        ):
+            count = 0
+            while True:
+                try:
+                    decoded = next(decoded_photos)
+                except StopIteration:
+                    break
+                except Exception as exc:  # finish the photos before it, then raise it
+                    failure = exc
+                    break
+                count += 1
                 entry = self._detect_and_align(decoded, detector, timer, face_thumbnails, previews)
                 del decoded  # its pixels are cut into chips: free them before the next photo
                 if count % TRIM_EVERY_PHOTOS == 0:
@@ -263,6 +278,8 @@ class FacePipeline:
                 embedding.append(_Batch.start(pending, embedder, embed_thread, timer))
             while embedding:
                 yield from embedding.popleft().photos(keep_chips)
+        if failure is not None:
+            raise failure
 
     def _detect_and_align(
         self,
