@@ -316,3 +316,32 @@ def test_a_read_that_fails_the_job_comes_after_every_photo_read_before_it(
             out.append(photo)
     assert [p.photo_id for p in out] == ["p0.jpg", "p1.jpg", "p2.jpg"]
     assert all(len(p.detections) and p.embeddings.shape == (len(p.detections), 512) for p in out)
+
+
+def test_a_failed_read_starts_none_of_the_photos_queued_behind_it(
+    players_jpg: bytes, yaoming_jpg: bytes
+) -> None:
+    """Photos are read ahead; once a read has failed the job, the photos queued behind it
+    are not read at all (only a read already under way finishes)."""
+    import time
+
+    small = FacePipeline(SETTINGS.model_copy(update={"decode_workers": 1, "prefetch": 4}))
+    late_reads: list[str] = []
+
+    def outage() -> bytes:
+        raise ConnectionError("storage is down")
+
+    def slow(name: str) -> PhotoSource:
+        def read() -> bytes:
+            late_reads.append(name)
+            time.sleep(1.0)  # still reading when the failure reaches the pipeline
+            return yaoming_jpg
+
+        return PhotoSource(id=name, name=name, read=read)
+
+    photos = [source("p0.jpg", players_jpg), PhotoSource(id="p1.jpg", name="p1.jpg", read=outage)]
+    photos += [slow(f"p{i}.jpg") for i in range(2, 7)]
+    with pytest.raises(ConnectionError, match="storage is down"):
+        list(small.analyze(photos))
+    # p2 is read if the one decode thread took it before the failure arrived; never more.
+    assert set(late_reads) <= {"p2.jpg"}, late_reads

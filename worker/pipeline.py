@@ -209,8 +209,12 @@ class FacePipeline:
     def _decoded_in_order(
         self, photos: Iterable[PhotoSource], timer: StageTimer
     ) -> Generator[_Decoded]:
+        """Each photo decoded, in order, up to `prefetch` ahead. Stopped early (a read that
+        fails the job, or the caller closing it), it waits for the reads under way but starts
+        none of the photos queued behind them."""
         window = max(1, self.settings.prefetch)
-        with ThreadPoolExecutor(decode_threads(self.settings), "decode") as pool:
+        pool = ThreadPoolExecutor(decode_threads(self.settings), "decode")
+        try:
             queue: deque[Future[_Decoded]] = deque()
             for source in photos:
                 queue.append(pool.submit(self._decode, source))
@@ -218,6 +222,8 @@ class FacePipeline:
                     yield self._collect(queue.popleft(), timer)
             while queue:
                 yield self._collect(queue.popleft(), timer)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
     @staticmethod
     def _collect(future: Future[_Decoded], timer: StageTimer) -> _Decoded:
