@@ -190,6 +190,23 @@ def test_openvino_compiled_model_is_kept_and_checked_before_use(
     np.testing.assert_allclose(unkept.embed(chips), expected, atol=1e-6)
 
 
+def test_model_cache_dir_with_a_tilde_is_the_users_home_for_every_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """AFTERTRIP_MODEL_CACHE_DIR=~/models (quoted, so no shell expanded it) is one folder in
+    the home for downloads, ONet's graph and the compiled embedder, not a folder named `~`."""
+    pytest.importorskip("openvino", reason="the cpu extra installs openvino")
+    from worker import onet
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("AFTERTRIP_MODEL_CACHE_DIR", "~/models")
+    settings = PipelineSettings(device="cpu", embed_runtime="openvino")
+    assert settings.model_cache_dir == tmp_path / "models"
+    assert onet._cached_onnx(settings).parent == tmp_path / "models"
+    ArcFaceEmbedder.load(settings)
+    assert list((tmp_path / "models" / "openvino").glob("w600k_mbf.*.blob"))
+
+
 def test_embed_runtime_auto_picks_openvino_on_cpu_when_installed(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

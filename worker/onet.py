@@ -217,10 +217,15 @@ def onet_graph(weights: dict[str, NDArray[np.float32]]) -> bytes:
     return bytes(model.SerializeToString())
 
 
+def _cached_onnx(settings: PipelineSettings) -> Path:
+    """Where ONet's ONNX is kept in the model cache."""
+    return settings.model_cache_dir / f"mtcnn_onet.{ONET_ONNX_SHA256[:16]}.onnx"
+
+
 def onet_onnx(settings: PipelineSettings, info: ModelInfo) -> bytes:
     """ONet's ONNX bytes: from the model cache when built before, else built from `info`'s
     weights and cached; either way checked against `ONET_ONNX_SHA256`."""
-    cached = Path(settings.model_cache_dir) / f"mtcnn_onet.{ONET_ONNX_SHA256[:16]}.onnx"
+    cached = _cached_onnx(settings)
     if cached.is_file() and sha256_of(cached) == ONET_ONNX_SHA256:
         return cached.read_bytes()
     import hashlib
@@ -401,7 +406,7 @@ def prebuild(settings: PipelineSettings) -> Path:
     """Build ONet's ONNX into the model cache now (an image build step), so that no worker
     pays the build (about a second, mostly importing onnx) at its first load."""
     onet_onnx(settings, resolve_model("mtcnn_onet"))
-    return Path(settings.model_cache_dir) / f"mtcnn_onet.{ONET_ONNX_SHA256[:16]}.onnx"
+    return _cached_onnx(settings)
 
 
 if __name__ == "__main__":  # python -m worker.onet

@@ -380,8 +380,6 @@ def embedder_session(
 
     OpenVINO's compiled model is kept, checked, under AFTERTRIP_MODEL_CACHE_DIR/openvino."""
     if embed_runtime(settings) == "openvino":
-        cache = _CompiledModelCache(
-            Path(settings.model_cache_dir).expanduser() / "openvino", model.sha256
-        )
+        cache = _CompiledModelCache(settings.model_cache_dir / "openvino", model.sha256)
         return OpenVINOSession(model.path, cpu_threads(settings), cache)
     return onnx_session(model.path, settings)

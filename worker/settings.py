@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DetectorName = Literal["mtcnn", "scrfd"]
@@ -87,6 +87,12 @@ class PipelineSettings(BaseSettings):
         "where ONet's graph and OpenVINO's compiled embedder are kept (each checked by sha256 "
         "before use; a read-only folder costs a rebuild per process).",
     )
+
+    @field_validator("model_cache_dir")
+    @classmethod
+    def _expand_home(cls, value: Path) -> Path:
+        """A `~` in the variable is the user's home, for every cache kept under it."""
+        return value.expanduser()
 
     # execution
     device: Device = Field("auto", description="auto (CUDA when available), cpu or cuda.")
