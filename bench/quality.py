@@ -24,8 +24,8 @@ from numpy.typing import NDArray
 
 from bench.env import machine
 from worker.align import align_faces
+from worker.boxes import face_size
 from worker.cluster import MIN_DETECTION_SCORE, cluster_faces, default_threshold
-from worker.detect import face_size
 from worker.images import PHOTO_SUFFIXES
 from worker.settings import PipelineSettings
 

@@ -76,14 +76,6 @@ class JobMode(StrEnum):
     ALL = "all"
 
 
-class LinkState(StrEnum):
-    """Whose a photo-to-folder link is, as the worker knows it."""
-
-    WORKER = "worker"  # the worker wrote it (and it was there after its last regroup)
-    ADDED = "added"  # a person added it: the worker keeps it
-    REMOVED = "removed"  # a person removed it: the worker never writes it again
-
-
 class Job(Base):
     """aftertrip_job: one grouping run of a trip and the models it used."""
 

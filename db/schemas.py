@@ -6,19 +6,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-import numpy as np
-from numpy.typing import NDArray
-
-
-@dataclass
-class FaceOutcome:
-    """One face found in a photo: box x1,y1,x2,y2 and 5 landmarks in original pixels."""
-
-    box: list[float]
-    landmarks: list[list[float]]
-    score: float
-    embedding: NDArray[np.float32]
-    thumbnail_key: str | None = None
+from worker.types import FoundFace
 
 
 @dataclass
@@ -30,7 +18,7 @@ class PhotoOutcome:
     error: str | None
     width: int | None
     height: int | None
-    faces: list[FaceOutcome] = field(default_factory=list)
+    faces: list[FoundFace] = field(default_factory=list)
 
 
 @dataclass

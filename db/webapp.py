@@ -47,6 +47,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from db.types import BigId, DjangoUUID, UTCDateTime, utcnow
 from worker.errors import AfterTripError
+from worker.types import SharedFolders
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +58,8 @@ OTHERS_TAG_ID = 2
 """photos_tagface row shared by all trips: photos whose faces were each seen once (tag_num -1)."""
 
 SHARED_TAG_IDS = frozenset({NO_FACE_TAG_ID, OTHERS_TAG_ID})
+SHARED_FOLDER_IDS = SharedFolders(no_face=NO_FACE_TAG_ID, others=OTHERS_TAG_ID)
+"""The shared folders' ids, as the folder plan takes them."""
 
 
 class WebAppBase(DeclarativeBase):

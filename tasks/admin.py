@@ -22,7 +22,7 @@ POLL_SECONDS = 0.5
 
 
 def _console() -> Console:
-    from tasks.cli import console
+    from tasks.console import console
 
     return console
 
@@ -36,7 +36,7 @@ def _escape(value: object) -> str:
 
 def _plain(value: object) -> Any:
     """A user-controlled value as a table cell or a line of its own: never read as markup."""
-    from tasks.cli import plain
+    from tasks.console import plain
 
     return plain(value)
 
@@ -150,20 +150,20 @@ def cmd_rerun(args: argparse.Namespace) -> int:
 
 
 def _forget_corrections(trip_id: int) -> int:
-    from db.crud import TripNotFound, forget_corrections
-    from db.session import make_sessionmaker
+    from db.common import TripNotFound
+    from db.trips import forget_corrections
+    from tasks.compose import Services
 
     console = _console()
-    settings = _settings()
-    engine = settings.database_engine()
+    services = Services(_settings())
     try:
-        with make_sessionmaker(engine)() as session:
+        with services.sessions() as session:
             forgotten = forget_corrections(session=session, trip_id=trip_id)
     except TripNotFound as exc:
         console.print(f"[red]error:[/red] {_escape(exc)}")
         return 1
     finally:
-        engine.dispose()
+        services.close()
     console.print(
         f"forgot {forgotten} correction(s) of trip {trip_id}: "
         "the next job writes the worker's own grouping"
@@ -173,34 +173,24 @@ def _forget_corrections(trip_id: int) -> int:
 
 def _run_inline(args: argparse.Namespace) -> int:
     """The job body of `aftertrip.group_trip`, run here with a progress bar."""
-    from functools import partial
-
     from rich.progress import Progress
 
-    from db.session import make_sessionmaker
-    from storage import s3_fetch
-    from tasks.guard import JobGuard
-    from tasks.trip import open_photo_store, run_trip_job
-    from worker.pipeline import FacePipeline
+    from tasks.compose import Services
+    from tasks.job import run_trip_job
 
     console = _console()
-    settings = _settings()
-    store = open_photo_store(settings)
-    client = getattr(store, "client", None)
-    pipeline = FacePipeline(settings, fetch=partial(s3_fetch, client=client))
-    engine = settings.database_engine()
-    sessions = make_sessionmaker(engine)
-    guard = JobGuard(
-        sessions, heartbeat_seconds=settings.heartbeat_seconds, stall_seconds=settings.stall_seconds
-    )
+    services = Services(_settings())
+    settings = services.settings
+    store = services.store  # a missing store fails here, before any database work
+    guard = services.guard()
     try:
         with Progress(console=console) as progress:
             bar = progress.add_task(f"trip {args.trip}", total=None)
             summary = run_trip_job(
-                sessions=sessions,
+                sessions=services.sessions,
                 guard=guard,
                 store=store,
-                pipeline=pipeline,
+                pipeline=services.pipeline,
                 settings=settings,
                 trip_id=args.trip,
                 mode="all" if args.all else "missing",
@@ -210,7 +200,7 @@ def _run_inline(args: argparse.Namespace) -> int:
                 ),
             )
     finally:
-        engine.dispose()
+        services.close()
     console.print(summary)
     return 0
 
@@ -258,15 +248,16 @@ def cmd_status(args: argparse.Namespace) -> int:
     from rich.table import Table
     from rich.text import Text
 
-    from db.crud import TripNotFound, trip_folders, trip_status
+    from db.common import TripNotFound
     from db.jobs import job_stored_photos, mark_stalled_jobs
-    from db.session import make_sessionmaker
+    from db.status import trip_folders, trip_status
+    from tasks.compose import Services
 
     console = _console()
-    settings = _settings()
-    engine = settings.database_engine()
+    services = Services(_settings())
+    settings = services.settings
     try:
-        with make_sessionmaker(engine)() as session:
+        with services.sessions() as session:
             # A `running` row whose worker stopped beating is failed, not pending, from now on.
             mark_stalled_jobs(
                 session=session, stall_seconds=settings.stall_seconds, trip_id=args.trip
@@ -287,7 +278,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         console.print(f"[red]error:[/red] {_escape(exc)}")
         return 1
     finally:
-        engine.dispose()
+        services.close()
 
     console.print(
         f"trip {status.trip_id}: {status.photos} photos, {status.analyzed} analysed, "
@@ -414,7 +405,7 @@ def cmd_import_trip(args: argparse.Namespace) -> int:
         foreign_webapp_data,
         import_group_id,
     )
-    from tasks.trip import open_photo_store
+    from tasks.compose import open_photo_store
 
     console = _console()
     settings = _settings()

@@ -1,4 +1,5 @@
-"""`aftertrip-faces`: group a folder or S3 prefix of photos, benchmark, run the service.
+"""`aftertrip-faces`: group a folder or S3 prefix of photos, run the service, and the
+commands plugins add (`bench`).
 
 All terminal output goes through `console` here; library code only logs.
 """
@@ -8,36 +9,29 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from collections.abc import Sequence
+from importlib.metadata import entry_points
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
-from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
-from rich.text import Text
 
-if TYPE_CHECKING:
-    from storage import PhotoStore
+from tasks.console import console, plain
 
-console = Console()
 logger = logging.getLogger("aftertrip")
 
-
-def plain(value: object) -> Text:
-    """A user-controlled string (a name, a path, an error) as text: never read as Rich markup.
-
-    A folder named `[/bold] Mina` is shown as it is; as markup it would end the command with
-    a MarkupError. Table cells take it as it is; inside markup, use `escape()` instead.
-    """
-    return Text(str(value))
+COMMAND_PLUGINS = "aftertrip_faces.commands"
+"""Entry point group of other distributions' subcommands: each names a `register(subparsers)`
+function (the benchmarks, `aftertrip-faces bench`, come from the `aftertrip-faces-bench`
+distribution in bench/, which the worker's image does not install)."""
 
 
-def _add_pipeline_options(parser: argparse.ArgumentParser) -> None:
+def add_pipeline_options(parser: argparse.ArgumentParser) -> None:
+    """The options that override the pipeline's settings (detector, grouping, threshold)."""
     parser.add_argument(
         "--detector", choices=["mtcnn", "scrfd"], help="face detector (AFTERTRIP_DETECTOR)"
     )
@@ -52,7 +46,8 @@ def _add_pipeline_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _settings(args: argparse.Namespace):  # noqa: ANN202 - PipelineSettings, imported lazily
+def pipeline_settings(args: argparse.Namespace):  # noqa: ANN202 - PipelineSettings, lazily
+    """The pipeline's settings with the command line's overrides."""
     from worker.settings import PipelineSettings
 
     overrides = {
@@ -67,32 +62,16 @@ def _settings(args: argparse.Namespace):  # noqa: ANN202 - PipelineSettings, imp
     return PipelineSettings(**overrides)
 
 
-def _open_album(path: str) -> tuple[PhotoStore, list[str]]:
-    """The store and photo keys behind a folder path or an s3://bucket/prefix URI."""
-    from storage import LocalStore, S3Store, parse_s3_uri
-
-    if path.startswith("s3://"):
-        bucket, prefix = parse_s3_uri(path)
-        s3 = S3Store(bucket, endpoint_url=os.environ.get("AFTERTRIP_S3_ENDPOINT_URL") or None)
-        return s3, [k for k in s3.list(prefix) if not k.endswith("/")]
-    root = Path(path)
-    if not root.is_dir():
-        raise SystemExit(f"error: {path} is not a folder (or an s3://bucket/prefix URI)")
-    # A local album is the user's own files: links to photos kept elsewhere are followed.
-    local = LocalStore(root, follow_links=True)
-    visible = [k for k in local.list("") if not any(p.startswith(".") for p in k.split("/"))]
-    return local, visible
-
-
 def cmd_group(args: argparse.Namespace) -> int:
     """Group the photos of a folder or S3 prefix; write result.json and report.html."""
-    from storage import photo_sources, s3_fetch
-    from worker.pipeline import AnalyzedPhoto, FacePipeline, group_album
+    from storage import photo_sources
+    from tasks.compose import open_album, open_pipeline
+    from worker.pipeline import AnalyzedPhoto, group_album
     from worker.report import album_json, render_html
     from worker.types import PhotoStatus
 
-    settings = _settings(args)
-    store, keys = _open_album(args.path)
+    settings = pipeline_settings(args)
+    store, keys = open_album(args.path)
     if not keys:
         console.print(f"[yellow]no photos found in {escape(args.path)}[/yellow]")
     out: Path = args.out
@@ -116,7 +95,7 @@ def cmd_group(args: argparse.Namespace) -> int:
             (out / rel).write_bytes(photo.preview)
             photo_images[photo.photo_id] = rel
 
-    pipeline = FacePipeline(settings, fetch=s3_fetch)
+    pipeline = open_pipeline(settings)
     with _progress(args.quiet) as progress:
         task = progress.add_task("photos", total=len(sources))
         result = group_album(
@@ -211,27 +190,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return cmd_group(args)
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    """Run the speed/detection benchmarks or the grouping-quality benchmark."""
-    if args.what == "scale":
-        from bench.scale import run_scale
-
-        result = run_scale(
-            args.data,
-            sizes=tuple(args.sizes),
-            identities=args.identities,
-            cache_dir=args.cache,
-            out_dir=args.out,
-            cached_only=args.cached_only,
-            timeout=args.timeout,
-        )
-        console.print(f"wrote {args.out / 'RESULTS.md'} ({len(result['rows'])} rows)")
-        return 0
-    from bench.run import run_bench
-
-    return run_bench(args, _settings(args), console)
-
-
 def cmd_models(args: argparse.Namespace) -> int:
     """List the model registry and check every installed file's sha256."""
     from worker.errors import ModelError
@@ -274,7 +232,8 @@ def cmd_settings(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command line: group, bench, models, and the service's commands."""
+    """The command line: group, demo, models, settings, the service's commands, and those of
+    the installed plugins (`COMMAND_PLUGINS`)."""
     parser = argparse.ArgumentParser(
         prog="aftertrip-faces",
         description="Sort a trip's photos into one folder per person.",
@@ -286,56 +245,14 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("path", help="a folder of photos, or s3://bucket/prefix")
     group.add_argument("--out", type=Path, required=True, help="where to write the report")
     group.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    _add_pipeline_options(group)
+    add_pipeline_options(group)
     group.set_defaults(handler=cmd_group)
 
     demo = sub.add_parser("demo", help="group the embedded demo album (no data needed)")
     demo.add_argument("--out", type=Path, default=Path("demo"), help="where to write it")
     demo.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    _add_pipeline_options(demo)
+    add_pipeline_options(demo)
     demo.set_defaults(handler=cmd_demo)
-
-    bench = sub.add_parser("bench", help="benchmarks over ../shared/data")
-    bench.add_argument(
-        "what",
-        nargs="?",
-        default="speed",
-        choices=["speed", "detection", "quality", "scale", "all"],
-        help="speed + detection + scale write bench/RESULTS.md; quality writes bench/QUALITY.md",
-    )
-    bench.add_argument("--data", type=Path, default=Path("../shared/data"), help="data folder")
-    bench.add_argument("--out", type=Path, default=Path("bench"), help="results folder")
-    bench.add_argument("--limit", type=int, default=None, help="photos per set (speed)")
-    bench.add_argument("--sets", nargs="*", default=None, help="quality: which faces-dev sets")
-    bench.add_argument("--albums", type=int, default=20, help="quality: albums per set")
-    bench.add_argument("--cache", type=Path, default=None, help="quality: embedding cache")
-    bench.add_argument(
-        "--compare",
-        nargs="*",
-        default=[],
-        choices=["mtcnn", "scrfd"],
-        help="quality: also run the default grouping on these detectors' faces",
-    )
-    bench.add_argument(
-        "--sizes",
-        nargs="*",
-        type=int,
-        default=[1_000, 5_000, 20_000, 50_000, 100_000, 200_000],
-        help="scale: numbers of faces",
-    )
-    bench.add_argument(
-        "--identities", type=int, default=None, help="scale: LFW people to build faces from"
-    )
-    bench.add_argument(
-        "--cached-only",
-        action="store_true",
-        help="scale: only LFW people whose faces are already in the cache",
-    )
-    bench.add_argument(
-        "--timeout", type=float, default=900, help="scale: seconds per size and method"
-    )
-    _add_pipeline_options(bench)
-    bench.set_defaults(handler=cmd_bench)
 
     models = sub.add_parser("models", help="list models and verify their sha256")
     models.set_defaults(handler=cmd_models)
@@ -349,6 +266,11 @@ def build_parser() -> argparse.ArgumentParser:
         logger.debug("service commands unavailable: %s", exc)
     else:
         register(sub)
+    for plugin in entry_points(group=COMMAND_PLUGINS):
+        try:
+            plugin.load()(sub)
+        except ImportError as exc:  # a plugin whose own dependencies are missing
+            logger.debug("commands of %s unavailable: %s", plugin.value, exc)
     return parser
 
 

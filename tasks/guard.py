@@ -8,20 +8,17 @@ lock is held by another job, so a job that lost its turn never writes.
 
 The soft time limit arrives as SIGUSR1, which billiard turns into `SoftTimeLimitExceeded`
 wherever the job's thread happens to be: inside one photo's analysis, where the pipeline
-would record it as that photo's error. `install_soft_limit_handler` records the signal
-first, so the job ends as timed out instead of calling the photo broken.
+would record it as that photo's error. `tasks.trip.install_soft_limit_handler` records the
+signal in `SOFT_LIMIT` first, so the job ends as timed out instead of calling the photo broken.
 """
 
 from __future__ import annotations
 
 import logging
-import signal
 import threading
-from types import FrameType
 
 import redis.exceptions
 import sqlalchemy.exc
-from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.jobs import beat_job, mark_stalled_jobs
@@ -42,29 +39,15 @@ class TripLockLost(AfterTripError):
 
 
 class _SoftLimit:
-    """Whether the soft time limit struck during the current job of this process."""
+    """Whether the soft time limit struck during the current job of this process (set by
+    the signal handler `tasks.trip.install_soft_limit_handler` installs)."""
 
     def __init__(self) -> None:
         self.hit = False
         self.installed = False
 
-    def handler(self, signum: int, frame: FrameType | None) -> None:
-        self.hit = True
-        raise SoftTimeLimitExceeded()
-
 
 SOFT_LIMIT = _SoftLimit()
-
-
-def install_soft_limit_handler() -> None:
-    """Record the soft time limit's signal before raising it (call in the job's process)."""
-    sig = getattr(signal, "SIGUSR1", None)
-    if sig is None or SOFT_LIMIT.installed:
-        return
-    if threading.current_thread() is not threading.main_thread():
-        return  # only the main thread may set handlers (and receives the signal)
-    signal.signal(sig, SOFT_LIMIT.handler)
-    SOFT_LIMIT.installed = True
 
 
 class JobGuard:

@@ -1,7 +1,7 @@
 """Loaded into the test workers (`celery worker -I tests.servicehooks`): holds a job at a
 known point so that service tests do not depend on how long a job happens to take.
 
-With AFTERTRIP_TEST_HOLD_DIR set, a job that reaches `tasks.trip.analysis_started` (it holds
+With AFTERTRIP_TEST_HOLD_DIR set, a job that reaches `tasks.analyze.analysis_started` (it holds
 its trip's lock and its job row, and has listed its photos) while `<dir>/hold` exists writes
 `<dir>/held-<trip>-<job>` and waits until `hold` is removed (at most `HOLD_LIMIT` seconds).
 Likewise `<dir>/hold-chunk` holds an `analyze_chunk` task after it stored its first batch
@@ -20,7 +20,7 @@ import signal
 import time
 from pathlib import Path
 
-from tasks.trip import analysis_started, photos_stored
+from tasks.analyze import analysis_started, photos_stored
 
 logger = logging.getLogger(__name__)
 

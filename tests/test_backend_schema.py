@@ -18,8 +18,9 @@ import pytest
 from sqlalchemy import Engine, func, select, text
 from sqlalchemy.orm import Session
 
-from db import crud
+from db.jobs import start_job
 from db.models import Face, PhotoAnalysis
+from db.photos import trip_photos
 from db.session import make_engine, upgrade
 from db.webapp import (
     NO_FACE_TAG_ID,
@@ -163,7 +164,7 @@ def test_a_file_key_that_is_not_a_uuid_is_read_and_refused(
                 {"trip": trip_id},
             )
         with Session(engine) as session:
-            photos = crud.trip_photos(session=session, trip_id=trip_id)
+            photos = trip_photos(session=session, trip_id=trip_id)
             good, bad = sorted(photos, key=lambda p: p.id)
             assert good.key_error is None and good.s3_key == str(good.file_key)
             assert bad.file_key == "../../etc/passwd"
@@ -212,7 +213,7 @@ def test_times_follow_the_web_app_time_zone(db_backend: str, fresh_db_url: str) 
             assert photo is not None
             # Read back as the instant the app meant.
             assert photo.created_at == app_now.replace(tzinfo=SEOUL)
-            job = crud.start_job(
+            job = start_job(
                 session=session, trip_id=trip_id, mode="missing", task_id=None, models=[]
             )
             job_id, started = job.id, job.started_at

@@ -27,13 +27,14 @@ from PIL import Image, ImageEnhance, ImageOps
 from sqlalchemy import delete, insert, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.crud import forget_corrections, trip_corrections
 from db.models import LinkRecord
 from db.session import make_engine, make_sessionmaker
+from db.status import trip_corrections
+from db.trips import forget_corrections
 from db.webapp import NO_FACE_TAG_ID, OTHERS_TAG_ID, Photo, PhotoTagFace, TagFace
 from storage import LocalStore
+from tasks.job import run_trip_job
 from tasks.settings import ServiceSettings
-from tasks.trip import run_trip_job
 from tests import dbfixtures
 from tests.conftest import vectron_image_path
 from tests.dbfixtures import add_trip, fresh_database, prepare_database

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -18,10 +18,12 @@ from sqlalchemy import Engine, inspect, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-import db.crud
-from db import crud
+import db.trips
+from db.common import MAX_ERROR_CHARS, TripNotFound
+from db.jobs import create_job, fail_job, find_queued_or_running_job, finish_job, start_job
 from db.models import Base, Face, Job, PhotoAnalysis
-from db.schemas import FaceOutcome, PhotoOutcome
+from db.photos import photos_to_analyze, trip_photos
+from db.schemas import PhotoOutcome
 from db.session import (
     VERSION_TABLE,
     alembic_config,
@@ -30,6 +32,7 @@ from db.session import (
     make_engine,
     upgrade,
 )
+from db.status import trip_status
 from db.webapp import (
     NO_FACE_TAG_ID,
     OTHERS_TAG_ID,
@@ -39,6 +42,7 @@ from db.webapp import (
     TagFace,
     create_webapp_tables,
 )
+from tasks.write import regroup_trip, store_photo_outcomes, write_trip_result
 from tests.dbfixtures import (  # noqa: F401  (fixtures)
     add_photos,
     add_trip,
@@ -54,7 +58,7 @@ from tests.dbfixtures import (  # noqa: F401  (fixtures)
     require_webapp_schema,
 )
 from worker.settings import PipelineSettings
-from worker.types import ModelInfo
+from worker.types import FoundFace, ModelInfo
 
 DIM = 512
 EMBEDDER = ModelInfo(
@@ -90,16 +94,14 @@ class People:
         return _unit(self.bases[who] + noise * _unit(self.rng.standard_normal(DIM)))
 
 
-def _face(people: People, who: str, slot: int, shift: float = 0.0) -> FaceOutcome:
+def _face(people: People, who: str, slot: int, shift: float = 0.0) -> FoundFace:
     x = 100.0 * slot + shift
-    box = [x, 50.0 + shift, x + 80.0, 150.0 + shift]
-    landmarks = [[x + 20, 80.0], [x + 60, 80.0], [x + 40, 100.0], [x + 25, 125.0], [x + 55, 125.0]]
-    return FaceOutcome(
-        box=box, landmarks=landmarks, score=0.9 + 0.01 * slot, embedding=people.face(who)
-    )
+    box = (x, 50.0 + shift, x + 80.0, 150.0 + shift)
+    landmarks = ((x + 20, 80.0), (x + 60, 80.0), (x + 40, 100.0), (x + 25, 125.0), (x + 55, 125.0))
+    return FoundFace(box=box, landmarks=landmarks, score=0.9 + 0.01 * slot, embedding=people.face(who))
 
 
-def _outcome(photo_id: int, faces: list[FaceOutcome]) -> PhotoOutcome:
+def _outcome(photo_id: int, faces: list[FoundFace]) -> PhotoOutcome:
     return PhotoOutcome(
         photo_id=photo_id, status="ok", error=None, width=1000, height=800, faces=faces
     )
@@ -126,7 +128,7 @@ def _trip(engine: Engine, count: int = len(CAST)) -> tuple[int, list[int]]:
 
 def _write(engine: Engine, trip_id: int, outcomes: list[PhotoOutcome], **kwargs):
     with Session(engine) as session:
-        return crud.write_trip_result(
+        return write_trip_result(
             session=session,
             trip_id=trip_id,
             analyzed=outcomes,
@@ -349,7 +351,7 @@ def test_rows_written_by_django_sql_are_read(db_engine: Engine) -> None:
             {"t": datetime(2024, 5, 1, 12, 30, 15), "k": stored, "f": False, "trip": trip_id},
         )
     with Session(db_engine) as session:
-        (photo,) = crud.trip_photos(session=session, trip_id=trip_id)
+        (photo,) = trip_photos(session=session, trip_id=trip_id)
         assert photo.s3_key == str(key)
         assert photo.created_at == datetime(2024, 5, 1, 12, 30, 15, tzinfo=UTC)
 
@@ -378,7 +380,7 @@ def test_mariadb_native_uuid_column_is_read(
             {"k": str(key), "trip": trip_id},
         )
     with Session(db_engine) as session:
-        (photo,) = crud.trip_photos(session=session, trip_id=trip_id)
+        (photo,) = trip_photos(session=session, trip_id=trip_id)
         assert photo.s3_key == str(key)
 
 
@@ -527,7 +529,7 @@ def test_named_person_keeps_folder_when_photos_are_added(db_engine: Engine) -> N
     _name(db_engine, alice, "Alice")
 
     with Session(db_engine) as session:
-        todo = crud.photos_to_analyze(
+        todo = photos_to_analyze(
             session=session, trip_id=trip_id, embedder_sha256=EMBEDDER.sha256, mode="missing"
         )
         assert [p.id for p in todo] == new
@@ -582,12 +584,12 @@ def test_named_person_keeps_folder_after_an_embedder_change(db_engine: Engine) -
 
     new_embedder = ModelInfo(name="w600k_r50", role="embedder", path="/m/r50.onnx", sha256="a" * 64)
     with Session(db_engine) as session:
-        todo = crud.photos_to_analyze(
+        todo = photos_to_analyze(
             session=session, trip_id=trip_id, embedder_sha256=new_embedder.sha256, mode="missing"
         )
         assert [p.id for p in todo] == photo_ids
         session.commit()  # end the read transaction: the write runs its own
-        summary = crud.write_trip_result(
+        summary = write_trip_result(
             session=session,
             trip_id=trip_id,
             analyzed=_outcomes(People(seed=1), photo_ids, CAST, shift=2.0),
@@ -671,7 +673,7 @@ def test_failure_in_the_middle_leaves_everything_as_it_was(
     def broken(*args, **kwargs):  # type: ignore[no-untyped-def]
         raise RuntimeError("database went away")
 
-    monkeypatch.setattr(db.crud, "_replace_links", broken)
+    monkeypatch.setattr(db.trips.TripRows, "replace_links", broken)
     changed = _outcomes(people, first, CAST, shift=3.0)
     changed.append(_outcome(photo_ids[-1], [_face(people, "A", 0), _face(people, "G", 1)]))
     changed[5] = PhotoOutcome(photo_ids[5], "corrupt", "truncated JPEG", None, None, [])
@@ -695,13 +697,13 @@ def test_failed_photo_keeps_its_previous_faces(db_engine: Engine) -> None:
     assert _links(db_engine, trip_id) == before
     with Session(db_engine) as session:
         assert len(session.scalars(select(Face).where(Face.photo_id == photo_ids[0])).all()) == 2
-        status = crud.trip_status(session=session, trip_id=trip_id, embedder_sha256=EMBEDDER.sha256)
+        status = trip_status(session=session, trip_id=trip_id, embedder_sha256=EMBEDDER.sha256)
         assert [(e.photo_id, e.status, e.error) for e in status.errors] == [
             (photo_ids[0], "missing", "NoSuchKey: photo gone from S3")
         ]
         assert (status.photos, status.analyzed, status.faces, status.people) == (7, 7, 10, 3)
         # A failed photo is analysed again by the next "missing" job.
-        todo = crud.photos_to_analyze(
+        todo = photos_to_analyze(
             session=session, trip_id=trip_id, embedder_sha256=EMBEDDER.sha256, mode="missing"
         )
         assert [p.id for p in todo] == [photo_ids[0]]
@@ -718,7 +720,7 @@ def test_photos_to_analyze_in_both_modes(db_engine: Engine) -> None:
 
     def ids(mode: str, sha: str = EMBEDDER.sha256) -> list[int]:
         with Session(db_engine) as session:
-            photos = crud.photos_to_analyze(
+            photos = photos_to_analyze(
                 session=session, trip_id=trip_id, embedder_sha256=sha, mode=mode
             )
             return [p.id for p in photos]
@@ -750,14 +752,14 @@ def test_write_refuses_an_open_transaction_and_foreign_photos(db_engine: Engine)
         (stranger,) = add_photos(session, other.id, 1)
         stranger_id = stranger.id
     with Session(db_engine) as session:
-        crud.trip_photos(session=session, trip_id=trip_id)  # a read opens a transaction
+        trip_photos(session=session, trip_id=trip_id)  # a read opens a transaction
         with pytest.raises(ValueError, match="own transaction"):
-            crud.write_trip_result(
+            write_trip_result(
                 session=session, trip_id=trip_id, analyzed=[], embedder=EMBEDDER, settings=SETTINGS
             )
     with pytest.raises(ValueError, match="other trips"):
         _write(db_engine, trip_id, [_outcome(stranger_id, [])])
-    with pytest.raises(crud.TripNotFound):
+    with pytest.raises(TripNotFound):
         _write(db_engine, 10**9, [])
     assert _snapshot(db_engine)["faces"] == []
 
@@ -772,11 +774,11 @@ def test_job_lifecycle_and_redelivery(db_engine: Engine) -> None:
         for n, c in (("pnet", "1"), ("rnet", "2"), ("onet", "3"))
     ]
     with Session(db_engine) as session:
-        assert crud.find_queued_or_running_job(session=session, trip_id=trip_id) is None
-        queued = crud.create_job(session=session, trip_id=trip_id, mode="missing", task_id="t-1")
-        assert crud.find_queued_or_running_job(session=session, trip_id=trip_id).id == queued.id
+        assert find_queued_or_running_job(session=session, trip_id=trip_id) is None
+        queued = create_job(session=session, trip_id=trip_id, mode="missing", task_id="t-1")
+        assert find_queued_or_running_job(session=session, trip_id=trip_id).id == queued.id
 
-        job = crud.start_job(
+        job = start_job(
             session=session,
             trip_id=trip_id,
             mode="missing",
@@ -788,7 +790,7 @@ def test_job_lifecycle_and_redelivery(db_engine: Engine) -> None:
         assert len(job.detector_sha256) == 64 and job.embedder_sha256 == EMBEDDER.sha256
         assert len(job.models) == 4
 
-        again = crud.start_job(
+        again = start_job(
             session=session,
             trip_id=trip_id,
             mode="missing",
@@ -797,47 +799,45 @@ def test_job_lifecycle_and_redelivery(db_engine: Engine) -> None:
         )
         assert again.id == job.id and again.attempts == 2
         assert again.detector_name == "scrfd_500m_bnkps" and again.detector_sha256 == "d" * 64
-        crud.finish_job(session=session, job_id=job.id, counts={"photos": 7, "people": 3})
+        finish_job(session=session, job_id=job.id, counts={"photos": 7, "people": 3})
 
-        other = crud.start_job(
+        other = start_job(
             session=session, trip_id=trip_id, mode="all", task_id=None, models=[DETECTOR, EMBEDDER]
         )
         session.execute(text("SELECT 1"))  # an open transaction fail_job must cope with
-        crud.fail_job(session=session, job_id=other.id, error="x" * 20_000)
+        fail_job(session=session, job_id=other.id, error="x" * 20_000)
         job_id, other_id = job.id, other.id
         with pytest.raises(ValueError):
-            crud.start_job(
-                session=session, trip_id=trip_id, mode="sometimes", task_id=None, models=[]
-            )
+            start_job(session=session, trip_id=trip_id, mode="sometimes", task_id=None, models=[])
 
     with Session(db_engine) as session:
-        assert crud.find_queued_or_running_job(session=session, trip_id=trip_id) is None
+        assert find_queued_or_running_job(session=session, trip_id=trip_id) is None
         done = session.get(Job, job_id)
         assert done.status == "succeeded" and done.counts == {"photos": 7, "people": 3}
         assert done.finished_at >= done.started_at >= done.created_at
         assert done.finished_at.tzinfo is not None
         failed = session.get(Job, other_id)
-        assert failed.status == "failed" and len(failed.error) == crud.MAX_ERROR_CHARS
-        status = crud.trip_status(session=session, trip_id=trip_id, limit=5)
+        assert failed.status == "failed" and len(failed.error) == MAX_ERROR_CHARS
+        status = trip_status(session=session, trip_id=trip_id, limit=5)
         assert [j.id for j in status.jobs] == [other_id, job_id]
         assert status.embedder_sha256 == EMBEDDER.sha256
-        with pytest.raises(crud.TripNotFound):
-            crud.trip_status(session=session, trip_id=10**9)
+        with pytest.raises(TripNotFound):
+            trip_status(session=session, trip_id=10**9)
 
 
 def test_folder_cover_follows_the_result_files_rule(db_engine: Engine) -> None:
     """The cover is the face the result file names (worker.detect.cover_score): a clear face
     beats a blurrier one that is a little larger."""
-    from worker.detect import cover_score
+    from worker.boxes import cover_score
 
     trip_id, photo_ids = _trip(db_engine, 3)
     people = People(seed=5)
     sizes_scores = [(100.0, 0.99), (130.0, 0.6), (50.0, 0.95)]
     outcomes = []
     for pid, (side, score) in zip(photo_ids, sizes_scores, strict=True):
-        face = _face(people, "A", 0)
-        face.box = [10.0, 10.0, 10.0 + side, 10.0 + side]
-        face.score = score
+        face = replace(
+            _face(people, "A", 0), box=(10.0, 10.0, 10.0 + side, 10.0 + side), score=score
+        )
         outcomes.append(_outcome(pid, [face]))
     boxes = np.array([f.faces[0].box for f in outcomes])
     scores = np.array([s for _, s in sizes_scores])
@@ -854,21 +854,21 @@ def test_folder_cover_follows_the_result_files_rule(db_engine: Engine) -> None:
 
 def _store(engine: Engine, trip_id: int, outcomes: list[PhotoOutcome], job_id: int | None):
     with Session(engine) as session:
-        return crud.store_photo_outcomes(
+        return store_photo_outcomes(
             session=session, trip_id=trip_id, outcomes=outcomes, embedder=EMBEDDER, job_id=job_id
         )
 
 
 def _regroup(engine: Engine, trip_id: int, job_id: int | None = None):
     with Session(engine) as session:
-        return crud.regroup_trip(
+        return regroup_trip(
             session=session, trip_id=trip_id, embedder=EMBEDDER, settings=SETTINGS, job_id=job_id
         )
 
 
 def _job(engine: Engine, trip_id: int, mode: str = "missing") -> int:
     with Session(engine) as session:
-        return crud.create_job(session=session, trip_id=trip_id, mode=mode).id
+        return create_job(session=session, trip_id=trip_id, mode=mode).id
 
 
 def _by_position(engine: Engine, trip_id: int, photo_ids: list[int]) -> list[frozenset[int]]:
@@ -954,7 +954,7 @@ def test_a_retried_job_skips_what_it_stored(db_engine: Engine) -> None:
 
     def todo(mode: str, job: int | None) -> list[int]:
         with Session(db_engine) as session:
-            photos = crud.photos_to_analyze(
+            photos = photos_to_analyze(
                 session=session,
                 trip_id=trip_id,
                 embedder_sha256=EMBEDDER.sha256,
@@ -980,12 +980,12 @@ def test_store_refuses_photos_of_other_trips_and_duplicates(db_engine: Engine) -
         _store(db_engine, trip_id, [_outcome(stranger_id, [])], None)
     with pytest.raises(ValueError, match="twice"):
         _store(db_engine, trip_id, [_outcome(photo_ids[0], []), _outcome(photo_ids[0], [])], None)
-    with pytest.raises(crud.TripNotFound):
+    with pytest.raises(TripNotFound):
         _store(db_engine, 10**9, [], None)
     with Session(db_engine) as session:
-        crud.trip_photos(session=session, trip_id=trip_id)
+        trip_photos(session=session, trip_id=trip_id)
         with pytest.raises(ValueError, match="own transaction"):
-            crud.regroup_trip(
+            regroup_trip(
                 session=session, trip_id=trip_id, embedder=EMBEDDER, settings=SETTINGS, job_id=None
             )
     assert _snapshot(db_engine)["analyses"] == []

@@ -15,7 +15,8 @@ from numpy.typing import NDArray
 from PIL import Image
 
 from bench.detection import box_iou, count_faces, photos_in, read_imglab, voc_recall
-from worker.detect import FaceDetector, load_detector, nms
+from worker.boxes import nms
+from worker.detect import FaceDetector, load_detector
 from worker.errors import ModelError
 from worker.mtcnn import PNet, pyramid_scales
 from worker.scrfd import SCRFDDetector, anchor_centres, head_layout

@@ -52,7 +52,7 @@ class Cast:
                 out.append(
                     TripFace(
                         photo_id=first_id + k,
-                        vector=self.vector(who),
+                        embedding=self.vector(who),
                         score=0.9,
                         box=(x, 0.0, x + 80.0, 100.0),
                         folder=(folders or {}).get(who),
@@ -193,7 +193,7 @@ def test_an_added_link_must_links_the_best_fitting_face_with_the_folder() -> Non
     photos = [["A"], ["A"], ["B", "C"], ["C"]]
     faces = cast.faces(photos, folders={"A": 10})
     recorder = Recorder(_truth(photos))
-    directions = folder_directions([f.vector for f in faces[:2]], [10, 10])
+    directions = folder_directions([f.embedding for f in faces[:2]], [10, 10])
     added = Correction(photo_id=102, folder_id=10, kind=ADDED, order=1)
     plan = _plan(
         faces,
@@ -243,7 +243,7 @@ def test_a_near_copy_follows_the_corrected_face(kind: CorrectionKind) -> None:
     corrected = 3 if kind is ADDED else 2
     copy = TripFace(
         photo_id=200,
-        vector=_unit(faces[corrected].vector + 0.05 * cast.vector("noise")),
+        embedding=_unit(faces[corrected].embedding + 0.05 * cast.vector("noise")),
         score=0.9,
         box=(0.0, 0.0, 80.0, 100.0),
     )
@@ -269,12 +269,12 @@ def test_corrections_through_the_real_grouping() -> None:
     faces = cast.faces(photos, folders={"A": 10, "B": 11})
     c_copy = TripFace(
         photo_id=300,
-        vector=_unit(faces[6].vector + 0.1 * cast.vector("noise")),
+        embedding=_unit(faces[6].embedding + 0.1 * cast.vector("noise")),
         score=0.9,
         box=(0.0, 0.0, 80.0, 100.0),
     )
     folders = [Folder(10, 0, True), Folder(11, 1, False)]
-    directions = folder_directions([f.vector for f in faces[:6]], [10] * 4 + [11] * 2)
+    directions = folder_directions([f.embedding for f in faces[:6]], [10] * 4 + [11] * 2)
     plain = _plan([*faces, c_copy], folders, directions=directions)
     assert _folders_of(plain, 103) == {10} and 10 not in _folders_of(plain, 106)
     corrections = [
@@ -310,7 +310,7 @@ def test_faces_already_placed_with_someone_else_do_not_follow() -> None:
     faces = cast.faces(photos, folders={"A": 10, "C": 12})
     faces[3] = TripFace(
         photo_id=103,
-        vector=_unit(faces[2].vector + 0.05 * cast.vector("noise")),
+        embedding=_unit(faces[2].embedding + 0.05 * cast.vector("noise")),
         score=0.9,
         box=(0.0, 0.0, 80.0, 100.0),
         folder=12,

@@ -16,7 +16,7 @@ from tests.servicefixtures import ROOT
 
 
 def record(message: str = "job succeeded", **extra: object) -> logging.LogRecord:
-    rec = logging.LogRecord("db.crud", logging.INFO, __file__, 1, message, (), None)
+    rec = logging.LogRecord("db.jobs", logging.INFO, __file__, 1, message, (), None)
     rec.__dict__.update(extra)
     return rec
 
@@ -32,7 +32,7 @@ def test_key_value_lines_carry_the_extra_fields() -> None:
     }
     line = KeyValueFormatter().format(rec)
     assert line.endswith(
-        "INFO db.crud: job succeeded trip_id=7 job_id=12 mode=all folder=faces/7/ seconds=1.5"
+        "INFO db.jobs: job succeeded trip_id=7 job_id=12 mode=all folder=faces/7/ seconds=1.5"
     )
     # values a reader could not split are quoted; lists and dicts as JSON
     line = KeyValueFormatter().format(record(place="Jeju island", tag_ids=[1, 2], empty=""))
@@ -53,7 +53,7 @@ def test_json_lines() -> None:
     rec = record(trip_id=7, job_id=12, timings={"decode": 0.25}, thing=object())
     entry = json.loads(JsonFormatter().format(rec))
     assert entry["message"] == "job succeeded" and entry["level"] == "INFO"
-    assert entry["logger"] == "db.crud"
+    assert entry["logger"] == "db.jobs"
     assert entry["trip_id"] == 7 and entry["job_id"] == 12
     assert entry["timings"] == {"decode": 0.25}
     assert entry["thing"].startswith("<object")  # what JSON cannot hold, as text

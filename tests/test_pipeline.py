@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import STORE_FOR_ORIENTATION
-from worker.detect import box_iou
+from worker.boxes import box_iou
 from worker.pipeline import FacePipeline, group_album
 from worker.settings import PipelineSettings
 from worker.types import NO_FACE_GROUP, AlbumResult, PhotoSource, PhotoStatus

@@ -86,7 +86,8 @@ def test_settings_refuse_inconsistent_limits_and_lockless_broker() -> None:
 _PRINT_CONFIG = """
 import json
 from tasks.app import app
-from tasks.trip import group_trip, RETRYABLE_ERRORS
+from tasks.trip import group_trip
+from tasks.retry import RETRYABLE_ERRORS
 c = app.conf
 route = app.amqp.router.route({}, "aftertrip.group_trip")
 print(json.dumps({

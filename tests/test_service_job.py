@@ -1,4 +1,4 @@
-"""The grouping job's body without Celery (`tasks.trip.run_trip_job`): the embedded path on
+"""The grouping job's body without Celery (`tasks.job.run_trip_job`): the embedded path on
 SQLite with a local photo folder, failures that keep previous results, and a retry."""
 
 from __future__ import annotations
@@ -12,15 +12,17 @@ import pytest
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.crud import find_queued_or_running_job
+from db.jobs import find_queued_or_running_job
 from db.models import Job
 from db.session import make_sessionmaker
 from db.webapp import NO_FACE_TAG_ID, Photo, PhotoTagFace
 from storage import LocalStore, TransientStorageError
 from storage.errors import StorageError
+from tasks.analyze import thumbnail_key
 from tasks.guard import JobGuard, JobTimedOut
+from tasks.job import InvalidJobArguments, run_trip_job
+from tasks.retry import RETRYABLE_ERRORS
 from tasks.settings import ServiceSettings
-from tasks.trip import RETRYABLE_ERRORS, InvalidJobArguments, run_trip_job, thumbnail_key
 from tests import dbfixtures
 from tests.dbfixtures import add_trip
 
@@ -147,7 +149,7 @@ def test_unknown_trip_and_mode_are_refused(
     tmp_path: Path,
     pipeline,  # noqa: ANN001
 ) -> None:
-    from db.crud import TripNotFound
+    from db.common import TripNotFound
     from db.session import make_engine
 
     engine = make_engine(db_url)
@@ -226,7 +228,7 @@ def test_soft_time_limit_ends_the_job_as_timed_out(
     """Celery's soft limit (SIGUSR1 -> SoftTimeLimitExceeded) striking inside one photo's
     detection: the job fails as timed out, and that photo is not recorded as broken."""
     from db.models import PhotoAnalysis
-    from tasks.guard import install_soft_limit_handler
+    from tasks.trip import install_soft_limit_handler
 
     store = LocalStore(tmp_path / "photos")
     settings = ServiceSettings(detector="scrfd", photo_root=tmp_path / "photos")
@@ -281,8 +283,7 @@ def test_stalled_running_row_is_marked_by_the_next_job_and_by_status(
 ) -> None:
     """A row left `running` by a dead worker (old heartbeat): the next job of the trip marks
     it failed; `mark_stalled_jobs` (what `status` runs) marks any such row; fresh ones stay."""
-    from db.crud import start_job
-    from db.jobs import beat_job, mark_stalled_jobs
+    from db.jobs import beat_job, mark_stalled_jobs, start_job
     from db.types import utcnow
 
     store = LocalStore(tmp_path / "photos")
@@ -333,10 +334,10 @@ def test_retried_job_continues_where_the_last_delivery_stopped(
     """Photos are stored as they are analysed (in batches): S3 failing on the fourth read
     loses only what was not stored yet; the same job delivered again reads only the rest,
     then groups the whole trip."""
-    import tasks.trip
+    import tasks.analyze
     from db.jobs import job_stored_photos
 
-    monkeypatch.setattr(tasks.trip, "STORE_BATCH", 1)
+    monkeypatch.setattr(tasks.analyze, "STORE_BATCH", 1)
     monkeypatch.setattr(pipeline.arcface, "batch_size", 1)  # each photo leaves at once
     reads: list[str] = []
     failed: list[str] = []
@@ -406,8 +407,8 @@ def test_fanned_out_job_and_a_chunk_run_twice_store_each_photo_once(
     `send`) runs chunk 0 twice, the job takes the rest; every photo is read once."""
     from redis import Redis
 
+    from tasks.fanout import FanOut, analyze_chunk_body
     from tasks.locks import Lease, chunk_lease_name
-    from tasks.trip import FanOut, analyze_chunk_body
     from tests.servicefixtures import REDIS_URL, require_redis
 
     require_redis()

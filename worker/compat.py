@@ -24,8 +24,9 @@ from PIL import Image
 from worker.cluster import MIN_DETECTION_SCORE, Clustering, cluster_faces, seed_grouping
 from worker.errors import PhotoUnreadable
 from worker.pipeline import AnalyzedPhoto, FacePipeline
+from worker.rules import photo_groups
 from worker.settings import PipelineSettings
-from worker.types import NO_FACE_GROUP, SINGLE_FACE_GROUP, PhotoSource, PhotoStatus
+from worker.types import SINGLE_FACE_GROUP, PhotoSource, PhotoStatus
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ def run_face_recog(
             chips.extend(photo.chips)
     if not face_photo:
         for image, photo in zip(out_images, analyzed, strict=True):
-            _mark(image, photo, [NO_FACE_GROUP])
+            _mark(image, photo, [])
         return [], [], out_images
 
     embeddings = np.concatenate([p.embeddings for p in analyzed]).astype(np.float32)
@@ -134,11 +135,11 @@ def _write_crops(
     return paths
 
 
-def _mark(image: dict[str, Any], photo: AnalyzedPhoto, group_idx: list[int]) -> None:
-    if photo.status is PhotoStatus.OK:
-        image["group_idx"] = group_idx
-    else:
-        image["group_idx"] = []
+def _mark(image: dict[str, Any], photo: AnalyzedPhoto, labels: list[int]) -> None:
+    """Set an image's `group_idx` from its faces' groups (-1: a face seen once)."""
+    ok = photo.status is PhotoStatus.OK
+    image["group_idx"] = photo_groups(labels, analysed=ok)
+    if not ok:
         image["error"] = f"{photo.status.value}: {photo.error}"
 
 
@@ -152,12 +153,11 @@ def _prototype_structure(
 ) -> tuple[list[dict[str, Any]], list[int], list[dict[str, Any]]]:
     per_image: list[list[int]] = [[] for _ in analyzed]
     out_groups: list[dict[str, Any]] = []
-    # The prototype appended group ids to each image in face order, then swapped the ids
-    # of one-face groups for a single -1.
+    # Each image's faces in face order, by group; a face alone in its group is seen once.
     face_group: dict[int, int] = {}
     for g_idx, (faces, _, _) in enumerate(groups):
         for face in faces:
-            face_group[face] = g_idx
+            face_group[face] = g_idx if len(faces) > 1 else SINGLE_FACE_GROUP
     for face in sorted(face_group):
         per_image[face_photo[face]].append(face_group[face])
     valid: list[int] = []
@@ -172,13 +172,8 @@ def _prototype_structure(
                 "cosine_similarity_list": list(sims),
             }
         )
-        if len(faces) == 1:
-            ids = per_image[face_photo[faces[0]]]
-            ids.remove(g_idx)
-            if SINGLE_FACE_GROUP not in ids:
-                ids.append(SINGLE_FACE_GROUP)
-        else:
+        if len(faces) > 1:
             valid.append(g_idx)
     for idx, (image, photo) in enumerate(zip(out_images, analyzed, strict=True)):
-        _mark(image, photo, per_image[idx] or [NO_FACE_GROUP])
+        _mark(image, photo, per_image[idx])
     return out_groups, valid, out_images

@@ -7,32 +7,10 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 from numpy.typing import NDArray
 
-from worker.boxes import (
-    box_iou,
-    close_up,
-    cover_score,
-    face_size,
-    finish_detections,
-    nms,
-    upright,
-)
+from worker.boxes import box_iou, close_up, finish_detections, upright
 from worker.types import Detections
 
-# The box helpers live in worker.boxes; these names stay importable from here for callers.
-__all__ = [
-    "FaceDetector",
-    "FaceVerifier",
-    "SecondLook",
-    "VerifiedDetector",
-    "box_iou",
-    "close_up",
-    "cover_score",
-    "face_size",
-    "finish_detections",
-    "load_detector",
-    "nms",
-    "upright",
-]
+__all__ = ["FaceDetector", "FaceVerifier", "SecondLook", "VerifiedDetector", "load_detector"]
 
 if TYPE_CHECKING:
     from worker.models import RemoteFetcher

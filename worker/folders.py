@@ -1,6 +1,7 @@
 """A trip's faces into its folders: grouping, matching groups to folders, corrections, links.
 
-Pure: plain values in, a `FolderPlan` out; `db.crud` loads the rows and saves the plan.
+Pure: plain values in (`worker.types`), a `FolderPlan` out; `tasks/write.py` loads the rows
+through `db.trips`, calls `plan_folders`, and saves the plan through `db.trips`.
 
 In: every stored face of the trip's live photos (vector, photo, box, score, and the folder it
 was in: its vote), the trip's person folders (id, tag_num, named?), each folder's direction as
@@ -30,15 +31,28 @@ import logging
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from enum import StrEnum
 
 import numpy as np
 from numpy.typing import NDArray
 from scipy.optimize import linear_sum_assignment
 
+from worker.boxes import box_iou, cover_score
 from worker.cluster import Clustering, ConstraintConflict, cluster_faces
-from worker.detect import box_iou, cover_score
 from worker.errors import AfterTripError
+from worker.rules import cover_faces, photo_groups
+from worker.types import (
+    NO_FACE_GROUP,
+    SINGLE_FACE_GROUP,
+    Correction,
+    CorrectionKind,
+    CorrectionOutcome,
+    Folder,
+    FolderPlan,
+    GroupingRule,
+    NewFolder,
+    SharedFolders,
+    TripFace,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -49,71 +63,6 @@ BOX_MATCH_IOU = 0.5
 class CorrectionsUnresolved(AfterTripError):
     """The corrections still contradict each other after the latest-wins rule (a bug of the
     resolver, not of the person): the job fails and the previous folders stay."""
-
-
-class CorrectionKind(StrEnum):
-    """What a person did to a link of the worker's."""
-
-    ADDED = "added"
-    REMOVED = "removed"
-
-
-@dataclass(frozen=True)
-class TripFace:
-    """One stored face of a live photo. `folder`: the person folder it was in (its vote)."""
-
-    photo_id: int
-    vector: NDArray[np.float32]
-    score: float
-    box: tuple[float, float, float, float]
-    folder: int | None = None
-
-
-@dataclass(frozen=True)
-class Folder:
-    """One person folder of the trip (photos_tagface)."""
-
-    id: int
-    tag_num: int
-    named: bool
-
-
-@dataclass(frozen=True)
-class Correction:
-    """A link a person added or removed; a higher `order` is a later correction."""
-
-    photo_id: int
-    folder_id: int
-    kind: CorrectionKind
-    order: int
-
-
-@dataclass(frozen=True)
-class NewFolder:
-    """A folder to create; faces and links name it by `key` (negative: -1, -2, ...)."""
-
-    key: int
-    tag_num: int
-
-
-@dataclass(frozen=True)
-class SharedFolders:
-    """The ids of the two folders every trip shares."""
-
-    no_face: int
-    others: int
-
-
-@dataclass(frozen=True)
-class GroupingRule:
-    """How faces are grouped: `worker.cluster.cluster_faces`'s settings, and the cut (cosine)
-    used to match groups to folders by direction and to let new faces follow corrections."""
-
-    method: str
-    embedder: str
-    threshold: float
-    explicit_threshold: float | None = None
-    min_quality: float | None = None
 
 
 Clusterer = Callable[
@@ -131,41 +80,6 @@ class Constraints:
 
     def __bool__(self) -> bool:
         return bool(self.must_link or self.cannot_link)
-
-
-@dataclass
-class CorrectionOutcome:
-    """What the plan did with each correction it was given."""
-
-    honoured: list[Correction] = field(default_factory=list)
-    overruled: list[Correction] = field(default_factory=list)
-    followers: int = 0
-    """Faces that followed a corrected face they are nearest to."""
-
-
-@dataclass
-class FolderPlan:
-    """Where every face and photo of the trip goes.
-
-    Per face (in the order given): `labels` (group, -1 alone), `matched` (index of the face it
-    was matched to, -1), `similarity`, `folders` (folder id, a `NewFolder.key`, or the shared
-    "others" id for a face alone) and `covers`. `group_folders`: folder of each group label.
-    """
-
-    labels: NDArray[np.int64]
-    matched: NDArray[np.int64]
-    similarity: NDArray[np.float32]
-    folders: list[int]
-    covers: list[bool]
-    group_folders: dict[int, int]
-    new_folders: list[NewFolder]
-    links: set[tuple[int, int]]
-    corrections: CorrectionOutcome
-
-    @property
-    def people(self) -> int:
-        """Person folders in use."""
-        return len(set(self.group_folders.values()))
 
 
 def default_clusterer(
@@ -259,7 +173,7 @@ def plan_folders(
     usable = [c for c in corrections if c.folder_id in by_id]
     n = len(faces)
     vectors = (
-        np.stack([f.vector for f in faces]).astype(np.float32)
+        np.stack([f.embedding for f in faces]).astype(np.float32)
         if n
         else np.zeros((0, 0), np.float32)
     )
@@ -632,15 +546,13 @@ def _covers(faces: Sequence[TripFace], labels: NDArray[np.int64]) -> list[bool]:
     """The face that shows each person best, by the result file's rule."""
     if not faces:
         return []
-    values = cover_score(
-        np.array([f.score for f in faces], np.float64),
-        np.array([f.box for f in faces], np.float64).reshape(-1, 4),
+    winners = set(
+        cover_faces(
+            labels,
+            np.array([f.score for f in faces], np.float64),
+            np.array([f.box for f in faces], np.float64).reshape(-1, 4),
+        ).values()
     )
-    best: dict[int, int] = {}
-    for i, label in enumerate(labels):
-        if label >= 0 and (int(label) not in best or values[i] > values[best[int(label)]]):
-            best[int(label)] = i
-    winners = set(best.values())
     return [i in winners for i in range(len(faces))]
 
 
@@ -651,21 +563,15 @@ def _desired_links(
     group_folders: dict[int, int],
     shared: SharedFolders,
 ) -> set[tuple[int, int]]:
-    """(photo_id, folder) pairs the trip should have.
-
-    As the prototype's `group_idx`: a photo is in each of its people's folders, and also in
-    "others" when one of its faces is seen only once; a photo without a face is in "no faces".
-    """
+    """(photo_id, folder) pairs the trip should have: the photo's `group_idx`
+    (`worker.rules.photo_groups`) with each group as its folder, -1 as "others" and -2 as
+    "no faces"."""
     labels_by_photo: dict[int, list[int]] = defaultdict(list)
     for face, label in zip(faces, labels, strict=True):
         labels_by_photo[face.photo_id].append(int(label))
-    desired: set[tuple[int, int]] = set()
-    for photo_id in analysed_photos:
-        photo_labels = labels_by_photo.get(photo_id, [])
-        if not photo_labels:
-            desired.add((photo_id, shared.no_face))
-            continue
-        desired.update((photo_id, group_folders[label]) for label in photo_labels if label >= 0)
-        if any(label < 0 for label in photo_labels):
-            desired.add((photo_id, shared.others))
-    return desired
+    folder_of = {**group_folders, NO_FACE_GROUP: shared.no_face, SINGLE_FACE_GROUP: shared.others}
+    return {
+        (photo_id, folder_of[group])
+        for photo_id in analysed_photos
+        for group in photo_groups(labels_by_photo.get(photo_id, []))
+    }

@@ -22,13 +22,13 @@ import numpy as np
 from numpy.typing import NDArray
 
 from worker.align import align_faces
-from worker.boxes import cover_score
 from worker.cluster import MIN_DETECTION_SCORE, Clustering, cluster_faces
 from worker.detect import FaceDetector, load_detector
 from worker.embed import ArcFaceEmbedder
 from worker.errors import PhotoError
 from worker.images import decode_image, encode_jpeg
 from worker.models import RemoteFetcher
+from worker.rules import cover_faces, photo_groups
 from worker.runtime import (
     TRIM_EVERY_PHOTOS,
     decode_threads,
@@ -37,7 +37,6 @@ from worker.runtime import (
 )
 from worker.settings import PipelineSettings
 from worker.types import (
-    NO_FACE_GROUP,
     SINGLE_FACE_GROUP,
     AlbumResult,
     DecodedImage,
@@ -374,7 +373,6 @@ def assemble_album(
     """Group the faces of analysed photos and build the album's typed result."""
     faces: list[FaceResult] = []
     photo_index: list[int] = []
-    quality: list[NDArray[np.float32]] = []
     for p_idx, photo in enumerate(analyzed):
         for i in range(len(photo.detections)):
             faces.append(
@@ -389,7 +387,6 @@ def assemble_album(
                 )
             )
             photo_index.append(p_idx)
-        quality.append(cover_score(photo.detections.scores, photo.detections.boxes))
     embeddings = (
         np.concatenate([p.embeddings for p in analyzed]).astype(np.float32)
         if faces
@@ -406,8 +403,12 @@ def assemble_album(
             min_quality=MIN_DETECTION_SCORE.get(settings.detector),
         )
     _apply_clustering(faces, clustering)
-    cover_values = np.concatenate(quality) if quality else np.zeros(0, np.float32)
-    groups = _person_groups(faces, cover_values)
+    covers = cover_faces(
+        clustering.labels,
+        np.concatenate([p.detections.scores for p in analyzed] or [np.zeros(0, np.float32)]),
+        np.concatenate([p.detections.boxes for p in analyzed] or [np.zeros((0, 4), np.float32)]),
+    )
+    groups = _person_groups(faces, covers)
     by_photo: dict[str, list[FaceResult]] = {}
     for face in faces:
         by_photo.setdefault(face.photo_id, []).append(face)
@@ -434,7 +435,7 @@ def _apply_clustering(faces: list[FaceResult], clustering: Clustering) -> None:
             face.similarity = round(float(clustering.similarity[face.id]), 4)
 
 
-def _person_groups(faces: list[FaceResult], quality: NDArray[np.float32]) -> list[PersonGroup]:
+def _person_groups(faces: list[FaceResult], covers: dict[int, int]) -> list[PersonGroup]:
     members: dict[int, list[int]] = {}
     for face in faces:
         if face.group >= 0:
@@ -443,20 +444,16 @@ def _person_groups(faces: list[FaceResult], quality: NDArray[np.float32]) -> lis
     for idx in sorted(members):
         ids = members[idx]
         photo_ids = list(dict.fromkeys(faces[i].photo_id for i in ids))
-        cover = max(ids, key=lambda i: float(quality[i]))
-        groups.append(PersonGroup(idx=idx, face_ids=ids, photo_ids=photo_ids, cover_face_id=cover))
+        groups.append(
+            PersonGroup(idx=idx, face_ids=ids, photo_ids=photo_ids, cover_face_id=covers[idx])
+        )
     return groups
 
 
 def _photo_result(photo: AnalyzedPhoto, mine: list[FaceResult]) -> PhotoResult:
-    if photo.status is not PhotoStatus.OK:
-        group_idx: list[int] = []
-    elif not mine:
-        group_idx = [NO_FACE_GROUP]
-    else:
-        group_idx = sorted({f.group for f in mine if f.group >= 0})
-        if any(f.group == SINGLE_FACE_GROUP for f in mine):
-            group_idx.append(SINGLE_FACE_GROUP)
+    group_idx = photo_groups(
+        sorted({f.group for f in mine}), analysed=photo.status is PhotoStatus.OK
+    )
     return PhotoResult(
         id=photo.photo_id,
         path=photo.name,
