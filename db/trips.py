@@ -50,6 +50,7 @@ class TripRows:
         self._live_rows: list[Face] = []
         self._deleted: dict[int, datetime | None] = {}
         self._tags: dict[int, TagFace] = {}
+        self._loaded = False
 
     # -- loads
 
@@ -59,8 +60,9 @@ class TripRows:
 
     def face_folders(self) -> tuple[list[NDArray[np.float32]], list[int | None]]:
         """Vectors and person folders of this embedder's faces of every photo of the trip
-        (deleted ones too), as the rows hold them now."""
-        faces = self._faces()
+        (deleted ones too), as the rows hold them now: those `load` read, as the saves since
+        changed them, once it has run."""
+        faces = self._rows if self._loaded else self._faces()
         folders = [f.tagface_id if f.tagface_id not in SHARED_TAG_IDS else None for f in faces]
         return [f.vector for f in faces], folders
 
@@ -73,6 +75,7 @@ class TripRows:
             ).all()
         )
         self._rows = self._faces()
+        self._loaded = True
         self._live_rows = [f for f in self._rows if self._deleted.get(f.photo_id) is None]
         self._tags = self._trip_tags()
         faces = [

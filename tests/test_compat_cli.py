@@ -102,3 +102,31 @@ def test_help_lists_every_command() -> None:
     ).stdout
     for command in ("group", "demo", "bench", "models"):
         assert command in out
+
+
+def test_commands_of_other_distributions_are_plugged_in(monkeypatch) -> None:  # noqa: ANN001
+    """`aftertrip_faces.commands` entry points add their subcommands (bench/ does); one
+    whose imports are missing is left out, the others stay."""
+    import tasks.cli
+
+    class Plugin:
+        def __init__(self, value: str, register) -> None:  # noqa: ANN001
+            self.value = value
+            self._register = register
+
+        def load(self):  # noqa: ANN202
+            return self._register()
+
+    def hello():  # noqa: ANN202
+        return lambda sub: sub.add_parser("hello", help="a plugin's command")
+
+    def broken():  # noqa: ANN202
+        raise ImportError("No module named 'nothing'")
+
+    def entry_points(group: str) -> list[Plugin]:
+        assert group == tasks.cli.COMMAND_PLUGINS
+        return [Plugin("broken:register", broken), Plugin("hello:register", hello)]
+
+    monkeypatch.setattr(tasks.cli, "entry_points", entry_points)
+    commands = next(a for a in tasks.cli.build_parser()._actions if a.dest == "command").choices
+    assert "hello" in commands and "group" in commands and "bench" not in commands

@@ -98,7 +98,9 @@ def _face(people: People, who: str, slot: int, shift: float = 0.0) -> FoundFace:
     x = 100.0 * slot + shift
     box = (x, 50.0 + shift, x + 80.0, 150.0 + shift)
     landmarks = ((x + 20, 80.0), (x + 60, 80.0), (x + 40, 100.0), (x + 25, 125.0), (x + 55, 125.0))
-    return FoundFace(box=box, landmarks=landmarks, score=0.9 + 0.01 * slot, embedding=people.face(who))
+    return FoundFace(
+        box=box, landmarks=landmarks, score=0.9 + 0.01 * slot, embedding=people.face(who)
+    )
 
 
 def _outcome(photo_id: int, faces: list[FoundFace]) -> PhotoOutcome:
