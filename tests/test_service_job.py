@@ -21,12 +21,10 @@ from storage.errors import StorageError
 from tasks.guard import JobGuard, JobTimedOut
 from tasks.settings import ServiceSettings
 from tasks.trip import RETRYABLE_ERRORS, InvalidJobArguments, run_trip_job, thumbnail_key
-from tests import dbfixtures
-from tests.dbfixtures import add_trip
+from tests.plugins.databases import add_trip
 
 # The embedded path runs on SQLite; the Celery path is tested on the servers (test_service.py).
 pytestmark = pytest.mark.parametrize("db_backend", ["sqlite"])
-db_url = dbfixtures.db_url
 
 
 @pytest.fixture(scope="module")
@@ -408,7 +406,7 @@ def test_fanned_out_job_and_a_chunk_run_twice_store_each_photo_once(
 
     from tasks.locks import Lease, chunk_lease_name
     from tasks.trip import FanOut, analyze_chunk_body
-    from tests.servicefixtures import REDIS_URL, require_redis
+    from tests.support.services import REDIS_URL, require_redis
 
     require_redis()
     redis = Redis.from_url(REDIS_URL)
