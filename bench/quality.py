@@ -202,8 +202,8 @@ class FaceCache:
         return faces
 
     def _load_stages(self) -> None:
-        from worker.detect import load_detector
         from worker.embed import ArcFaceEmbedder
+        from worker.zoo import load_detector
 
         self._detector = load_detector(self.settings)
         self._embedder = ArcFaceEmbedder.load(self.settings)

@@ -50,10 +50,10 @@ def measure(sizes: list[int], workers: int, chunk: int) -> dict[str, Any]:
     from db.webapp import Photo
     from storage import S3Store
     from tasks.client import enqueue_trip
-    from tests.dbfixtures import add_trip as add_trip_row
-    from tests.dbfixtures import fresh_database, prepare_database
-    from tests.s3fixtures import moto_client
-    from tests.servicefixtures import (
+    from tests.plugins.databases import add_trip as add_trip_row
+    from tests.plugins.databases import fresh_database, prepare_database
+    from tests.plugins.s3 import moto_client
+    from tests.support.services import (
         REDIS_URL,
         child_pids,
         client_app,

@@ -42,22 +42,28 @@ from sqlalchemy.orm import Session
 from db.models import Job, PhotoAnalysis
 from db.session import make_engine
 from db.webapp import NO_FACE_TAG_ID, OTHERS_TAG_ID, TagFace
-from tests import s3fixtures
-from tests.dbfixtures import (
+from tests.plugins.databases import (
     WEBAPP_SCHEMA_DIR,
     cli_db_upgrade,
     fresh_database,
     load_webapp_schema,
     require_webapp_schema,
 )
-from tests.s3fixtures import MOTO_ENV, moto_client
-from tests.servicefixtures import REDIS_URL, ROOT, require_redis, stop_process, tail
-from tests.test_db import _links
-from tests.test_service import _free_port, _post, no_face_jpeg
+from tests.plugins.s3 import MOTO_ENV, moto_client
+from tests.support.files import ROOT
+from tests.support.services import (
+    REDIS_URL,
+    free_port,
+    no_face_jpeg,
+    post_json,
+    require_redis,
+    stop_process,
+    tail,
+)
+from tests.support.trips import folder_links
 
 pytestmark = [pytest.mark.services, pytest.mark.timeout(1200)]
 
-moto_endpoint = s3fixtures.moto_endpoint
 
 SEOUL = ZoneInfo("Asia/Seoul")
 JOB_TIMEOUT = 300
@@ -527,7 +533,7 @@ def test_the_trip_is_sorted_into_the_real_tables(stack: Stack, sorted_trip: Sort
     final = sorted_trip.answer["final"]
     assert final["state"] == "SUCCESS", (final, tail(stack.log))
     assert final["percent"] == 100 and final["result"]["trip_id"] == sorted_trip.trip_id
-    links = _links(stack.engine, sorted_trip.trip_id)
+    links = folder_links(stack.engine, sorted_trip.trip_id)
     ids = sorted_trip.photo_ids
     assert links[ids["lake.jpg"]] == {NO_FACE_TAG_ID}
     yao = links[ids["yaoming-1.jpg"]] & links[ids["yaoming-2.jpg"]]
@@ -557,7 +563,7 @@ def test_a_bad_file_key_fails_that_photo_alone(stack: Stack, sorted_trip: Sorted
         ).one()
     assert analysis.status == "invalid_key"
     assert analysis.error is not None and "not a UUID" in analysis.error
-    assert sorted_trip.bad_id not in _links(stack.engine, sorted_trip.trip_id)
+    assert sorted_trip.bad_id not in folder_links(stack.engine, sorted_trip.trip_id)
     assert sorted_trip.answer["final"]["result"]["errors"] >= 1
 
 
@@ -600,7 +606,7 @@ def test_job_times_read_next_to_the_apps(stack: Stack, sorted_trip: SortedTrip) 
 def test_celery_flower_as_users_type_it(stack: Stack, sorted_trip: SortedTrip) -> None:
     if stack.backend != "postgresql":
         pytest.skip("Flower does not depend on the database: once is enough")
-    port = _free_port()
+    port = free_port()
     auth = "ops:flower-test-password"
     env = {**stack.env, "FLOWER_BASIC_AUTH": auth}
     argv = _celery("-A", "tasks", "flower", "--address=127.0.0.1", f"--port={port}")
@@ -608,10 +614,10 @@ def test_celery_flower_as_users_type_it(stack: Stack, sorted_trip: SortedTrip) -
     try:
         url = f"http://127.0.0.1:{port}/api/task/async-apply/aftertrip.group_trip"
         body = {"args": [sorted_trip.trip_id], "kwargs": {"mode": "missing"}}
-        assert _post(url, body, auth=None)[0] == 401
+        assert post_json(url, body, auth=None)[0] == 401
         deadline = time.monotonic() + 60
         while True:  # Flower answers before its broker connection is up
-            status, answer = _post(url, body, auth=auth)
+            status, answer = post_json(url, body, auth=auth)
             if status == 200 or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
@@ -637,9 +643,9 @@ def test_a_job_refuses_to_write_without_the_shared_folders(
     fails naming the fix, and every link stays as it was. (Last in this module: it runs
     after the other tests of its backend.)"""
     from tasks.client import enqueue_trip
-    from tests.servicefixtures import client_app
+    from tests.support.services import client_app
 
-    before = _links(stack.engine, sorted_trip.trip_id)
+    before = folder_links(stack.engine, sorted_trip.trip_id)
     with stack.engine.begin() as conn:
         conn.execute(text("UPDATE photos_tagface SET tag_num = 0 WHERE id = 1"))
     try:
@@ -651,7 +657,7 @@ def test_a_job_refuses_to_write_without_the_shared_folders(
             job = session.scalars(select(Job).where(Job.celery_task_id == result.id)).one()
         assert job.status == "failed"
         assert job.error is not None and "id 1 holds tag_num 0" in job.error
-        assert _links(stack.engine, sorted_trip.trip_id) == before
+        assert folder_links(stack.engine, sorted_trip.trip_id) == before
     finally:
         with stack.engine.begin() as conn:
             conn.execute(text("UPDATE photos_tagface SET tag_num = -2 WHERE id = 1"))

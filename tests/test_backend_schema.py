@@ -1,4 +1,3 @@
-# ruff: noqa: F811  (pytest fixtures imported from tests.dbfixtures are parameters here)
 """The AfterTrip backend's own tables (../shared/webapp-schema) as the worker finds them.
 
 On the app's fresh database `photos_tagface` is empty: the two shared folders come from
@@ -33,15 +32,17 @@ from db.webapp import (
     TagFace,
 )
 from tasks.settings import ServiceSettings
-from tests.dbfixtures import (  # noqa: F401  (fixtures)
-    cli_db_upgrade,
-    db_backend,
-    empty_db_url,
-    fresh_db_url,
-    webapp_db_url,
+from tests.plugins.databases import cli_db_upgrade
+from tests.support.files import ROOT
+from tests.support.trips import (
+    CAST,
+    People,
+    add_cast_trip,
+    cast_outcomes,
+    folder_links,
+    snapshot_rows,
+    write_result,
 )
-from tests.servicefixtures import ROOT
-from tests.test_db import CAST, People, _links, _outcomes, _snapshot, _trip, _write
 
 
 def _shared_rows(engine: Engine) -> list[tuple[int, int, str]]:
@@ -105,9 +106,9 @@ def test_job_without_the_shared_folders_writes_nothing(webapp_db_url: str) -> No
     try:
         with engine.begin() as conn:
             conn.execute(text("DELETE FROM photos_tagface"))
-        trip_id, photo_ids = _trip(engine)
+        trip_id, photo_ids = add_cast_trip(engine)
         with pytest.raises(SharedFoldersError, match="aftertrip-faces db upgrade"):
-            _write(engine, trip_id, _outcomes(People(), photo_ids, CAST))
+            write_result(engine, trip_id, cast_outcomes(People(), photo_ids, CAST))
         _nothing_written(engine)
         assert _shared_rows(engine) == []
 
@@ -120,7 +121,7 @@ def test_job_without_the_shared_folders_writes_nothing(webapp_db_url: str) -> No
                 )
             )
         with pytest.raises(SharedFoldersError, match="id 2 holds tag_num 0"):
-            _write(engine, trip_id, _outcomes(People(), photo_ids, CAST))
+            write_result(engine, trip_id, cast_outcomes(People(), photo_ids, CAST))
         _nothing_written(engine)
     finally:
         engine.dispose()
@@ -130,10 +131,10 @@ def test_after_db_upgrade_people_never_take_a_shared_folder(webapp_db_url: str) 
     assert cli_db_upgrade(webapp_db_url).returncode == 0
     engine = make_engine(webapp_db_url)
     try:
-        trip_id, photo_ids = _trip(engine)
-        _write(engine, trip_id, _outcomes(People(), photo_ids, CAST))
-        links = _links(engine, trip_id)
-        snapshot = _snapshot(engine)
+        trip_id, photo_ids = add_cast_trip(engine)
+        write_result(engine, trip_id, cast_outcomes(People(), photo_ids, CAST))
+        links = folder_links(engine, trip_id)
+        snapshot = snapshot_rows(engine)
         people = {tag for tag, tag_num, _name in snapshot["tags"] if tag_num >= 0}
         assert len(people) == 3  # A, B, C
         assert not people & SHARED_TAG_IDS
@@ -153,7 +154,7 @@ def test_a_file_key_that_is_not_a_uuid_is_read_and_refused(
     url = request.getfixturevalue("fresh_db_url")
     engine = make_engine(url)
     try:
-        trip_id, photo_ids = _trip(engine, 1)
+        trip_id, photo_ids = add_cast_trip(engine, 1)
         with engine.begin() as conn:
             conn.execute(
                 text(
@@ -198,7 +199,7 @@ def test_times_follow_the_web_app_time_zone(db_backend: str, fresh_db_url: str) 
     read alike, in Seoul local time."""
     engine = make_engine(fresh_db_url, time_zone="Asia/Seoul")
     try:
-        trip_id, (photo_id,) = _trip(engine, 1)
+        trip_id, (photo_id,) = add_cast_trip(engine, 1)
         # The app writes its photo now, the way Django does with USE_TZ = False.
         app_now = datetime.now(SEOUL).replace(tzinfo=None, microsecond=0)
         with engine.begin() as conn:
@@ -278,7 +279,7 @@ def test_import_trip_refuses_web_app_data_it_did_not_make(
             assert done.returncode == 0, done.stdout + done.stderr
         engine = make_engine(url)
         try:
-            _trip(engine, 1)  # a trip the app made
+            add_cast_trip(engine, 1)  # a trip the app made
         finally:
             engine.dispose()
         reason = "1 trip(s) that import-trip did not make"

@@ -21,8 +21,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select, update
 
-from tests.conftest import vectron_image_path
-from tests.servicefixtures import ROOT
+from tests.support.files import ROOT, vectron_image_path
 
 # The FIFO would make a careless reader wait forever: the subprocess timeout turns a hang
 # into a failure instead of a stuck test run.

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from tasks.cli import main
-from tests.conftest import vectron_image_path
+from tests.support.files import vectron_image_path
 from worker.compat import run_face_recog
 from worker.pipeline import FacePipeline
 from worker.settings import PipelineSettings

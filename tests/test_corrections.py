@@ -1,4 +1,3 @@
-# ruff: noqa: F811  (pytest fixtures imported from tests.dbfixtures are parameters here)
 """Corrections stick: what a person changes in photos_photo_tag_face, no re-run undoes.
 
 On the web app's real schema (PostgreSQL and MariaDB load ../shared/webapp-schema), each step
@@ -35,10 +34,9 @@ from db.webapp import NO_FACE_TAG_ID, OTHERS_TAG_ID, Photo, PhotoTagFace, TagFac
 from storage import LocalStore
 from tasks.job import run_trip_job
 from tasks.settings import ServiceSettings
-from tests import dbfixtures
-from tests.conftest import vectron_image_path
-from tests.dbfixtures import add_trip, fresh_database, prepare_database
-from tests.servicefixtures import (
+from tests.plugins.databases import add_trip, fresh_database, prepare_database
+from tests.support.files import vectron_image_path
+from tests.support.services import (
     REDIS_URL,
     client_app,
     require_redis,
@@ -51,7 +49,6 @@ BACKENDS = [
     pytest.param("postgresql", marks=pytest.mark.services, id="postgresql"),
     pytest.param("mariadb", marks=pytest.mark.services, id="mariadb"),
 ]
-db_url = dbfixtures.db_url
 SHARED = {NO_FACE_TAG_ID, OTHERS_TAG_ID}
 
 

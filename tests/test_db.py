@@ -1,11 +1,10 @@
-# ruff: noqa: F811  (pytest fixtures imported from tests.dbfixtures are parameters here)
 """The database layer on SQLite, PostgreSQL and MariaDB: migrations, mappings and the trip write."""
 
 from __future__ import annotations
 
 import threading
 import uuid
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -38,163 +37,36 @@ from db.webapp import (
     OTHERS_TAG_ID,
     WEBAPP_TABLES,
     Photo,
-    PhotoTagFace,
     TagFace,
     create_webapp_tables,
 )
 from tasks.write import regroup_trip, store_photo_outcomes, write_trip_result
-from tests.dbfixtures import (  # noqa: F401  (fixtures)
+from tests.plugins.databases import (
     add_photos,
     add_trip,
     create_webapp_schema,
-    db_backend,
-    db_engine,
-    db_url,
-    empty_db_url,
     ensure_group,
     fresh_database,
-    fresh_db_url,
     load_webapp_schema,
     require_webapp_schema,
 )
+from tests.support.trips import (
+    CAST,
+    DETECTOR,
+    DIM,
+    EMBEDDER,
+    SETTINGS,
+    People,
+)
+from tests.support.trips import add_cast_trip as _trip
+from tests.support.trips import cast_outcomes as _outcomes
+from tests.support.trips import face_outcome as _face
+from tests.support.trips import folder_links as _links
+from tests.support.trips import photo_outcome as _outcome
+from tests.support.trips import snapshot_rows as _snapshot
+from tests.support.trips import write_result as _write
 from worker.settings import PipelineSettings
-from worker.types import FoundFace, ModelInfo
-
-DIM = 512
-EMBEDDER = ModelInfo(
-    name="w600k_mbf", role="embedder", path="/models/w600k_mbf.onnx", sha256="e" * 64
-)
-DETECTOR = ModelInfo(
-    name="scrfd_500m_bnkps", role="detector", path="/models/scrfd.onnx", sha256="d" * 64
-)
-SETTINGS = PipelineSettings(grouping="default", similarity_threshold=None)
-
-
-# ---------------------------------------------------------------------------- scenario
-
-
-def _unit(v: np.ndarray) -> np.ndarray:
-    return (v / np.linalg.norm(v)).astype(np.float32)
-
-
-@dataclass
-class People:
-    """Random identities in 512-d (nearly orthogonal) and noisy faces of them."""
-
-    seed: int = 0
-    bases: dict[str, np.ndarray] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self.rng = np.random.default_rng(self.seed)
-
-    def face(self, who: str, noise: float = 0.5) -> np.ndarray:
-        """An L2-normalised embedding of `who`: cosine ~0.8 to other faces of them, ~0 else."""
-        if who not in self.bases:
-            self.bases[who] = _unit(self.rng.standard_normal(DIM))
-        return _unit(self.bases[who] + noise * _unit(self.rng.standard_normal(DIM)))
-
-
-def _face(people: People, who: str, slot: int, shift: float = 0.0) -> FoundFace:
-    x = 100.0 * slot + shift
-    box = (x, 50.0 + shift, x + 80.0, 150.0 + shift)
-    landmarks = ((x + 20, 80.0), (x + 60, 80.0), (x + 40, 100.0), (x + 25, 125.0), (x + 55, 125.0))
-    return FoundFace(
-        box=box, landmarks=landmarks, score=0.9 + 0.01 * slot, embedding=people.face(who)
-    )
-
-
-def _outcome(photo_id: int, faces: list[FoundFace]) -> PhotoOutcome:
-    return PhotoOutcome(
-        photo_id=photo_id, status="ok", error=None, width=1000, height=800, faces=faces
-    )
-
-
-# Who is in each of the trip's first photos: A, B and C are people seen several times,
-# D and E are faces seen once, photo 4 has no face.
-CAST: list[list[str]] = [["A", "B"], ["A", "C"], ["B", "C"], ["A"], [], ["D"], ["B", "E"]]
-
-
-def _outcomes(people: People, photo_ids: list[int], cast: list[list[str]], shift: float = 0.0):
-    return [
-        _outcome(pid, [_face(people, who, slot, shift) for slot, who in enumerate(names)])
-        for pid, names in zip(photo_ids, cast, strict=True)
-    ]
-
-
-def _trip(engine: Engine, count: int = len(CAST)) -> tuple[int, list[int]]:
-    with Session(engine) as session, session.begin():
-        trip = add_trip(session)
-        photos = add_photos(session, trip.id, count)
-        return trip.id, [p.id for p in photos]
-
-
-def _write(engine: Engine, trip_id: int, outcomes: list[PhotoOutcome], **kwargs):
-    with Session(engine) as session:
-        return write_trip_result(
-            session=session,
-            trip_id=trip_id,
-            analyzed=outcomes,
-            embedder=EMBEDDER,
-            settings=SETTINGS,
-            **kwargs,
-        )
-
-
-def _links(engine: Engine, trip_id: int) -> dict[int, set[int]]:
-    """photo id -> folder ids, for the trip's photos."""
-    with Session(engine) as session:
-        rows = session.execute(
-            select(PhotoTagFace.photo_id, PhotoTagFace.tagface_id)
-            .join(Photo, Photo.id == PhotoTagFace.photo_id)
-            .where(Photo.trip_id == trip_id)
-        ).all()
-    out: dict[int, set[int]] = {}
-    for photo_id, tag_id in rows:
-        out.setdefault(photo_id, set()).add(tag_id)
-    return out
-
-
-def _snapshot(engine: Engine) -> dict[str, list[tuple]]:
-    """Every row the write touches, in a comparable form."""
-    with Session(engine) as session:
-        return {
-            "links": sorted(
-                session.execute(
-                    select(PhotoTagFace.id, PhotoTagFace.photo_id, PhotoTagFace.tagface_id)
-                )
-            ),
-            "tags": sorted(
-                session.execute(select(TagFace.id, TagFace.tag_num, TagFace.custom_name))
-            ),
-            "faces": sorted(
-                session.execute(
-                    select(
-                        Face.id,
-                        Face.photo_id,
-                        Face.face_index,
-                        Face.tagface_id,
-                        Face.group_label,
-                        Face.matched_face_id,
-                        Face.similarity,
-                        Face.is_cover,
-                        Face.x1,
-                        Face.y1,
-                        Face.embedding,
-                    )
-                )
-            ),
-            "analyses": sorted(
-                session.execute(
-                    select(
-                        PhotoAnalysis.photo_id,
-                        PhotoAnalysis.status,
-                        PhotoAnalysis.error,
-                        PhotoAnalysis.face_count,
-                        PhotoAnalysis.analyzed_at,
-                    )
-                )
-            ),
-        }
+from worker.types import ModelInfo
 
 
 def _tag_of(engine: Engine, photo_ids: list[int], trip_id: int) -> int:

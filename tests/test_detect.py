@@ -16,12 +16,13 @@ from PIL import Image
 
 from bench.detection import box_iou, count_faces, photos_in, read_imglab, voc_recall
 from worker.boxes import nms
-from worker.detect import FaceDetector, load_detector
+from worker.detect import FaceDetector
 from worker.errors import ModelError
 from worker.mtcnn import PNet, pyramid_scales
 from worker.scrfd import SCRFDDetector, anchor_centres, head_layout
 from worker.settings import PipelineSettings
 from worker.types import Detections
+from worker.zoo import load_detector
 
 DETECTORS = ("mtcnn", "scrfd")
 # voc-faces: 43 labelled faces; measured recall at IoU 0.4: MTCNN 42/43, SCRFD 43/43.
@@ -394,7 +395,7 @@ def test_scrfd_weights_from_a_path_are_checked(settings: PipelineSettings) -> No
 
 def test_scrfd_faces_are_verified_by_onet(gdp_jpg: bytes, shared_data) -> None:
     """SCRFD fires on a dog's face; the ONet second opinion keeps real faces only."""
-    from worker.detect import SecondLook, VerifiedDetector, load_detector
+    from worker.detect import SecondLook, VerifiedDetector
     from worker.images import decode_image
 
     verified = load_detector(PipelineSettings(detector="scrfd"))

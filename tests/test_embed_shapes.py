@@ -91,3 +91,62 @@ def test_scrfd_anchor_centres_are_cached_per_input_size() -> None:
     assert anchor_centres(20, 15, 32, 2) is first
     assert anchor_centres(25, 15, 32, 2) is not first
     assert not first.flags.writeable
+
+
+def test_every_model_loads_and_predicts_the_same_way() -> None:
+    """One lifecycle: each model class is built by the base's `load(settings, fetch=...)` (no
+    class has a `load` of its own) and runs through `predict`, its domain verb's other name."""
+    from worker.models import InferenceModel
+    from worker.mtcnn import MTCNNDetector
+    from worker.onet import ONetVerifier
+    from worker.scrfd import SCRFDDetector
+
+    verbs = {
+        SCRFDDetector: "detect",
+        MTCNNDetector: "detect",
+        ONetVerifier: "face_probability",
+        ArcFaceEmbedder: "embed",
+    }
+    for cls, verb in verbs.items():
+        assert issubclass(cls, InferenceModel)
+        assert "load" not in vars(cls) and "_load" in vars(cls)
+        assert cls.predict is getattr(cls, verb)
+
+
+def test_an_album_without_faces_has_vectors_of_the_models_size(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The vector length comes from the embedder, also where no face tells it: an album whose
+    photos have no face, or cannot be read, has (0, dim) embeddings for a 256-d model."""
+    import io
+
+    from PIL import Image
+
+    from worker.pipeline import group_album
+    from worker.settings import PipelineSettings
+    from worker.types import Detections, PhotoSource, PhotoStatus
+
+    class NoFaces:
+        name, models = "none", [MODEL]
+
+        def detect(self, image: np.ndarray) -> Detections:
+            return Detections.empty()
+
+    embedder = ArcFaceEmbedder(FakeSession([None, 3, 112, 112], [None, 256]), MODEL, 8)  # type: ignore[arg-type]
+    monkeypatch.setattr("worker.pipeline.load_detector", lambda settings, fetch: NoFaces())
+    monkeypatch.setattr("worker.pipeline.load_embedder", lambda settings, fetch: embedder)
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48), (90, 140, 200)).save(buf, "JPEG")
+    photos = [
+        PhotoSource(id="sky", name="sky.jpg", read=lambda: buf.getvalue()),
+        PhotoSource(id="bad", name="bad.jpg", read=lambda: b"not a photo"),
+    ]
+    seen: list[tuple[PhotoStatus, tuple[int, ...]]] = []
+    result = group_album(
+        photos,
+        PipelineSettings(),
+        on_photo=lambda photo: seen.append((photo.status, photo.embeddings.shape)),
+    )
+    assert result.embeddings.shape == (0, 256)
+    assert seen == [(PhotoStatus.OK, (0, 256)), (PhotoStatus.UNSUPPORTED, (0, 256))]
+    assert group_album([], PipelineSettings()).embeddings.shape == (0, 256)

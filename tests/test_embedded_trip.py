@@ -9,8 +9,8 @@ from sqlalchemy import select
 
 from db.session import make_engine, make_sessionmaker, upgrade
 from db.webapp import NO_FACE_TAG_ID, Photo, PhotoTagFace, create_webapp_tables
-from tests.conftest import vectron_image_path
-from tests.dbfixtures import add_photos, add_trip
+from tests.plugins.databases import add_photos, add_trip
+from tests.support.files import vectron_image_path
 
 
 def test_rerun_inline_fills_the_web_app_tables_on_sqlite(

@@ -34,10 +34,9 @@ from db.session import make_engine, make_sessionmaker
 from db.webapp import SHARED_TAG_IDS, Photo, PhotoTagFace
 from storage import S3Store
 from tasks.client import enqueue_trip
-from tests import s3fixtures
-from tests.dbfixtures import add_trip, fresh_database, prepare_database
-from tests.s3fixtures import moto_client
-from tests.servicefixtures import (
+from tests.plugins.databases import add_trip, fresh_database, prepare_database
+from tests.plugins.s3 import moto_client
+from tests.support.services import (
     REDIS_URL,
     client_app,
     require_redis,
@@ -50,7 +49,6 @@ from tests.servicefixtures import (
 
 pytestmark = [pytest.mark.services, pytest.mark.timeout(3600)]
 
-moto_endpoint = s3fixtures.moto_endpoint
 
 PHOTOS = 400
 CHUNK = 48

@@ -1,4 +1,4 @@
-"""Fault injection against the real worker service (see tests/faultfixtures.py).
+"""Fault injection against the real worker service (see tests/support/faults.py).
 
     python -m pytest -m faults -v        # this file: a few minutes
 
@@ -8,7 +8,7 @@ own (private Redis, PostgreSQL and a moto S3 server behind proxies) takes the fa
 issue lists: its pool process SIGKILLed mid-job ten times, Redis restarted mid-job, the
 database down 60 s, S3 down 60 s. Every job must complete once, with no duplicate or lost
 rows, no job row left `running` and no trip lock left behind. A job is caught at a known
-point by the test hook (tests/servicehooks.py: held once it holds its lock and its row), so
+point by the test hook (tests/support/servicehooks.py: held once it holds its lock and its row), so
 no fault depends on how long a job happens to take. docs/reliability.md has the table.
 """
 
@@ -26,8 +26,8 @@ from typing import Any
 
 import pytest
 
-from tests.faultfixtures import FaultStack, FaultWorker, PrivateRedis, TcpProxy, fault_stack
-from tests.servicefixtures import held_jobs, wait_for
+from tests.support.faults import FaultStack, FaultWorker, PrivateRedis, TcpProxy, fault_stack
+from tests.support.services import held_jobs, wait_for
 
 pytestmark = [pytest.mark.services, pytest.mark.faults, pytest.mark.timeout(600)]
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile, JpegImagePlugin
 
-from tests.conftest import STORE_FOR_ORIENTATION
+from tests.support.files import STORE_FOR_ORIENTATION
 from worker import images
 from worker.errors import (
     CorruptImage,
@@ -548,8 +548,8 @@ def test_decodes_share_the_budget_of_their_process() -> None:
 def test_peak_memory_of_a_16bit_photo_stays_near_its_decoded_size(tmp_path: Path) -> None:
     """The issue's case at 64 Mpx: 16-bit greyscale PNG, a tiny file. Its pixels take 128 MB;
     the decode used to cost ~12x that (float64 of the whole image). Measured in a process of
-    its own (tests/decode_memory.py)."""
-    from tests.decode_memory import measure
+    its own (tests/support/decode_memory.py)."""
+    from tests.support.decode_memory import measure
 
     ramp = np.linspace(0, 65535, 8000).astype(np.uint16)
     path = tmp_path / "scan16.png"
@@ -563,7 +563,7 @@ def test_peak_memory_of_a_16bit_photo_stays_near_its_decoded_size(tmp_path: Path
 def test_peak_memory_of_a_large_webp_is_a_few_bytes_a_pixel(tmp_path: Path) -> None:
     """A 36 Mpx WebP: Pillow's decoder held 16 bytes a pixel (553 MiB); through OpenCV it
     is measured at about 6 (216 MiB). Measured in a process of its own."""
-    from tests.decode_memory import measure
+    from tests.support.decode_memory import measure
 
     ramp = np.linspace(0, 255, 6000).astype(np.uint8)
     grey = np.ascontiguousarray(np.broadcast_to(ramp, (6000, 6000)))

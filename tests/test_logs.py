@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tasks.logs import JsonFormatter, KeyValueFormatter, extra_fields, reformat_handlers
-from tests.servicefixtures import ROOT
+from tests.support.files import ROOT
 
 
 def record(message: str = "job succeeded", **extra: object) -> logging.LogRecord:

@@ -105,7 +105,7 @@ def test_embeddings_are_unit_length_and_batch_independent(
 def test_same_face_is_closer_than_a_different_face(
     embedder: ArcFaceEmbedder, yaoming_jpg: bytes, gdp_jpg: bytes
 ) -> None:
-    from worker.detect import load_detector
+    from worker.zoo import load_detector
 
     detector = load_detector(PipelineSettings(detector="scrfd"))
     yao = np.asarray(Image.open(io.BytesIO(yaoming_jpg)).convert("RGB"))
@@ -125,7 +125,7 @@ def test_same_face_is_closer_than_a_different_face(
 
 
 def _real_chips(players_jpg: bytes) -> np.ndarray:
-    from worker.detect import load_detector
+    from worker.zoo import load_detector
 
     detector = load_detector(PipelineSettings(detector="scrfd"))
     image = np.asarray(Image.open(io.BytesIO(players_jpg)).convert("RGB"))

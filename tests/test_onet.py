@@ -18,7 +18,7 @@ import torch
 from numpy.typing import NDArray
 from PIL import Image
 
-from tests.conftest import ROOT, vectron_image_path
+from tests.support.files import ROOT, vectron_image_path
 from worker.errors import ModelChecksumMismatch, ModelError
 from worker.models import resolve_model
 from worker.mtcnn import ONET_CHUNK, ONet, _run_on_crops

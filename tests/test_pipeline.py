@@ -9,7 +9,7 @@ import pillow_heif
 import pytest
 from PIL import Image
 
-from tests.conftest import STORE_FOR_ORIENTATION
+from tests.support.files import STORE_FOR_ORIENTATION
 from worker.boxes import box_iou
 from worker.pipeline import FacePipeline, group_album
 from worker.settings import PipelineSettings

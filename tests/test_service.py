@@ -7,12 +7,9 @@ of the two on a CPU; the service does not depend on which detector runs.
 
 from __future__ import annotations
 
-import base64
 import io
-import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 from celery import Celery
 from PIL import Image
@@ -36,15 +32,17 @@ from db.session import make_engine, make_sessionmaker
 from db.webapp import NO_FACE_TAG_ID, OTHERS_TAG_ID, Photo, PhotoTagFace, TagFace
 from storage import S3Store
 from tasks.client import enqueue_trip
-from tests import s3fixtures
-from tests.dbfixtures import add_trip, fresh_database, prepare_database
-from tests.s3fixtures import moto_client
-from tests.servicefixtures import (
+from tests.plugins.databases import add_trip, fresh_database, prepare_database
+from tests.plugins.s3 import moto_client
+from tests.support.files import ROOT
+from tests.support.services import (
     REDIS_URL,
-    ROOT,
     child_pids,
     client_app,
+    free_port,
     held_jobs,
+    no_face_jpeg,
+    post_json,
     require_redis,
     start_worker,
     stop_process,
@@ -55,19 +53,9 @@ from tests.servicefixtures import (
 
 pytestmark = [pytest.mark.services, pytest.mark.timeout(900)]
 
-moto_endpoint = s3fixtures.moto_endpoint
 
 JOB_TIMEOUT = 300
 CORRUPT_JPEG = b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + bytes(range(256)) * 4
-
-
-def no_face_jpeg() -> bytes:
-    """A landscape without people: a smooth sky-to-lake gradient."""
-    y, x = np.mgrid[0:480, 0:640]
-    pixels = np.stack([80 + x / 8, 120 + y / 6, 200 - y / 5], axis=-1).clip(0, 255)
-    out = io.BytesIO()
-    Image.fromarray(pixels.astype(np.uint8)).save(out, "JPEG", quality=90)
-    return out.getvalue()
 
 
 @dataclass
@@ -89,7 +77,7 @@ class Service:
 
     @property
     def hold_dir(self) -> Path:
-        """Where the test hook looks for `hold` (see tests.servicehooks)."""
+        """Where the test hook looks for `hold` (see tests.support.servicehooks)."""
         return self.tmp / "hold"
 
     def hold_jobs(self) -> None:
@@ -430,28 +418,9 @@ def test_worker_killed_mid_job_is_redelivered(
     assert "trip busy, waiting" in service.log.read_text()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _post(url: str, body: dict[str, Any], auth: str | None) -> tuple[int, dict[str, Any]]:
-    request = urllib.request.Request(
-        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
-    )
-    if auth is not None:
-        request.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, {}
-
-
 @pytest.mark.parametrize("service", ["postgresql"], indirect=True)
 def test_flower_api_reruns_the_task(service: Service, shipped_trip: ShippedTrip) -> None:
-    port = _free_port()
+    port = free_port()
     auth = "ops:flower-test-password"
     env = {
         **service.env,
@@ -477,13 +446,13 @@ def test_flower_api_reruns_the_task(service: Service, shipped_trip: ShippedTrip)
             assert flower.poll() is None, f"flower exited:\n{tail(log)}"
             assert time.monotonic() < deadline, f"flower did not start:\n{tail(log)}"
             try:
-                status, _ = _post(url, body, auth=None)
+                status, _ = post_json(url, body, auth=None)
                 break
             except (ConnectionError, urllib.error.URLError):
                 time.sleep(0.3)
         assert status == 401
-        assert _post(url, body, auth="ops:wrong")[0] == 401
-        status, answer = _post(url, body, auth=auth)
+        assert post_json(url, body, auth="ops:wrong")[0] == 401
+        status, answer = post_json(url, body, auth=auth)
         assert status == 200, tail(log)
         task_id = answer["task-id"]
         service.task_ids.append(task_id)
@@ -523,7 +492,7 @@ def test_admin_rerun_wait_and_status(service: Service, shipped_trip: ShippedTrip
     assert "broken.jpg" in status.stdout and "gone.jpg" in status.stdout  # photo errors
 
 
-# --- outages, on a stack of the test's own (tests.faultfixtures) ------------------------------
+# --- outages, on a stack of the test's own (tests.support.faults) ------------------------------
 
 
 def _held_fault_job(
@@ -546,7 +515,7 @@ def test_redis_restarted_mid_job_the_job_completes(
     tmp_path: Path, players_jpg: bytes, yaoming_jpg: bytes, gdp_jpg: bytes
 ) -> None:
     """Issue 9 #1: the broker, result backend and lock Redis down 8 s while a job runs."""
-    from tests.faultfixtures import fault_stack
+    from tests.support.faults import fault_stack
 
     photos: list[tuple[str, bytes | None]] = [
         ("players.jpg", players_jpg),
@@ -574,7 +543,7 @@ def test_database_down_mid_job_is_retried_until_it_is_back(
 ) -> None:
     """Issue 9 #2: PostgreSQL unreachable for 20 s (more than the old five retries lasted):
     the job retries within its time budget and completes; no row is left `running`."""
-    from tests.faultfixtures import fault_stack
+    from tests.support.faults import fault_stack
 
     photos: list[tuple[str, bytes | None]] = [
         ("players.jpg", players_jpg),

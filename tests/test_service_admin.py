@@ -18,7 +18,8 @@ import pytest
 from pydantic import ValidationError
 
 from tasks.settings import ServiceSettings
-from tests.servicefixtures import REDIS_URL, ROOT, require_redis
+from tests.support.files import ROOT
+from tests.support.services import REDIS_URL, require_redis
 
 # --- settings ----------------------------------------------------------------------------------
 

@@ -23,12 +23,10 @@ from tasks.guard import JobGuard, JobTimedOut
 from tasks.job import InvalidJobArguments, run_trip_job
 from tasks.retry import RETRYABLE_ERRORS
 from tasks.settings import ServiceSettings
-from tests import dbfixtures
-from tests.dbfixtures import add_trip
+from tests.plugins.databases import add_trip
 
 # The embedded path runs on SQLite; the Celery path is tested on the servers (test_service.py).
 pytestmark = pytest.mark.parametrize("db_backend", ["sqlite"])
-db_url = dbfixtures.db_url
 
 
 @pytest.fixture(scope="module")
@@ -409,7 +407,7 @@ def test_fanned_out_job_and_a_chunk_run_twice_store_each_photo_once(
 
     from tasks.fanout import FanOut, analyze_chunk_body
     from tasks.locks import Lease, chunk_lease_name
-    from tests.servicefixtures import REDIS_URL, require_redis
+    from tests.support.services import REDIS_URL, require_redis
 
     require_redis()
     redis = Redis.from_url(REDIS_URL)

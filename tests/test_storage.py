@@ -24,15 +24,12 @@ from storage import (
     photo_sources,
     s3_fetch,
 )
-from tests import s3fixtures
-from tests.s3fixtures import MOTO_ENV, moto_client
+from tests.plugins.s3 import MOTO_ENV, moto_client
 from worker.errors import ImageTooLarge, ModelNotFound, PhotoUnreadable
 from worker.models import REGISTRY, package_dir, resolve_model
 from worker.types import PhotoStatus
 
 # the moto server fixtures, shared with the service tests
-moto_endpoint = s3fixtures.moto_endpoint
-s3_bucket = s3fixtures.s3_bucket
 
 # --- local folders -----------------------------------------------------------------------------
 

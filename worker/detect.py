@@ -1,4 +1,5 @@
-"""Face detection: one small interface and a factory over the two detectors."""
+"""Face detection: one small interface, and detectors that compose (a verifier's second
+opinion, second looks); `worker.zoo` builds them from the settings."""
 
 from __future__ import annotations
 
@@ -10,11 +11,9 @@ from numpy.typing import NDArray
 from worker.boxes import box_iou, close_up, finish_detections, upright
 from worker.types import Detections
 
-__all__ = ["FaceDetector", "FaceVerifier", "SecondLook", "VerifiedDetector", "load_detector"]
+__all__ = ["FaceDetector", "FaceVerifier", "SecondLook", "VerifiedDetector"]
 
 if TYPE_CHECKING:
-    from worker.models import RemoteFetcher
-    from worker.settings import PipelineSettings
     from worker.types import ModelInfo
 
 
@@ -161,28 +160,3 @@ def _turn_back(found: Detections, clockwise: bool, width: int, height: int) -> D
     corners = back(found.boxes.reshape(-1, 2, 2))
     boxes = np.concatenate([corners.min(axis=1), corners.max(axis=1)], axis=1)
     return Detections(boxes.astype(np.float32), found.scores, back(found.landmarks))
-
-
-def load_detector(
-    settings: PipelineSettings, *, fetch: RemoteFetcher | None = None
-) -> FaceDetector:
-    """The detector the settings name, with its weights resolved and verified.
-
-    The SCRFD path (the default) runs on ONNX Runtime alone; only MTCNN imports torch."""
-    if settings.detector == "scrfd":
-        from worker.onet import ONetVerifier
-        from worker.scrfd import SCRFDDetector
-
-        scrfd: FaceDetector = SCRFDDetector.load(settings, fetch=fetch)
-        if settings.verify_threshold > 0:
-            scrfd = VerifiedDetector(scrfd, ONetVerifier.load(settings), settings.verify_threshold)
-        return SecondLook(scrfd, margin=settings.retry_margin, rotated=settings.retry_rotated)
-    from worker.mtcnn import MTCNNDetector
-
-    # MTCNN's own last stage is ONet: verifying its faces again would add nothing.
-    return SecondLook(
-        MTCNNDetector.load(settings),
-        margin=settings.retry_margin,
-        rotated=settings.retry_rotated,
-        close_ups=True,
-    )

@@ -15,12 +15,13 @@ import numpy as np
 from numpy.typing import NDArray
 
 from worker.errors import ModelError
-from worker.models import REGISTRY, RemoteFetcher, resolve_model
+from worker.models import REGISTRY, InferenceModel
 from worker.runtime import embedder_session
 
 if TYPE_CHECKING:
     import onnxruntime as ort
 
+    from worker.models import ModelFiles
     from worker.runtime import OpenVINOSession
     from worker.settings import PipelineSettings
     from worker.types import ModelInfo
@@ -37,7 +38,7 @@ def _declared_dim(value: object) -> int | None:
     return value if isinstance(value, int) and value > 0 else None
 
 
-class ArcFaceEmbedder:
+class ArcFaceEmbedder(InferenceModel[[NDArray[np.uint8]], NDArray[np.float32]]):
     """An ArcFace ONNX model (`w600k_mbf` by default); one call per batch of chips."""
 
     def __init__(
@@ -82,16 +83,12 @@ class ArcFaceEmbedder:
         self.dim = dim
 
     @classmethod
-    def load(
-        cls, settings: PipelineSettings, *, fetch: RemoteFetcher | None = None
-    ) -> ArcFaceEmbedder:
+    def _load(cls, settings: PipelineSettings, files: ModelFiles) -> ArcFaceEmbedder:
         """The embedder the settings name, its file resolved and sha256-checked."""
-        model = resolve_model(
+        model = files.resolve(
             settings.embedder,
             override=settings.embedder_path,
             override_sha256=settings.embedder_sha256,
-            cache_dir=settings.model_cache_dir,
-            fetch=fetch,
         )
         # Pixel scaling is a property of how the model was trained: the registry entry of
         # `settings.embedder` says it (also for a file given by AFTERTRIP_EMBEDDER_PATH).
@@ -119,6 +116,8 @@ class ArcFaceEmbedder:
             out[start : start + len(batch)] = self._predict(batch)
         norms = np.linalg.norm(out, axis=1, keepdims=True)
         return out / np.maximum(norms, 1e-12)
+
+    predict = embed
 
     def _predict(self, chips: NDArray[np.uint8]) -> NDArray[np.float32]:
         # The model's training input: RGB, (x - mean) / std, NCHW.

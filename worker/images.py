@@ -121,7 +121,7 @@ DEFAULT_MAX_DECODED_BYTES = 600_000_000
 _STORED_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2}
 # Decoders that fill buffers of their own and then copy them into Pillow's image hold the
 # pixels several times while they decode: measured 16 bytes/px for WebP, 7.3 for HEIF
-# (docs/reliability.md, `python -m tests.decode_memory`); AVIF and JPEG XL taken as HEIF.
+# (docs/reliability.md, `python -m tests.support.decode_memory`); AVIF and JPEG XL taken as HEIF.
 _DECODER_COPIES = {"WEBP": 4, "HEIF": 2, "AVIF": 2, "JXL": 2}
 # A still, opaque WebP is decoded by OpenCV (`_decode_webp`) straight to 3 bytes a pixel:
 # measured 6.1 bytes/px at its peak (a 5184x3456 photo: 110 MB, against Pillow's 280 MB).

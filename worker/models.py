@@ -13,12 +13,17 @@ import importlib.util
 import logging
 import os
 import shutil
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Generic, ParamSpec, Self, TypeVar
 
 from worker.errors import ModelChecksumMismatch, ModelNotFound
 from worker.types import ModelInfo
+
+if TYPE_CHECKING:
+    from worker.settings import PipelineSettings
 
 logger = logging.getLogger(__name__)
 
@@ -212,3 +217,52 @@ def copy_model(uri_or_path: str, dest: Path) -> None:
     """A `RemoteFetcher` for `file://` URIs (tests and air-gapped installs)."""
     src = uri_or_path.removeprefix("file://")
     shutil.copyfile(src, dest)
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """Where one load's model files come from: the registry's packages, or an operator's
+    override (a local path, or a remote URI that `fetch` downloads into `cache_dir`)."""
+
+    cache_dir: Path
+    fetch: RemoteFetcher | None = None
+
+    def resolve(
+        self, name: str, *, override: str | None = None, override_sha256: str | None = None
+    ) -> ModelInfo:
+        """`resolve_model` for this load's cache folder and fetcher."""
+        return resolve_model(
+            name,
+            override=override,
+            override_sha256=override_sha256,
+            cache_dir=self.cache_dir,
+            fetch=self.fetch,
+        )
+
+
+Inputs = ParamSpec("Inputs")
+Output = TypeVar("Output")
+
+
+class InferenceModel(ABC, Generic[Inputs, Output]):
+    """One model's lifecycle, the same for every model class: `load` builds it from the
+    settings, its files resolved and sha256-checked; `predict` runs it.
+
+    A model class writes `_load` (which files, which session) and `predict` (usually under
+    its domain name as well: `detect`, `face_probability`, `embed`); its constructor takes a
+    ready session, so tests can pass a fake one.
+    """
+
+    @classmethod
+    def load(cls, settings: PipelineSettings, *, fetch: RemoteFetcher | None = None) -> Self:
+        """The model the settings name; `fetch` downloads remote (`s3://`) overrides."""
+        return cls._load(settings, ModelFiles(settings.model_cache_dir, fetch))
+
+    @classmethod
+    @abstractmethod
+    def _load(cls, settings: PipelineSettings, files: ModelFiles) -> Self:
+        """The model built from the files that `files` resolves for these settings."""
+
+    @abstractmethod
+    def predict(self, *inputs: Inputs.args, **options: Inputs.kwargs) -> Output:
+        """The model's output for one input (a photo; a photo and boxes; a batch of chips)."""

@@ -19,12 +19,13 @@ from numpy.typing import NDArray
 from torch import nn
 
 from worker.boxes import finish_detections, nms
-from worker.models import resolve_model
+from worker.models import InferenceModel
 from worker.onet import crop_windows, square_boxes
 from worker.runtime import torch_device
 from worker.types import Detections
 
 if TYPE_CHECKING:
+    from worker.models import ModelFiles
     from worker.settings import PipelineSettings
     from worker.types import ModelInfo
 
@@ -193,7 +194,7 @@ def _run_on_crops(
     return [torch.cat([p[k] for p in parts]).cpu().numpy() for k in range(len(parts[0]))]
 
 
-class MTCNNDetector:
+class MTCNNDetector(InferenceModel[[NDArray[np.uint8]], Detections]):
     """Finds faces with MTCNN on torch; `detect` takes RGB (H, W, 3) uint8 pixels."""
 
     name = "mtcnn"
@@ -218,10 +219,10 @@ class MTCNNDetector:
         self.factor = factor
 
     @classmethod
-    def load(cls, settings: PipelineSettings) -> MTCNNDetector:
+    def _load(cls, settings: PipelineSettings, files: ModelFiles) -> MTCNNDetector:
         """The three networks with their packaged weights checked and loaded onto the device."""
         device = torch_device(settings)
-        infos = [resolve_model(name) for name in ("mtcnn_pnet", "mtcnn_rnet", "mtcnn_onet")]
+        infos = [files.resolve(name) for name in ("mtcnn_pnet", "mtcnn_rnet", "mtcnn_onet")]
         pnet, rnet, onet = PNet(), RNet(), ONet()
         for net, info in zip((pnet, rnet, onet), infos, strict=True):
             net.load_state_dict(torch.load(info.path, map_location=device, weights_only=True))
@@ -258,6 +259,8 @@ class MTCNNDetector:
         return finish_detections(
             found, width=width, height=height, min_face_size=self.min_face_size
         )
+
+    predict = detect
 
     def _propose(self, pixels: torch.Tensor) -> NDArray[np.float32]:
         """Stage 1: PNet over the pyramid -> square candidate boxes (n, 5: box, score)."""

@@ -29,10 +29,11 @@ import numpy as np
 from numpy.typing import NDArray
 
 from worker.errors import ModelChecksumMismatch, ModelError
-from worker.models import resolve_model, sha256_of, write_cache_file
+from worker.models import InferenceModel, resolve_model, sha256_of, write_cache_file
 from worker.runtime import onnx_session
 
 if TYPE_CHECKING:
+    from worker.models import ModelFiles
     from worker.settings import PipelineSettings
     from worker.types import ModelInfo
 
@@ -368,7 +369,7 @@ class ONetSession:
         return offsets, points, probs
 
 
-class ONetVerifier:
+class ONetVerifier(InferenceModel[[NDArray[np.uint8], NDArray[np.float32]], NDArray[np.float32]]):
     """MTCNN's last stage as a second opinion on another detector's boxes (ONNX Runtime).
 
     SCRFD-500M also fires on animal faces (a golden retriever photo scored 0.66-0.76, as
@@ -381,9 +382,9 @@ class ONetVerifier:
         self.model = model
 
     @classmethod
-    def load(cls, settings: PipelineSettings) -> ONetVerifier:
+    def _load(cls, settings: PipelineSettings, files: ModelFiles) -> ONetVerifier:
         """ONet built from facenet-pytorch's checked weights, on ONNX Runtime."""
-        info = resolve_model("mtcnn_onet")
+        info = files.resolve("mtcnn_onet")
         session = onnx_session(onet_onnx(settings, info), settings)
         return cls(ONetSession(session), model=info)
 
@@ -400,6 +401,8 @@ class ONetVerifier:
             _, _, face = self.onet.run(normalised_crops(image, windows[valid], 48))
             probs[valid] = face.reshape(-1)
         return probs
+
+    predict = face_probability
 
 
 def prebuild(settings: PipelineSettings) -> Path:

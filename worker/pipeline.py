@@ -23,7 +23,7 @@ from numpy.typing import NDArray
 
 from worker.align import align_faces
 from worker.cluster import MIN_DETECTION_SCORE, Clustering, cluster_faces
-from worker.detect import FaceDetector, load_detector
+from worker.detect import FaceDetector
 from worker.embed import ArcFaceEmbedder
 from worker.errors import PhotoError
 from worker.images import decode_image, encode_jpeg
@@ -48,6 +48,7 @@ from worker.types import (
     PhotoSource,
     PhotoStatus,
 )
+from worker.zoo import load_detector, load_embedder
 
 logger = logging.getLogger(__name__)
 
@@ -177,7 +178,7 @@ class FacePipeline:
     def arcface(self) -> ArcFaceEmbedder:
         """The ArcFace embedder, loaded on first use."""
         if self._embedder is None:
-            self._embedder = ArcFaceEmbedder.load(self.settings, fetch=self._fetch)
+            self._embedder = load_embedder(self.settings, fetch=self._fetch)
         return self._embedder
 
     @property
@@ -335,7 +336,7 @@ class FacePipeline:
         return _Pending(photo, chips)
 
 
-def _failed(source: PhotoSource, status: PhotoStatus, reason: str, dim: int = 512) -> AnalyzedPhoto:
+def _failed(source: PhotoSource, status: PhotoStatus, reason: str, dim: int) -> AnalyzedPhoto:
     return AnalyzedPhoto(
         photo_id=source.id,
         name=source.name,
@@ -369,8 +370,10 @@ def assemble_album(
     models: list[ModelInfo],
     timer: StageTimer,
     embedder: str,
+    dim: int,
 ) -> AlbumResult:
-    """Group the faces of analysed photos and build the album's typed result."""
+    """Group the faces of analysed photos and build the album's typed result; `dim` is the
+    embedder's vector length (the album may have no face to tell it)."""
     faces: list[FaceResult] = []
     photo_index: list[int] = []
     for p_idx, photo in enumerate(analyzed):
@@ -390,7 +393,7 @@ def assemble_album(
     embeddings = (
         np.concatenate([p.embeddings for p in analyzed]).astype(np.float32)
         if faces
-        else np.zeros((0, 512), np.float32)
+        else np.zeros((0, dim), np.float32)
     )
     with timer.stage("group"):
         clustering = cluster_faces(
@@ -498,7 +501,12 @@ def group_album(
         if on_progress is not None:
             on_progress("analyze", done, len(sources))
     result = assemble_album(
-        analyzed, settings, models=pipeline.models, timer=timer, embedder=pipeline.embedder.name
+        analyzed,
+        settings,
+        models=pipeline.models,
+        timer=timer,
+        embedder=pipeline.embedder.name,
+        dim=pipeline.arcface.dim,
     )
     result.timings["total"] = round(time.perf_counter() - start, 4)
     if on_progress is not None:

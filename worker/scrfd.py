@@ -21,12 +21,12 @@ from numpy.typing import NDArray
 
 from worker.boxes import finish_detections, nms
 from worker.errors import ModelError
-from worker.models import resolve_model
+from worker.models import InferenceModel
 from worker.runtime import ScratchArrays, onnx_session
 from worker.types import Detections
 
 if TYPE_CHECKING:
-    from worker.models import RemoteFetcher
+    from worker.models import ModelFiles
     from worker.settings import PipelineSettings
     from worker.types import ModelInfo
 
@@ -214,7 +214,7 @@ def letterbox(
     return blob, scale
 
 
-class SCRFDDetector:
+class SCRFDDetector(InferenceModel[[NDArray[np.uint8]], Detections]):
     """Finds faces with SCRFD (ONNX Runtime); `detect` takes RGB (H, W, 3) uint8 pixels."""
 
     name = "scrfd"
@@ -247,16 +247,10 @@ class SCRFDDetector:
         ]
 
     @classmethod
-    def load(
-        cls, settings: PipelineSettings, *, fetch: RemoteFetcher | None = None
-    ) -> SCRFDDetector:
+    def _load(cls, settings: PipelineSettings, files: ModelFiles) -> SCRFDDetector:
         """SCRFD with its weights resolved (packaged, a local path or a remote URI) and checked."""
-        info = resolve_model(
-            "scrfd_500m_bnkps",
-            override=settings.scrfd_path,
-            override_sha256=settings.scrfd_sha256,
-            cache_dir=settings.model_cache_dir,
-            fetch=fetch,
+        info = files.resolve(
+            "scrfd_500m_bnkps", override=settings.scrfd_path, override_sha256=settings.scrfd_sha256
         )
         threshold = settings.detection_threshold
         return cls(
@@ -285,3 +279,5 @@ class SCRFDDetector:
         return finish_detections(
             found, width=width, height=height, min_face_size=self.min_face_size
         )
+
+    predict = detect

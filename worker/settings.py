@@ -100,9 +100,8 @@ class PipelineSettings(BaseSettings):
         "auto",
         description="Runtime of the embedder on CPU: auto (OpenVINO when installed, as the cpu "
         "extra does, else ONNX Runtime), openvino or onnxruntime. OpenVINO's CPU plugin, at "
-        "float32, gives the same vectors (within 1e-4) and embeds 1.6-2.3x faster on the 2-core "
-        "bench machine, for about 100 MB more peak RSS (509 vs 411 MB against InsightFace's "
-        "471; docs/throughput.md); on a GPU the embedder runs on ONNX Runtime's CUDA provider.",
+        "float32, gives the same vectors (within 1e-4) and embeds faster, for more peak RSS "
+        "(docs/throughput.md); on a GPU the embedder runs on ONNX Runtime's CUDA provider.",
     )
     threads: int = Field(
         0,
@@ -114,9 +113,9 @@ class PipelineSettings(BaseSettings):
     )
     embed_batch_size: int = Field(
         8,
-        description="Face chips per embedder call. 8 on CPU: with every model on ONNX Runtime, "
-        "peak RSS 576-589 MB on the 44 g20 photos (16: 600-615 MB) in the same time; GPU workers "
-        "take 64 (docker/Dockerfile.gpu), where a full batch costs hardly more than one chip.",
+        description="Face chips per embedder call. 8 on CPU: a lower peak RSS than 16 in the same "
+        "time (docs/throughput.md, Memory); GPU workers take 64 (docker/Dockerfile.gpu), where a "
+        "full batch costs hardly more than one chip.",
     )
     decode_workers: int = Field(
         0,

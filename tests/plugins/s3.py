@@ -1,6 +1,7 @@
 """S3 for tests: moto in server mode on loopback, a real HTTP endpoint boto3 talks to.
 
-Import the fixtures into a test module with `from tests.s3fixtures import moto_endpoint, s3_bucket`.
+A pytest plugin (tests/conftest.py): a test asks for `moto_endpoint` or `s3_bucket` by name;
+`moto_client` and `MOTO_ENV` are imported from here.
 """
 
 from __future__ import annotations

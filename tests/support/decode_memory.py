@@ -1,6 +1,6 @@
 """Peak memory of decoding one hostile photo, measured in a fresh process per case.
 
-    python -m tests.decode_memory [--cache DIR] [CASE ...]
+    python -m tests.support.decode_memory [--cache DIR] [CASE ...]
 
 Each case is a 12000x12000 image (144 Mpx, under the 150 Mpx pixel cap; two are 6000x6000)
 in one format and bit depth, made once into DIR (default /tmp/aftertrip-decode-memory). A
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                 [
                     sys.executable,
                     "-m",
-                    "tests.decode_memory",
+                    "tests.support.decode_memory",
                     "--make",
                     name,
                     "--cache",

@@ -8,9 +8,8 @@ then the shared folders 1 and 2, which the app's migrations do not create). The 
 seed no folder themselves. When ../shared is absent (a fresh clone outside the team) they fall
 back to `db.webapp.create_webapp_tables`, the project's own copy of the four tables the worker
 uses; under CI=true the dumps are required. SQLite (the embedded default) always uses that
-copy: the app has no SQLite dump. Import the fixtures into a test module:
-
-    from tests.dbfixtures import db_backend, db_engine, db_url  # noqa: F401
+copy: the app has no SQLite dump. A pytest plugin (tests/conftest.py): a test asks for the
+fixtures by name; `add_trip`, `fresh_database` and the other helpers are imported from here.
 
 - `db_backend` is parametrised over the three backends, so every test that uses one of the
   fixtures below runs on each.
@@ -53,8 +52,8 @@ from sqlalchemy.pool import NullPool
 from db.models import Base
 from db.session import make_engine, upgrade
 from db.webapp import Photo, Trip, WebAppBase, create_webapp_tables
+from tests.support.files import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 WEBAPP_SCHEMA_DIR = Path(
     os.environ.get("AFTERTRIP_WEBAPP_SCHEMA_DIR", ROOT.parent / "shared" / "webapp-schema")
 )

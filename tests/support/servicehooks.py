@@ -1,4 +1,4 @@
-"""Loaded into the test workers (`celery worker -I tests.servicehooks`): holds a job at a
+"""Loaded into the test workers (`celery worker -I tests.support.servicehooks`): holds a job at a
 known point so that service tests do not depend on how long a job happens to take.
 
 With AFTERTRIP_TEST_HOLD_DIR set, a job that reaches `tasks.analyze.analysis_started` (it holds

@@ -1,21 +1,30 @@
 """Helpers for the worker-service tests: Redis on loopback, a Celery client app, a worker.
 
-Import what a module needs: `from tests.servicefixtures import require_redis, ...`.
+Import what a module needs: `from tests.support.services import require_redis, ...`.
 """
 
 from __future__ import annotations
 
+import base64
+import io
+import json
 import os
 import signal
+import socket
 import subprocess
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 from celery import Celery
+from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.support.files import ROOT
 
 REDIS_URL = os.environ.get("AFTERTRIP_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
 """The Redis database the service tests use (not the default 0, so no one's data is touched)."""
@@ -41,7 +50,7 @@ def worker_environment(
     """The environment of a test worker: this process's, less any AFTERTRIP_* of the
     developer's, plus moto's credentials and the stack's settings (SCRFD on the CPU, the
     test Redis); `settings` adds or overrides AFTERTRIP_<NAME> by lowercase name."""
-    from tests.s3fixtures import MOTO_ENV
+    from tests.plugins.s3 import MOTO_ENV
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("AFTERTRIP_")}
     env.update(MOTO_ENV)
@@ -80,7 +89,7 @@ def start_worker(
     """A real `celery worker` (prefork) on `queue`, started from the repository root.
 
     The command line is the one `aftertrip-faces worker` runs, plus quieter cluster chatter
-    and the test hooks (`tests.servicehooks`, active with AFTERTRIP_TEST_HOLD_DIR).
+    and the test hooks (`tests.support.servicehooks`, active with AFTERTRIP_TEST_HOLD_DIR).
     """
     from types import SimpleNamespace
 
@@ -90,7 +99,7 @@ def start_worker(
     args = SimpleNamespace(concurrency=concurrency, loglevel="INFO", hostname=f"{name}@%h")
     argv = worker_argv(ServiceSettings(queue=queue), args)  # type: ignore[arg-type]
     argv += ["--without-gossip", "--without-mingle", "--without-heartbeat"]
-    argv += ["--include", "tests.servicehooks"]  # holds a job where a test asks it to
+    argv += ["--include", "tests.support.servicehooks"]  # holds a job where a test asks it to
     handle = log.open("wb")
     process = subprocess.Popen(
         argv, cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
@@ -147,3 +156,33 @@ def wait_for(condition: Callable[[], bool], what: str, timeout: float = 300) -> 
 def held_jobs(hold_dir: Path) -> list[str]:
     """The `held-<trip>-<job>` files of the jobs the test hook is holding (or held)."""
     return sorted(p.name for p in hold_dir.glob("held-*"))
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def no_face_jpeg() -> bytes:
+    """A landscape without people: a smooth sky-to-lake gradient."""
+    y, x = np.mgrid[0:480, 0:640]
+    pixels = np.stack([80 + x / 8, 120 + y / 6, 200 - y / 5], axis=-1).clip(0, 255)
+    out = io.BytesIO()
+    Image.fromarray(pixels.astype(np.uint8)).save(out, "JPEG", quality=90)
+    return out.getvalue()
+
+
+def post_json(url: str, body: dict[str, Any], auth: str | None) -> tuple[int, dict[str, Any]]:
+    """POST `body` as JSON (with Basic `auth` "user:password" if given): (status, answer)."""
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    if auth is not None:
+        request.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, {}

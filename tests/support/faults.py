@@ -40,15 +40,16 @@ from sqlalchemy import Engine, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-from tests.s3fixtures import MOTO_ENV
-from tests.servicefixtures import ROOT, child_pids, client_app, start_worker, stop_process, tail
-
-
-def free_port() -> int:
-    """A TCP port on loopback that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from tests.plugins.s3 import MOTO_ENV
+from tests.support.files import ROOT
+from tests.support.services import (
+    child_pids,
+    client_app,
+    free_port,
+    start_worker,
+    stop_process,
+    tail,
+)
 
 
 def wait_for_port(
@@ -313,7 +314,7 @@ class FaultWorker:
     def dump_stacks(self) -> None:
         """Have the worker and its pool write every thread's stack to the log (the test
         hooks' `DUMP_STACKS_SIGNAL`)."""
-        from tests.servicehooks import DUMP_STACKS_SIGNAL
+        from tests.support.servicehooks import DUMP_STACKS_SIGNAL
 
         for pid in [self.pid, *self.children()]:  # one at a time: they share the log
             with contextlib.suppress(ProcessLookupError):
@@ -357,7 +358,7 @@ class FaultStack:
 
     def s3_client(self) -> Any:
         """A boto3 client that talks to moto directly (works while the proxy is cut)."""
-        from tests.s3fixtures import moto_client
+        from tests.plugins.s3 import moto_client
 
         return moto_client(self.moto.endpoint)
 
@@ -374,7 +375,7 @@ class FaultStack:
         """A trip whose photos are uploaded under their `str(file_key)` (None = no object)."""
         from db.webapp import Photo
         from storage import S3Store
-        from tests.dbfixtures import add_trip
+        from tests.plugins.databases import add_trip
 
         store = S3Store(self.bucket, client=self.s3_client())
         with self.sessions() as session:
@@ -508,8 +509,8 @@ def fault_stack(tmp: Path, *, detector: str = "scrfd") -> Iterator[FaultStack]:
     Skips (fails under CI=true) when PostgreSQL on loopback does not answer.
     """
     from db.session import make_engine, make_sessionmaker
-    from tests.dbfixtures import SERVER_URLS, fresh_database, prepare_database
-    from tests.s3fixtures import moto_client
+    from tests.plugins.databases import SERVER_URLS, fresh_database, prepare_database
+    from tests.plugins.s3 import moto_client
 
     tmp.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:

@@ -1,0 +1,1 @@
+"""Helpers that test modules share: plain modules, imported by name (never a test module)."""
