@@ -84,6 +84,18 @@ class ServiceSettings(PipelineSettings):
     s3_max_pool_connections: int = Field(
         default=16, description="HTTP connections per worker process to S3 (reads run on threads)."
     )
+    s3_read_timeout: float = Field(
+        default=30.0,
+        gt=0,
+        description="Seconds an S3 socket read may wait for the next bytes (an answer, or more "
+        "of a photo's body) before it fails; a stalled connection is noticed this soon.",
+    )
+    s3_read_attempts: int = Field(
+        default=3,
+        ge=1,
+        description="Tries of one photo's S3 read whose connection stalled or broke off, with "
+        "a short backoff, before the job retries as a whole.",
+    )
 
     # limits and retries
     task_soft_time_limit: int = Field(
