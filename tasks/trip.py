@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import redis.exceptions
 import sqlalchemy.exc
 from celery import Task, group
-from celery.exceptions import Ignore
+from celery.exceptions import BackendError, Ignore
 from celery.signals import worker_process_init
 from celery.utils.dispatch import Signal
 from redis import Redis
@@ -822,13 +822,22 @@ def _progress_reporter(task: GroupTripTask) -> ProgressCallback:
         nonlocal silent_until
         if task.request.id is None or time.monotonic() < silent_until:
             return
-        try:
-            task.update_state(state=PROGRESS, meta={"stage": stage, "done": done, "total": total})
-        except (redis.exceptions.RedisError, OSError) as exc:
+        if not _show_progress(task, {"stage": stage, "done": done, "total": total}):
             silent_until = time.monotonic() + 10
-            logger.warning("progress not reported (result backend unreachable): %s", exc)
 
     return report
+
+
+def _show_progress(task: GroupTripTask, meta: dict[str, Any]) -> bool:
+    """Write the PROGRESS state, best-effort: False (logged) when the result backend cannot
+    take it. Celery retries the write itself (`result_backend_always_retry`) and then raises
+    BackendStoreError, which must not end a job any more than a RedisError does."""
+    try:
+        task.update_state(state=PROGRESS, meta=meta)
+        return True
+    except (redis.exceptions.RedisError, OSError, BackendError) as exc:
+        logger.warning("progress not reported (result backend unreachable): %s", exc)
+        return False
 
 
 def _wait_for_turn(
@@ -845,11 +854,7 @@ def _wait_for_turn(
         extra={"trip_id": trip_id, "holder": holder, "task_id": task.request.id, "wait_s": wait},
     )
     if task.request.id is not None:
-        meta = {"stage": "waiting", "done": 0, "total": 0, "holder": holder}
-        try:
-            task.update_state(state=PROGRESS, meta=meta)
-        except (redis.exceptions.RedisError, OSError) as exc:
-            logger.warning("progress not reported (result backend unreachable): %s", exc)
+        _show_progress(task, {"stage": "waiting", "done": 0, "total": 0, "holder": holder})
     headers = {RETRY_SINCE_HEADER: retry_since} if retry_since is not None else None
     task.apply_async(
         args=(trip_id,),
