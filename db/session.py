@@ -13,6 +13,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.types import set_time_zone
+from db.watchdog import StatementWatchdog, connect_args
 
 logger = logging.getLogger(__name__)
 
@@ -46,23 +47,39 @@ def _sqlite_begin(conn: Connection) -> None:
     conn.exec_driver_sql(f"BEGIN {mode}")
 
 
-def make_engine(url: str, *, time_zone: str = "UTC", **kwargs: Any) -> Engine:
+def make_engine(
+    url: str,
+    *,
+    time_zone: str = "UTC",
+    connect_timeout: float = 10.0,
+    statement_timeout: float | None = None,
+    **kwargs: Any,
+) -> Engine:
     """An engine for `url`: SQLite gets foreign keys, a busy timeout and real transactions
-    (BEGIN emitted by SQLAlchemy); servers get pool_pre_ping.
+    (BEGIN emitted by SQLAlchemy); servers get pool_pre_ping and a connect timeout, and with
+    `statement_timeout` a connection that goes silent fails within about that many seconds
+    (socket timeouts on MySQL/MariaDB, keepalives and `StatementWatchdog` on PostgreSQL).
 
     `time_zone` is the web app's (AFTERTRIP_WEBAPP_TIME_ZONE): naive datetime columns
     (MySQL/MariaDB/SQLite) are written and read as local time in it; see `db.types.UTCDateTime`.
     Extra keyword arguments go to `sqlalchemy.create_engine`.
     """
     parsed = make_url(url)
-    if parsed.get_backend_name() == "sqlite":
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
         engine = create_engine(parsed, **kwargs)
         event.listen(engine, "connect", _sqlite_pragmas)
         event.listen(engine, "begin", _sqlite_begin)
     else:
         # A Celery worker idles between jobs longer than servers keep connections open.
         kwargs.setdefault("pool_pre_ping", True)
+        limits = connect_args(
+            backend, connect_timeout=connect_timeout, statement_timeout=statement_timeout
+        )
+        kwargs["connect_args"] = {**limits, **kwargs.get("connect_args", {})}
         engine = create_engine(parsed, **kwargs)
+        if statement_timeout and backend == "postgresql":
+            StatementWatchdog(statement_timeout).attach(engine)
     set_time_zone(engine, time_zone)
     return engine
 

@@ -8,6 +8,8 @@ bucket by key only: a key that looks like a URL is refused, never fetched.
 from __future__ import annotations
 
 import logging
+import random
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -64,6 +66,8 @@ _TRANSIENT_CODES = frozenset(
     }
 )
 # Network-level failures after botocore's own retries: the endpoint is there but did not answer.
+# A photo's read retries these itself (botocore retries the request, never a body that stalls
+# or breaks off) before they reach the job.
 _TRANSIENT_EXCEPTIONS: tuple[type[Exception], ...] = (
     BotoConnectionError,
     HTTPClientError,
@@ -72,17 +76,31 @@ _TRANSIENT_EXCEPTIONS: tuple[type[Exception], ...] = (
 )
 
 
-def client_config(max_pool_connections: int = 16) -> Config:
-    """botocore settings: standard retry mode (backoff with jitter, up to 5 retries), pool size."""
+DEFAULT_READ_TIMEOUT = 30.0
+"""Seconds a socket read may wait (headers or the next bytes of a body) before it fails."""
+DEFAULT_READ_ATTEMPTS = 3
+"""Tries of one photo's read (request and body) before its error reaches the job."""
+
+
+def client_config(
+    max_pool_connections: int = 16, read_timeout: float = DEFAULT_READ_TIMEOUT
+) -> Config:
+    """botocore settings: standard retry mode (backoff with jitter, up to 5 retries), pool size,
+    and socket timeouts, so that a stalled connection fails instead of hanging a job."""
     return Config(
         retries={"mode": "standard", "max_attempts": 5},
         max_pool_connections=max_pool_connections,
         connect_timeout=10,
-        read_timeout=60,
+        read_timeout=read_timeout,
+        tcp_keepalive=True,
     )
 
 
-def make_client(endpoint_url: str | None = None, max_pool_connections: int = 16) -> S3Client:
+def make_client(
+    endpoint_url: str | None = None,
+    max_pool_connections: int = 16,
+    read_timeout: float = DEFAULT_READ_TIMEOUT,
+) -> S3Client:
     """An S3 client from boto3's standard credential chain.
 
     A new boto3 Session per client: the default session is not safe to share across threads,
@@ -90,7 +108,9 @@ def make_client(endpoint_url: str | None = None, max_pool_connections: int = 16)
     """
     session = boto3.session.Session()
     return session.client(
-        "s3", endpoint_url=endpoint_url, config=client_config(max_pool_connections)
+        "s3",
+        endpoint_url=endpoint_url,
+        config=client_config(max_pool_connections, read_timeout),
     )
 
 
@@ -128,12 +148,15 @@ class S3Store:
         client: S3Client | None = None,
         max_pool_connections: int = 16,
         max_object_bytes: int = DEFAULT_MAX_OBJECT_BYTES,
+        read_timeout: float = DEFAULT_READ_TIMEOUT,
+        read_attempts: int = DEFAULT_READ_ATTEMPTS,
     ) -> None:
         if not bucket:
             raise StorageConfigError("no S3 bucket given: set AFTERTRIP_S3_BUCKET")
         self.bucket = bucket
         self.max_object_bytes = max_object_bytes
-        self.client = client or make_client(endpoint_url, max_pool_connections)
+        self.read_attempts = max(1, read_attempts)
+        self.client = client or make_client(endpoint_url, max_pool_connections, read_timeout)
 
     def __repr__(self) -> str:
         return f"S3Store({self.bucket!r}, endpoint_url={self.client.meta.endpoint_url!r})"
@@ -168,8 +191,32 @@ class S3Store:
 
         Missing or forbidden -> `PhotoUnreadable`; over `max_object_bytes` -> `ImageTooLarge`;
         throttled, 5xx or network trouble (after botocore's retries) -> `TransientStorageError`.
+        A body that stalls (no byte for the read timeout) or breaks off is read again, up to
+        `read_attempts` times with a short backoff, before its error reaches the job: one
+        photo's broken connection costs that photo's read, not the job's.
         """
         self._check_key(key)
+        for attempt in range(1, self.read_attempts + 1):
+            try:
+                return self._read_once(key)
+            except _TRANSIENT_EXCEPTIONS as exc:
+                if attempt == self.read_attempts:
+                    self._raise(key, exc, f"reading ({attempt} tries)")
+                pause = min(8.0, 0.5 * 2 ** (attempt - 1)) * (0.5 + random.random())
+                logger.warning(
+                    "S3 read of s3://%s/%s failed (%s), try %d of %d in %.1f s",
+                    self.bucket,
+                    key,
+                    type(exc).__name__,
+                    attempt + 1,
+                    self.read_attempts,
+                    pause,
+                    extra={"s3_key": key, "attempt": attempt},
+                )
+                time.sleep(pause)
+        raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
+
+    def _read_once(self, key: str) -> bytes:
         try:
             response = self.client.get_object(Bucket=self.bucket, Key=key)
             size = int(response.get("ContentLength", 0) or 0)
@@ -178,7 +225,9 @@ class S3Store:
                 raise ImageTooLarge(
                     key, f"object is {size} bytes, over the {self.max_object_bytes} byte limit"
                 )
-            return response["Body"].read()
+            return bytes(response["Body"].read())
+        except _TRANSIENT_EXCEPTIONS:
+            raise
         except ClientError as exc:
             code, status = _error_code(exc)
             if code == "NoSuchBucket":

@@ -405,7 +405,9 @@ def cmd_import_trip(args: argparse.Namespace) -> int:
         foreign_webapp_data,
         import_group_id,
     )
+    from storage.local import LocalStore
     from tasks.compose import open_photo_store
+    from worker.errors import PhotoError
 
     console = _console()
     settings = _settings()
@@ -413,7 +415,19 @@ def cmd_import_trip(args: argparse.Namespace) -> int:
         console.print("[red]error:[/red] import-trip is for development stacks only")
         return 2
     folder = Path(args.folder)
-    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    if not folder.is_dir():
+        console.print(f"[red]error:[/red] {_escape(folder)} is not a folder")
+        return 2
+    # Read through a store that opens nothing outside the folder, not even through a link.
+    album = LocalStore(folder, follow_links=False)
+    files: list[tuple[str, bytes]] = []
+    for name in sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")):
+        if (folder / name).is_dir() and not (folder / name).is_symlink():
+            continue
+        try:
+            files.append((name, album.read(name)))
+        except PhotoError as exc:
+            console.print(_plain(f"skipped {name}: {exc.reason}"))
     if not files:
         console.print(f"[red]error:[/red] no photos in {_escape(folder)}")
         return 2
@@ -432,11 +446,11 @@ def cmd_import_trip(args: argparse.Namespace) -> int:
             trip = Trip(place=args.place, group_id=import_group_id(session=session))
             session.add(trip)
             session.flush()
-            for path in files:
+            for name, data in files:
                 key = uuid.uuid4()
-                store.write(str(key), path.read_bytes(), content_type="image/jpeg")
+                store.write(str(key), data, content_type="image/jpeg")
                 url = f"{IMPORTED_URL_PREFIX}{key}"
-                session.add(Photo(trip_id=trip.id, file_key=key, file_name=path.name, url=url))
+                session.add(Photo(trip_id=trip.id, file_key=key, file_name=name, url=url))
             trip_id = trip.id
     finally:
         engine.dispose()

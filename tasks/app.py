@@ -7,8 +7,12 @@ Importing this module imports no model code, so the web app and admin commands c
 
 from celery import Celery
 
+from tasks.flowerauth import guard_flower_command
 from tasks.logs import install_celery_logging
 from tasks.settings import get_settings
+
+# `celery -A tasks flower` is Flower's own command: it gets the same login rule as ours.
+guard_flower_command()
 
 app = Celery("aftertrip", include=["tasks.trip"])
 app.config_from_object("celeryconfig")

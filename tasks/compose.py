@@ -35,6 +35,8 @@ def open_photo_store(settings: ServiceSettings) -> PhotoStore:
             settings.s3_bucket,
             endpoint_url=settings.s3_endpoint_url,
             max_pool_connections=settings.s3_max_pool_connections,
+            read_timeout=settings.s3_read_timeout,
+            read_attempts=settings.s3_read_attempts,
         )
     if settings.photo_root is not None:
         return LocalStore(settings.photo_root)

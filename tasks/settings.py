@@ -64,6 +64,19 @@ class ServiceSettings(PipelineSettings):
         "time the worker writes to a MySQL/MariaDB/SQLite datetime column is local time in "
         "it; PostgreSQL's timestamptz stores the instant.",
     )
+    database_connect_timeout: float = Field(
+        default=10.0,
+        gt=0,
+        description="Seconds to wait for a new database connection before it fails (and the "
+        "job retries).",
+    )
+    database_statement_timeout: float = Field(
+        default=60.0,
+        ge=0,
+        description="Seconds one database statement may wait for the server before its "
+        "connection is dropped and the job retries: a connection that went silent (no reset) "
+        "fails this soon instead of hanging the job. 0 = wait forever.",
+    )
 
     # storage
     s3_bucket: str | None = Field(
@@ -83,6 +96,18 @@ class ServiceSettings(PipelineSettings):
     )
     s3_max_pool_connections: int = Field(
         default=16, description="HTTP connections per worker process to S3 (reads run on threads)."
+    )
+    s3_read_timeout: float = Field(
+        default=30.0,
+        gt=0,
+        description="Seconds an S3 socket read may wait for the next bytes (an answer, or more "
+        "of a photo's body) before it fails; a stalled connection is noticed this soon.",
+    )
+    s3_read_attempts: int = Field(
+        default=3,
+        ge=1,
+        description="Tries of one photo's S3 read whose connection stalled or broke off, with "
+        "a short backoff, before the job retries as a whole.",
     )
 
     # limits and retries
@@ -195,7 +220,12 @@ class ServiceSettings(PipelineSettings):
         (AFTERTRIP_WEBAPP_TIME_ZONE): every engine of the service is made here."""
         from db.session import make_engine
 
-        return make_engine(self.database_url, time_zone=self.webapp_time_zone)
+        return make_engine(
+            self.database_url,
+            time_zone=self.webapp_time_zone,
+            connect_timeout=self.database_connect_timeout,
+            statement_timeout=self.database_statement_timeout or None,
+        )
 
     @property
     def effective_lock_url(self) -> str:

@@ -20,7 +20,7 @@ from typing import Any
 
 import redis.exceptions
 from celery import Task, group
-from celery.exceptions import Ignore, SoftTimeLimitExceeded
+from celery.exceptions import BackendError, Ignore, SoftTimeLimitExceeded
 from celery.signals import worker_process_init
 
 from tasks.analyze import ProgressCallback
@@ -196,10 +196,12 @@ def _retry_delay(task: GroupTripTask, exc: Exception, since: float | None) -> fl
 
 
 def _report(task: GroupTripTask, meta: dict[str, Any]) -> bool:
-    """Set the task's PROGRESS state; False when the result backend is unreachable."""
+    """Set the task's PROGRESS state, best-effort: False (logged) when the result backend
+    cannot take it. Celery retries the write itself (`result_backend_always_retry`) and then
+    raises BackendStoreError, which must not end a job any more than a RedisError does."""
     try:
         task.update_state(state=PROGRESS, meta=meta)
-    except (redis.exceptions.RedisError, OSError) as exc:
+    except (redis.exceptions.RedisError, OSError, BackendError) as exc:
         logger.warning("progress not reported (result backend unreachable): %s", exc)
         return False
     return True

@@ -276,3 +276,54 @@ def test_flower_command_says_why_it_refuses(tmp_path: Path) -> None:
     run = cli("flower", env={"AFTERTRIP_FLOWER_BASIC_AUTH": "ops:"})
     assert run.returncode == 2
     assert "without a user or a password" in run.stdout and "ops:" not in run.stdout
+
+
+def test_import_trip_reads_nothing_outside_its_folder(tmp_path: Path) -> None:
+    """Links out of the folder (a system file, the user's other photos), a link loop, a FIFO
+    and a subfolder are skipped with a reason; only the folder's own photos become the trip."""
+    from db.session import make_engine, make_sessionmaker
+    from db.webapp import Photo
+
+    elsewhere = tmp_path / "Pictures"
+    elsewhere.mkdir()
+    (elsewhere / "gdp.jpg").write_bytes(vectron_image_path("gdp.jpg").read_bytes())
+    folder = tmp_path / "album"
+    folder.mkdir()
+    (folder / "yaoming.jpg").write_bytes(vectron_image_path("yaoming.jpg").read_bytes())
+    (folder / "hostname.jpg").symlink_to("/etc/hostname")
+    (folder / "gdp.jpg").symlink_to(elsewhere / "gdp.jpg")
+    (folder / "loop.jpg").symlink_to(folder / "loop.jpg")
+    os.mkfifo(folder / "pipe.jpg")
+    (folder / "sub").mkdir()
+    (folder / "sub" / "players.jpg").write_bytes(vectron_image_path("players.jpg").read_bytes())
+    url = f"sqlite:///{tmp_path / 'webapp.sqlite3'}"
+    env = {"AFTERTRIP_DATABASE_URL": url, "AFTERTRIP_PHOTO_ROOT": str(tmp_path / "bucket")}
+    assert cli("db", "upgrade", "--with-webapp-tables", env=env).returncode == 0
+    run = cli("import-trip", str(folder), env=env)
+    assert_no_crash(run)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "trip 1: 1 photos from" in run.stdout
+    for name in ("hostname.jpg", "gdp.jpg", "loop.jpg", "pipe.jpg"):
+        assert f"skipped {name}: " in run.stdout, run.stdout
+    assert "resolves outside" in run.stdout
+    engine = make_engine(url)
+    try:
+        with make_sessionmaker(engine)() as session:
+            assert [p.file_name for p in session.scalars(select(Photo))] == ["yaoming.jpg"]
+    finally:
+        engine.dispose()
+    stored = [p for p in (tmp_path / "bucket").rglob("*") if p.is_file()]
+    assert [p.read_bytes() for p in stored] == [vectron_image_path("yaoming.jpg").read_bytes()]
+
+
+def test_import_trip_with_nothing_readable_fails_and_says_so(tmp_path: Path) -> None:
+    folder = tmp_path / "album"
+    folder.mkdir()
+    (folder / "hostname.jpg").symlink_to("/etc/hostname")
+    url = f"sqlite:///{tmp_path / 'webapp.sqlite3'}"
+    env = {"AFTERTRIP_DATABASE_URL": url, "AFTERTRIP_PHOTO_ROOT": str(tmp_path / "bucket")}
+    assert cli("db", "upgrade", "--with-webapp-tables", env=env).returncode == 0
+    run = cli("import-trip", str(folder), env=env)
+    assert_no_crash(run)
+    assert run.returncode == 2
+    assert "skipped hostname.jpg: " in run.stdout and "no photos in" in run.stdout

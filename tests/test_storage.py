@@ -312,6 +312,79 @@ def test_s3_store_connection_refused_is_transient() -> None:
         store.write("a.jpg", b"x")
 
 
+class _StallingBodyHandler(http.server.BaseHTTPRequestHandler):
+    """Serves one object; the first `server.stalls` answers send half the body, then go silent
+    with the connection open (a stalled read, not a reset)."""
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        server = self.server
+        body: bytes = server.body  # type: ignore[attr-defined]
+        with server.lock:  # type: ignore[attr-defined]
+            server.requests += 1  # type: ignore[attr-defined]
+            stall = server.requests <= server.stalls  # type: ignore[attr-defined]
+        self.send_response(200)
+        self.send_header("Content-Type", "image/jpeg")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if stall:
+            self.wfile.write(body[: len(body) // 2])
+            self.wfile.flush()
+            server.release.wait(30)  # type: ignore[attr-defined]
+            return
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def stalling_endpoint() -> Iterator[http.server.HTTPServer]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _StallingBodyHandler)
+    server.daemon_threads = True
+    server.body = os.urandom(256 * 1024)  # type: ignore[attr-defined]
+    server.lock = threading.Lock()  # type: ignore[attr-defined]
+    server.release = threading.Event()  # type: ignore[attr-defined]
+    server.requests = 0  # type: ignore[attr-defined]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.release.set()  # type: ignore[attr-defined]
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize(("stalls", "succeeds"), [(1, True), (2, True), (3, False)])
+def test_s3_store_reads_a_stalled_body_again(
+    stalling_endpoint: http.server.HTTPServer, stalls: int, succeeds: bool
+) -> None:
+    """A body that stops mid-read (connection open, no bytes) fails after the read timeout
+    and is read again: the photo's read is retried, not the job; only after 3 tries does the
+    job see a transient error."""
+    stalling_endpoint.stalls = stalls  # type: ignore[attr-defined]
+    host, port = stalling_endpoint.server_address[:2]
+    client = moto_client(
+        f"http://{host}:{port}",
+        read_timeout=0.5,
+        retries={"mode": "standard", "max_attempts": 0},
+    )
+    store = S3Store("bucket", client=client, read_attempts=3)
+    if succeeds:
+        assert store.read("trips/1/a.jpg") == stalling_endpoint.body  # type: ignore[attr-defined]
+    else:
+        with pytest.raises(TransientStorageError, match="3 tries"):
+            store.read("trips/1/a.jpg")
+    assert stalling_endpoint.requests == min(stalls + 1, 3)  # type: ignore[attr-defined]
+
+
+def test_s3_store_client_has_read_timeouts(moto_endpoint: str, s3_bucket: str) -> None:
+    store = S3Store(s3_bucket, endpoint_url=moto_endpoint, read_timeout=12.5)
+    config = store.client.meta.config
+    assert (config.connect_timeout, config.read_timeout) == (10, 12.5)
+    assert config.tcp_keepalive is True
+
+
 # --- models from s3:// URIs --------------------------------------------------------------------
 
 

@@ -81,6 +81,9 @@ class TcpProxy:
         self._accepting: threading.Thread | None = None
         self._flowing = threading.Event()  # cleared while frozen
         self._flowing.set()
+        self._silenced: set[socket.socket] = set()  # connections gone silent (silence())
+        self._speaking = threading.Event()  # cleared while some are silent
+        self._speaking.set()
         self.connections_made = 0
 
     # lifecycle
@@ -118,6 +121,13 @@ class TcpProxy:
     def freeze(self) -> None:
         """The network drops packets: connections open but no byte goes through."""
         self._flowing.clear()
+
+    def silence(self) -> None:
+        """The connections open now go silent, for good: no byte passes either way and none
+        is reset (a NAT that forgot them); new connections work."""
+        with self._lock:
+            self._silenced |= self._connections
+            self._speaking.clear()
 
     def restore(self) -> None:
         """End a cut or a freeze."""
@@ -161,6 +171,10 @@ class TcpProxy:
                 if not data:
                     break
                 self._flowing.wait()
+                while source in self._silenced:  # never again, until the proxy closes
+                    self._speaking.wait(1)
+                    if self.is_cut:
+                        return
                 sink.sendall(data)
         except OSError:
             pass
