@@ -1,5 +1,6 @@
-"""The worker service: Celery app and tasks, the web app's client, and admin commands.
+"""The worker service: the job, its Celery tasks, the web app's client, and the commands.
 
-Thin by design: a task takes ids, loads what it needs through `db/` and `storage/`, calls
-`worker/`, and writes results through `db/`. Importing this package imports nothing heavy.
+`trip.py` is the Celery glue over the Celery-free job (`job.py`, `analyze.py`, `fanout.py`,
+`write.py`, `retry.py`); `compose.py` opens sessions, store and pipeline for all of them.
+Importing this package imports nothing heavy (docs/architecture.md draws the flow).
 """

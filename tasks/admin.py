@@ -397,7 +397,6 @@ def cmd_import_trip(args: argparse.Namespace) -> int:
     import uuid
     from pathlib import Path
 
-    from db.session import make_sessionmaker
     from db.webapp import (
         IMPORTED_URL_PREFIX,
         Photo,
@@ -406,7 +405,7 @@ def cmd_import_trip(args: argparse.Namespace) -> int:
         import_group_id,
     )
     from storage.local import LocalStore
-    from tasks.compose import open_photo_store
+    from tasks.compose import Services
     from worker.errors import PhotoError
 
     console = _console()
@@ -431,10 +430,10 @@ def cmd_import_trip(args: argparse.Namespace) -> int:
     if not files:
         console.print(f"[red]error:[/red] no photos in {_escape(folder)}")
         return 2
-    store = open_photo_store(settings)
-    engine = settings.database_engine()
+    services = Services(settings)
+    store = services.store
     try:
-        with make_sessionmaker(engine).begin() as session:
+        with services.sessions.begin() as session:
             foreign = None if args.allow_webapp_data else foreign_webapp_data(session=session)
             if foreign:
                 console.print(
@@ -453,7 +452,7 @@ def cmd_import_trip(args: argparse.Namespace) -> int:
                 session.add(Photo(trip_id=trip.id, file_key=key, file_name=name, url=url))
             trip_id = trip.id
     finally:
-        engine.dispose()
+        services.close()
     console.print(_plain(f"trip {trip_id}: {len(files)} photos from {folder}"))
     return 0
 

@@ -6,17 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from worker import regroup
 from worker.cluster import default_threshold
-from worker.regroup import (
-    corrections_in_force,
-    empty_folder_candidates,
-    grouping_rule,
-    inherited_folders,
-    needs_other_votes,
-    notice_corrections,
-    plan_directions,
-    records_after,
-)
 from worker.rules import cover_faces, photo_groups
 from worker.settings import PipelineSettings
 from worker.types import (
@@ -47,7 +38,9 @@ def test_changes_since_the_last_regroup_are_noticed_as_corrections() -> None:
         (5, 104, 12, LinkState.WORKER),  # unchanged
     )
     links = {(101, 10): 50, (104, 12): 20, (105, 10): 40, (106, 1): 41}
-    noticed = notice_corrections(records, links, live={100, 101, 103, 104, 105, 106}, shared=SHARED)
+    noticed = regroup.notice_corrections(
+        records, links, live={100, 101, 103, 104, 105, 106}, shared=SHARED
+    )
     assert noticed.removed == [(100, 10)]
     assert noticed.added == [(105, 10), (101, 10)]  # in the order the links were made
     assert noticed.replaced == [1, 2]
@@ -59,7 +52,7 @@ def test_changes_since_the_last_regroup_are_noticed_as_corrections() -> None:
 
 
 def test_a_trip_without_records_notices_nothing() -> None:
-    noticed = notice_corrections({}, {(100, 10): 1}, live={100}, shared=SHARED)
+    noticed = regroup.notice_corrections({}, {(100, 10): 1}, live={100}, shared=SHARED)
     assert noticed.rows == [] and noticed.replaced == []
 
 
@@ -69,7 +62,7 @@ def test_only_corrections_of_live_photos_are_in_force() -> None:
         (8, 101, 10, LinkState.REMOVED),
         (9, 102, 10, LinkState.WORKER),
     )
-    assert corrections_in_force(records, live={100, 102}) == [
+    assert regroup.corrections_in_force(records, live={100, 102}) == [
         Correction(photo_id=100, folder_id=10, kind=CorrectionKind.ADDED, order=7)
     ]
 
@@ -83,7 +76,7 @@ def test_after_the_write_the_worker_records_exactly_its_own_links() -> None:
         (5, 104, 12, LinkState.REMOVED),  # in force: kept
     )
     overruled = [Correction(102, 11, CorrectionKind.ADDED, 3)]
-    changes = records_after(records, {(100, 10), (102, 11), (105, 10)}, overruled)
+    changes = regroup.records_after(records, {(100, 10), (102, 11), (105, 10)}, overruled)
     assert changes.drop == [2, 3, 4]
     assert changes.new == [(102, 11), (105, 10)]
 
@@ -91,26 +84,26 @@ def test_after_the_write_the_worker_records_exactly_its_own_links() -> None:
 def test_stored_directions_beat_computed_ones() -> None:
     stored = {10: np.ones(2, np.float32)}
     computed = {10: np.zeros(2, np.float32), 11: np.full(2, 0.5, np.float32)}
-    directions = plan_directions(stored, computed)
+    directions = regroup.plan_directions(stored, computed)
     assert directions[10] is stored[10] and directions[11] is computed[11]
 
 
 def test_new_faces_inherit_person_folders_only_and_other_embedders_only_as_a_fallback() -> None:
     own = {1: [OldFace((0, 0, 10, 10), 10)], 2: []}
-    assert needs_other_votes({1: True, 2: True, 3: False}, own) == [2]
+    assert regroup.needs_other_votes({1: True, 2: True, 3: False}, own) == [2]
     old = [OldFace((0, 0, 10, 10), 2), OldFace((20, 0, 30, 10), 11)]
-    assert inherited_folders(old, [(0, 0, 10, 10), (21, 0, 31, 10)], SHARED) == [None, 11]
+    assert regroup.inherited_folders(old, [(0, 0, 10, 10), (21, 0, 31, 10)], SHARED) == [None, 11]
 
 
 def test_only_unnamed_folders_no_group_holds_are_candidates_for_deletion() -> None:
     folders = [Folder(10, 0, False), Folder(11, 1, True), Folder(12, 2, False)]
-    assert empty_folder_candidates(folders, in_use={12}) == [10]
+    assert regroup.empty_folder_candidates(folders, in_use={12}) == [10]
 
 
 def test_the_grouping_rule_takes_the_settings_threshold_or_the_embedder_s() -> None:
-    rule = grouping_rule(PipelineSettings(similarity_threshold=0.4), "arcface")
+    rule = regroup.grouping_rule(PipelineSettings(similarity_threshold=0.4), "arcface")
     assert rule.threshold == rule.explicit_threshold == 0.4
-    rule = grouping_rule(PipelineSettings(), "arcface")
+    rule = regroup.grouping_rule(PipelineSettings(), "arcface")
     assert rule.explicit_threshold is None
     assert rule.threshold == default_threshold(rule.method, "arcface")
 
