@@ -60,6 +60,15 @@ def healthy(container: str) -> bool:
     return subprocess.run(check, capture_output=True, check=False).returncode == 0
 
 
+def wait_healthy(container: str, what: str, timeout: float) -> None:
+    """Run the container's health check every second until it passes."""
+    try:
+        wait_for(lambda: healthy(container), f"{what} healthy", timeout)
+    except AssertionError as error:
+        logs = subprocess.run([*PODMAN, "logs", "--tail=30", container], capture_output=True)
+        raise AssertionError(f"{error}; its log ends:\n{logs.stdout.decode()[-3000:]}") from None
+
+
 def assert_demo_folders(folders: dict[str, set[int]]) -> None:
     """The demo album grouped: Yao Ming's two photos share one person folder, the landscape
     is in "no faces" only. `folders`: photo file name -> folder ids."""
@@ -70,16 +79,17 @@ def assert_demo_folders(folders: dict[str, set[int]]) -> None:
     assert folders["lake.jpg"] == {NO_FACE_TAG_ID}, folders
 
 
-def assert_warm_shutdown(container: str, stop_timeout: int = 60) -> float:
-    """`podman stop` (SIGTERM) reaches Celery, PID 1, which shuts down warmly and exits 0.
-    Returns the seconds the stop took."""
+def assert_stops(container: str, shutdown: str = "Warm shutdown", stop_timeout: int = 90) -> None:
+    """`podman stop` reaches Celery (PID 1) with the container's stop signal; Celery logs
+    `shutdown` ("Warm shutdown" for the image's SIGTERM, "Cold shutdown" for compose.yaml's
+    SIGQUIT) and exits 0 within the timeout, before any SIGKILL."""
     started = time.monotonic()
     podman("stop", f"--time={stop_timeout}", container, timeout=stop_timeout + 60)
     took = time.monotonic() - started
-    state = podman("inspect", "--format", "{{.State.ExitCode}}", container).strip()
+    signal = podman("inspect", "--format", "{{.Config.StopSignal}}", container).strip()
+    code = podman("inspect", "--format", "{{.State.ExitCode}}", container).strip()
     logs = subprocess.run([*PODMAN, "logs", container], capture_output=True, text=True)
     text = logs.stdout + logs.stderr
-    assert "Warm shutdown" in text, text[-3000:]
-    assert state == "0", f"exit code {state}\n{text[-3000:]}"
-    log.info("podman stop %s: warm shutdown in %.1f s, exit code 0", container, took)
-    return took
+    assert shutdown in text, text[-3000:]
+    assert code == "0", f"exit code {code}\n{text[-3000:]}"
+    log.info("podman stop (%s): %s in %.1f s, exit code 0", signal, shutdown.lower(), took)

@@ -34,12 +34,12 @@ from imagetest import (
     PODMAN,
     ROOT,
     assert_demo_folders,
-    assert_warm_shutdown,
+    assert_stops,
     free_port,
-    healthy,
     log,
     podman,
     wait_for,
+    wait_healthy,
 )
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
@@ -217,7 +217,7 @@ def test_the_image_groups_the_demo_trip(stack: Stack) -> None:
     detach = ("--detach", "--health-interval=disable", f"--name={name}")
     podman("run", *detach, *stack.run_args(), IMAGE)
     try:
-        wait_for(lambda: healthy(name), "the worker's healthcheck (celery inspect ping)", 240)
+        wait_healthy(name, "the worker (celery inspect ping)", 240)
         log.info("healthy %.0f s after db upgrade began", time.monotonic() - started)
         app = client_app(f"{stack.redis_url}/0", f"{stack.redis_url}/1")
         queued = time.monotonic()
@@ -229,7 +229,7 @@ def test_the_image_groups_the_demo_trip(stack: Stack) -> None:
             photos = {file: photo for file, photo in conn.execute(query)}
         links = _links(stack.engine, trip_id)
         assert_demo_folders({file: links.get(photo, set()) for file, photo in photos.items()})
-        assert_warm_shutdown(name)
+        assert_stops(name)
     finally:
         podman("rm", "--force", name, check=False)
 
