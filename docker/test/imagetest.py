@@ -92,4 +92,4 @@ def assert_stops(container: str, shutdown: str = "Warm shutdown", stop_timeout: 
     text = logs.stdout + logs.stderr
     assert shutdown in text, text[-3000:]
     assert code == "0", f"exit code {code}\n{text[-3000:]}"
-    log.info("podman stop (%s): %s in %.1f s, exit code 0", signal, shutdown.lower(), took)
+    log.info("podman stop (signal %s): %s in %.1f s, exit 0", signal, shutdown.lower(), took)
