@@ -18,6 +18,7 @@ work=$root/.cache/image-test
 mkdir -p "$work"
 say() { printf '\n== %s\n' "$*"; }
 started=$SECONDS
+summary=()
 
 if [[ $(id -u) != 0 ]]; then
     echo "image-test needs root (podman as root, debootstrap): sudo make image-test" >&2
@@ -29,8 +30,10 @@ for tool in podman runc debootstrap redis-server; do
 done
 if ((${#missing[@]})); then
     say "installing ${missing[*]} (apt)"
+    t=$SECONDS
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >"$work/apt.log"
+    summary+=("apt ${missing[*]}: $((SECONDS - t)) s")
 fi
 # runc instead of crun, no default ulimits: this file, not /etc, configures podman here.
 export CONTAINERS_CONF=$root/docker/test/containers.conf
@@ -40,7 +43,9 @@ if ! podman image exists "$BASE"; then
         say "pulled $BASE"
     else
         say "no registry: $BASE stood in for by Debian bookworm + its Python 3.11"
+        t=$SECONDS
         docker/test/standin-base.sh "$BASE"
+        summary+=("stand-in base: built in $((SECONDS - t)) s")
     fi
 fi
 
@@ -55,7 +60,6 @@ if [[ ${PIP_INDEX_URL:-} == http* ]]; then
     printf '[global]\nindex-url = %s\n' "$PIP_INDEX_URL" >"$work/pip.conf"
     build+=(-v "$work/pip.conf:/etc/pip.conf:ro")
 fi
-summary=()
 timed_build() {  # NAME BUILD-ARGS...: build, log to .cache/image-test/, note the time
     local name=$1 t=$SECONDS
     shift
@@ -83,8 +87,10 @@ done
 compose_venv=$root/.cache/podman-compose
 if [[ ! -x $compose_venv/bin/podman-compose ]]; then
     say "podman-compose $PODMAN_COMPOSE_VERSION (PyPI) into $compose_venv"
+    t=$SECONDS
     "$PYTHON" -m venv "$compose_venv"
     "$compose_venv/bin/pip" install -q "podman-compose==$PODMAN_COMPOSE_VERSION"
+    summary+=("podman-compose: installed in $((SECONDS - t)) s")
 fi
 
 cleanup() {
@@ -99,10 +105,12 @@ say "images"
 podman images --format '{{.Repository}}:{{.Tag}}\t{{.Size}}' | grep -E 'aftertrip|python'
 say "docker/test (pytest)"
 status=0
+t=$SECONDS
 PYTHONPATH=$root${PYTHONPATH:+:$PYTHONPATH} \
     AFTERTRIP_PODMAN_COMPOSE=$compose_venv/bin/podman-compose \
     "$PYTHON" -m pytest -p no:cacheprovider -o log_cli=true --log-cli-level=INFO -rs \
     docker/test || status=$?
+summary+=("pytest docker/test: $((SECONDS - t)) s")
 say "summary"
 printf '%s\n' "${summary[@]}"
 echo "image-test: $((SECONDS - started)) s, pytest exit status $status"

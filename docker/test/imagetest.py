@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shlex
 import socket
 import subprocess
@@ -67,6 +68,24 @@ def wait_healthy(container: str, what: str, timeout: float) -> None:
     except AssertionError as error:
         logs = subprocess.run([*PODMAN, "logs", "--tail=30", container], capture_output=True)
         raise AssertionError(f"{error}; its log ends:\n{logs.stdout.decode()[-3000:]}") from None
+
+
+def import_demo_album(*flags: str) -> list[str]:
+    """The command that makes the demo album inside the image (its shipped photos and the
+    generated landscape) and imports it as a trip with `import-trip FLAGS`."""
+    make = (
+        "from pathlib import Path; from worker.demo import build_demo_album; "
+        'build_demo_album(Path("/tmp/album"))'
+    )
+    imp = shlex.join(["aftertrip-faces", "import-trip", *flags, "--place", "Demo", "/tmp/album"])
+    return ["sh", "-c", f"python -c {shlex.quote(make)} && {imp}"]
+
+
+def imported_trip(output: str) -> int:
+    """The trip id `import-trip` printed for the 4-photo demo album."""
+    found = re.search(r"trip (\d+): 4 photos", output)
+    assert found, output
+    return int(found.group(1))
 
 
 def assert_demo_folders(folders: dict[str, set[int]]) -> None:

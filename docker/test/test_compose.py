@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import secrets
 import shlex
 import subprocess
@@ -29,6 +28,8 @@ from imagetest import (
     ROOT,
     assert_demo_folders,
     assert_stops,
+    import_demo_album,
+    imported_trip,
     log,
     podman,
     wait_healthy,
@@ -93,6 +94,11 @@ class Compose:
         ).split()  # fmt: skip
         assert len(names) == 1, (service, names)
         return names[0]
+
+    def python(self, script: str, *args: str) -> object:
+        """Run `script` in a worker container on the stack's network; its last line, as JSON."""
+        out = self("run", "--rm", "--no-deps", "worker-cpu", "python", "-c", script, *args)
+        return json.loads(out.strip().splitlines()[-1])
 
     def up(self, *services: str) -> None:
         """Start `services` only (their dependencies are the test's business)."""
@@ -159,42 +165,16 @@ def test_compose_stack_groups_a_trip(compose: Compose) -> None:
     compose.up("flower", "worker-cpu")
     worker = compose.container("worker-cpu")
     wait_healthy(worker, "worker-cpu (celery inspect ping)", 240)
-    flower = compose(
-        "run",
-        "--rm",
-        "--no-deps",
-        "worker-cpu",
-        "python",
-        "-c",
-        FLOWER_WORKERS,
-        compose.flower_auth,
-    )
-    log.info("Flower's API lists the workers %s", flower.strip().splitlines()[-1])
-    assert json.loads(flower.strip().splitlines()[-1]), flower
+    workers = compose.python(FLOWER_WORKERS, compose.flower_auth)
+    log.info("Flower's API lists the workers %s", workers)
+    assert workers, "Flower lists no worker"
     log.info("worker-cpu healthy, Flower answering after %.0f s", time.monotonic() - started)
 
-    make_album = (
-        "python -c 'from pathlib import Path; from worker.demo import build_demo_album; "
-        'build_demo_album(Path("/tmp/album"))\' '
-        "&& aftertrip-faces import-trip --place Demo /tmp/album"
-    )
-    out = compose("run", "--rm", "--no-deps", "worker-cpu", "sh", "-c", make_album)
-    found = re.search(r"trip (\d+): 4 photos", out)
-    assert found, out
-    trip_id = found.group(1)
+    out = compose("run", "--rm", "--no-deps", "worker-cpu", *import_demo_album())
+    trip_id = imported_trip(out)
     queued = time.monotonic()
-    out = compose(
-        "run",
-        "--rm",
-        "--no-deps",
-        "worker-cpu",
-        "python",
-        "-c",
-        GROUP_AND_READ,
-        trip_id,
-        str(JOB_TIMEOUT),
-    )
-    answer = json.loads(out.strip().splitlines()[-1])
+    answer = compose.python(GROUP_AND_READ, str(trip_id), str(JOB_TIMEOUT))
+    assert isinstance(answer, dict), answer
     log.info(
         "job through the stack (%.1f s with the client's container): %s",
         time.monotonic() - queued,

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import socket
 import subprocess
@@ -36,6 +35,8 @@ from imagetest import (
     assert_demo_folders,
     assert_stops,
     free_port,
+    import_demo_album,
+    imported_trip,
     log,
     podman,
     wait_for,
@@ -200,17 +201,8 @@ def test_the_image_groups_the_demo_trip(stack: Stack) -> None:
     """db upgrade, import-trip, the worker and a trip queued by the web app's client."""
     started = time.monotonic()
     log.info("db upgrade (image): %s", stack.run("aftertrip-faces", "db", "upgrade"))
-    # The image makes the demo album itself (its shipped photos + the generated landscape).
-    make_album = (
-        "python -c 'from pathlib import Path; from worker.demo import build_demo_album; "
-        'build_demo_album(Path("/tmp/album"))\' '
-        # The database is the web app's schema, made for this test: importing into it is wanted.
-        "&& aftertrip-faces import-trip --allow-webapp-data --place Demo /tmp/album"
-    )
-    out = stack.run("sh", "-c", make_album)
-    found = re.search(r"trip (\d+): 4 photos", out)
-    assert found, out
-    trip_id = int(found.group(1))
+    # The database is the web app's schema, made for this test: importing into it is wanted.
+    trip_id = imported_trip(stack.run(*import_demo_album("--allow-webapp-data")))
 
     name = f"aftertrip-image-test-{uuid.uuid4().hex[:8]}"
     # No systemd here to schedule the image's HEALTHCHECK: the test runs it (healthcheck run).
