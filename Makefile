@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench bench-quality lint clean
+.PHONY: install demo test bench bench-quality lint image-test clean
 
 install: $(STAMP)
 
@@ -38,6 +38,11 @@ bench-quality: install
 lint: install
 	$(BIN)/ruff check .          # aftertrip_client/ against Python 3.8 (pyproject: per-file-target-version)
 	$(BIN)/ruff format --check .
+
+# Builds docker/'s images with podman and runs them against real services and the compose
+# stack (docs/deploy.md). Needs root; installs podman & co. itself; not part of `make test`.
+image-test: install
+	docker/test/image-test.sh $(BIN)/python
 
 clean:
 	rm -rf demo .pytest_cache

@@ -411,9 +411,12 @@ def test_compose_file_is_valid(tmp_path: Path) -> None:
     )
     assert services["worker-cpu"]["command"] == ["aftertrip-faces", "worker"]
     # Dockerfiles: the GPU image takes ONNX Runtime from the `gpu` extra alone (one runtime,
-    # nothing to uninstall) and no torch
+    # nothing to uninstall) and no torch; CUDA and cuDNN come pinned from NVIDIA's wheels
     gpu_dockerfile = (ROOT / "docker/Dockerfile.gpu").read_text()
-    assert "FROM nvidia/cuda:" in gpu_dockerfile and "cudnn" in gpu_dockerfile
+    gpu_lock = (ROOT / "docker/requirements-gpu.lock").read_text()
+    assert "requirements-gpu.lock" in gpu_dockerfile and "nvidia/cudnn/lib" in gpu_dockerfile
+    assert "\nonnxruntime-gpu==" in gpu_lock and "\nnvidia-cudnn-cu" in gpu_lock
+    assert "\nonnxruntime==" not in gpu_lock
     assert '".[gpu' in gpu_dockerfile and "pip uninstall" not in gpu_dockerfile
     assert "[cpu" not in gpu_dockerfile and "torch" not in gpu_dockerfile.split("RUN", 1)[1]
     assert "requirements-models.txt" in gpu_dockerfile
