@@ -108,8 +108,8 @@ status=0
 t=$SECONDS
 PYTHONPATH=$root${PYTHONPATH:+:$PYTHONPATH} \
     AFTERTRIP_PODMAN_COMPOSE=$compose_venv/bin/podman-compose \
-    "$PYTHON" -m pytest -p no:cacheprovider -o log_cli=true --log-cli-level=INFO -rs \
-    docker/test || status=$?
+    "$PYTHON" -m pytest -p no:cacheprovider -p tests.plugins.s3 -o log_cli=true \
+    --log-cli-level=INFO -rs docker/test || status=$?
 summary+=("pytest docker/test: $((SECONDS - t)) s")
 say "summary"
 printf '%s\n' "${summary[@]}"

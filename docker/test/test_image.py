@@ -48,9 +48,9 @@ from sqlalchemy.engine import Engine
 from aftertrip_client import client_app, enqueue_trip
 from db.session import make_engine
 from db.webapp import Photo
-from tests.dbfixtures import fresh_database, load_webapp_schema, require_webapp_schema
-from tests.s3fixtures import MOTO_ENV, moto_client, moto_endpoint
-from tests.test_db import _links
+from tests.plugins.databases import fresh_database, load_webapp_schema, require_webapp_schema
+from tests.plugins.s3 import MOTO_ENV, moto_client
+from tests.support.trips import folder_links as _links
 
 USER_ID = "10001"  # the Dockerfile's `aftertrip` user
 # What the image must not carry: test, lint and build tools, torch, the benchmarks.
@@ -60,7 +60,6 @@ SITE = "/opt/venv/lib/python3.11/site-packages"
 
 pytestmark = pytest.mark.timeout(1800)
 logging.getLogger("alembic").setLevel(logging.WARNING)  # the host side's imports, not the run
-__all__ = ["moto_endpoint"]  # the fixture, imported for the tests below
 
 
 def _require(image: str) -> str:
