@@ -123,6 +123,18 @@ def finish_job(*, session: Session, job_id: int, counts: dict[str, int]) -> None
     logger.info("job succeeded", extra={"job_id": job_id, "trip_id": job.trip_id})
 
 
+def skip_job(*, session: Session, job_id: int, reason: str) -> None:
+    """Mark a job ended without grouping (`skipped`, with why), and commit. What the job
+    wrote before is rolled back first."""
+    session.rollback()
+    job = _job_or_raise(session, job_id)
+    job.status = JobStatus.SKIPPED.value
+    job.finished_at = utcnow()
+    job.error = reason[:MAX_ERROR_CHARS]
+    session.commit()
+    logger.warning("job skipped: %s", reason, extra={"job_id": job_id, "trip_id": job.trip_id})
+
+
 def fail_job(*, session: Session, job_id: int, error: str, retrying: bool = False) -> None:
     """Mark a job failed with its error, and commit; with `retrying`, the job is to run again
     (a transient error, retries left): it reads "retrying" and stays unfinished.

@@ -47,12 +47,28 @@ def _settings() -> ServiceSettings:
     return get_settings()
 
 
+def trip_id_arg(text: str) -> int:
+    """--trip's value: a trips_trip.id (1 to 2**63-1), refused before the database is asked."""
+    from tasks.names import trip_id_problem
+
+    try:
+        trip_id = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a trip id: {text!r}") from None
+    problem = trip_id_problem(trip_id)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return trip_id
+
+
 def register(subparsers: Any) -> None:
     """Add the service's subcommands to the `aftertrip-faces` parser."""
     rerun = subparsers.add_parser(
         "rerun", help="queue a grouping job for a trip on the worker service"
     )
-    rerun.add_argument("--trip", type=int, required=True, metavar="ID", help="trips_trip.id")
+    rerun.add_argument(
+        "--trip", type=trip_id_arg, required=True, metavar="ID", help="trips_trip.id"
+    )
     rerun.add_argument(
         "--all",
         action="store_true",
@@ -90,7 +106,9 @@ def register(subparsers: Any) -> None:
     imp.set_defaults(handler=cmd_import_trip)
 
     status = subparsers.add_parser("status", help="a trip's recent jobs, counts and photo errors")
-    status.add_argument("--trip", type=int, required=True, metavar="ID", help="trips_trip.id")
+    status.add_argument(
+        "--trip", type=trip_id_arg, required=True, metavar="ID", help="trips_trip.id"
+    )
     status.add_argument("--limit", type=int, default=5, help="how many recent jobs to show")
     status.set_defaults(handler=cmd_status)
 

@@ -163,8 +163,12 @@ def test_unknown_trip_and_mode_are_refused(
     with pytest.raises(ValueError, match="mode"):
         run_trip_job(trip_id=1, mode="some", **kwargs)  # type: ignore[arg-type]
     # JSON brings floats, strings and booleans too: refused before the database is read
-    for bad in (1.5, "3", True, 0, -2, None):
-        with pytest.raises(InvalidJobArguments, match="trip_id must be a positive integer"):
+    for bad in (1.5, "3", True, None):
+        with pytest.raises(InvalidJobArguments, match="trip_id must be an integer"):
+            run_trip_job(trip_id=bad, **kwargs)  # type: ignore[arg-type]
+    # ... and integers no bigint id can be (2**70 used to fail in the database).
+    for bad in (0, -2, 2**63, 2**70, -(2**70)):
+        with pytest.raises(InvalidJobArguments, match=r"between 1 and 9223372036854775807"):
             run_trip_job(trip_id=bad, **kwargs)  # type: ignore[arg-type]
     with pytest.raises(InvalidJobArguments, match="mode must be one of"):
         run_trip_job(trip_id=1, mode=["all"], **kwargs)  # type: ignore[arg-type]
