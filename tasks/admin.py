@@ -202,6 +202,7 @@ def _run_inline(args: argparse.Namespace) -> int:
     store = services.store  # a missing store fails here, before any database work
     guard = services.guard()
     try:
+        _check_database(services)
         with Progress(console=console) as progress:
             bar = progress.add_task(f"trip {args.trip}", total=None)
             summary = run_trip_job(
@@ -221,6 +222,17 @@ def _run_inline(args: argparse.Namespace) -> int:
         services.close()
     console.print(summary)
     return 0
+
+
+def _check_database(services: Any) -> None:
+    """Read the worker's job table once: a database that cannot be used (`tasks.cli.main`
+    says why in two lines) fails here, before a progress bar is drawn."""
+    from sqlalchemy import select
+
+    from db.models import Job
+
+    with services.sessions() as session:
+        session.execute(select(Job.id).limit(1))
 
 
 def _follow(result: Any, timeout: float | None, console: Console) -> int:
