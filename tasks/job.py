@@ -29,6 +29,7 @@ from tasks.analyze import (
     analysis_started,
     analyze_and_store,
     job_work,
+    log_photo_failure,
     thumbnail_folder,
     todo_of,
 )
@@ -141,6 +142,15 @@ def run_trip_job(
                 len(todo),
                 extra={"trip_id": trip_id, "job_id": job_id, "photos": len(todo), "mode": mode},
             )
+            for p in photos:
+                if p.key_error:
+                    log_photo_failure(
+                        (trip_id, job_id),
+                        p.id,
+                        p.file_key,
+                        PhotoStatus.INVALID_KEY.value,
+                        p.key_error,
+                    )
             if refused:
                 store_photo_outcomes(
                     session=session,

@@ -464,3 +464,54 @@ def test_fanned_out_job_and_a_chunk_run_twice_store_each_photo_once(
     assert sorted(reads) == sorted(keys), "each photo read (and analysed) once"
     assert {photo for photo, _tag in _links(sessions, trip_id)} and result["people"] >= 1
     engine.dispose()
+
+
+def test_a_photo_that_fails_logs_its_id_key_and_reason(
+    db_url: str,
+    tmp_path: Path,
+    pipeline,  # noqa: ANN001
+    players_jpg: bytes,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from sqlalchemy import text
+
+    store = LocalStore(tmp_path / "photos")
+    engine, sessions, trip_id, (good_key,) = _trip_with_photos(
+        db_url, store, [("players.jpg", players_jpg)]
+    )
+    with sessions() as session:
+        gone = Photo(trip_id=trip_id, file_name="gone.jpg", url="")  # no object in the store
+        session.add(gone)
+        session.commit()
+        gone_id, gone_key = gone.id, gone.s3_key
+    with engine.begin() as conn:  # what a char(32) column lets the app hold
+        conn.execute(
+            text(
+                "INSERT INTO photos_photo (created_at, updated_at, file_key, file_name, url, "
+                "is_sorted_yolo, trip_id) VALUES ('2024-05-01', '2024-05-01', "
+                "'../../etc/passwd', 'x.jpg', '', 0, :trip)"
+            ),
+            {"trip": trip_id},
+        )
+        bad_id = conn.execute(text("SELECT max(id) FROM photos_photo")).scalar_one()
+    caplog.set_level("WARNING", logger="tasks")
+    summary = run_trip_job(
+        sessions=sessions,
+        store=store,
+        pipeline=pipeline,
+        settings=ServiceSettings(detector="scrfd"),
+        trip_id=trip_id,
+    )
+    assert summary["analyzed"] == 3 and summary["errors"] == 2
+    failed = {
+        r.photo_id: r  # type: ignore[attr-defined]
+        for r in caplog.records
+        if r.getMessage().startswith("photo ") and " failed: " in r.getMessage()
+    }
+    assert set(failed) == {gone_id, bad_id}  # one line each; none for the good photo
+    assert failed[gone_id].getMessage().startswith(f"photo {gone_id} (S3 key {gone_key}) failed: ")
+    assert failed[gone_id].status == "missing" and failed[gone_id].s3_key == gone_key  # type: ignore[attr-defined]
+    bad = failed[bad_id].getMessage()
+    assert bad.startswith(f"photo {bad_id} (S3 key ../../etc/passwd) failed: invalid_key: ")
+    assert "not a UUID" in bad and good_key not in "".join(r.getMessage() for r in failed.values())
+    engine.dispose()
