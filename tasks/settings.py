@@ -23,6 +23,8 @@ Environment = Literal["development", "production"]
 
 DEV_DATABASE_URL = "sqlite:///aftertrip-faces.sqlite3"
 
+CONCURRENCY_VARIABLE = "AFTERTRIP_WORKER_CONCURRENCY"
+
 
 class UnsafeSettingsError(ValueError):
     """A setting is left at a default that is only fit for development."""
@@ -152,7 +154,11 @@ class ServiceSettings(PipelineSettings):
         "this many seconds, then put it back on the queue for another worker.",
     )
     worker_concurrency: int = Field(
-        default=1, description="Worker processes per `aftertrip-faces worker` (1 per GPU)."
+        default=1,
+        ge=1,
+        description="Worker processes per worker, `aftertrip-faces worker` and `celery -A tasks "
+        "worker` alike (1 per GPU); each process's inference threads are the cores divided by "
+        "it (AFTERTRIP_THREADS). A `--concurrency N` given to either command wins, threads too.",
     )
     worker_max_memory_per_child: int = Field(
         default=2_500_000,
