@@ -1,7 +1,8 @@
 """aftertrip_job rows: a job queued, started, finished or failed; its heartbeat; stalled jobs.
 
 Each function commits what it did, except the reads (`get_job`, `find_queued_or_running_job`,
-`job_stored_photos`, `job_is_running`), which leave their transaction to the caller.
+`job_stored_photos`, `job_last_stored`, `job_is_running`), which leave their transaction to
+the caller.
 
 A worker renews `aftertrip_job.heartbeat_at` every few seconds while it runs a job. A row
 still `running` whose heartbeat is older than the stall limit has lost its worker (killed,
@@ -209,6 +210,14 @@ def job_stored_photos(*, session: Session, job_id: int, embedder_sha256: str) ->
         )
     )
     return {photo_id: status for photo_id, status in rows}
+
+
+def job_last_stored(*, session: Session, job_id: int) -> datetime | None:
+    """When the job last stored a photo's outcome (any delivery or chunk), None before its
+    first: its last sign of progress, as the heartbeat is its last sign of life."""
+    return session.scalar(
+        select(func.max(PhotoAnalysis.updated_at)).where(PhotoAnalysis.job_id == job_id)
+    )
 
 
 def job_is_running(*, session: Session, job_id: int) -> bool:
