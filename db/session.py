@@ -12,7 +12,7 @@ from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.types import set_time_zone
+from db.types import DEFAULT_TIME_ZONE, set_time_zone
 from db.watchdog import StatementWatchdog, connect_args
 from worker.errors import AfterTripError
 
@@ -51,7 +51,7 @@ def _sqlite_begin(conn: Connection) -> None:
 def make_engine(
     url: str,
     *,
-    time_zone: str = "UTC",
+    time_zone: str = DEFAULT_TIME_ZONE,
     connect_timeout: float = 10.0,
     statement_timeout: float | None = None,
     **kwargs: Any,

@@ -60,11 +60,12 @@ class ServiceSettings(PipelineSettings):
         "(postgresql+psycopg://…, mysql+pymysql://…).",
     )
     webapp_time_zone: str = Field(
-        default="UTC",
-        description="Time zone of the naive datetimes in the web app's database: its Django "
-        "TIME_ZONE when USE_TZ = False (AfterTrip: Asia/Seoul), UTC when USE_TZ = True. Every "
-        "time the worker writes to a MySQL/MariaDB/SQLite datetime column is local time in "
-        "it; PostgreSQL's timestamptz stores the instant.",
+        # db.types.DEFAULT_TIME_ZONE, written out: these settings load without SQLAlchemy.
+        default="Asia/Seoul",
+        description="The web app's time zone: its Django TIME_ZONE when USE_TZ = False "
+        "(AfterTrip: Asia/Seoul, the default), UTC when USE_TZ = True. Every time the worker "
+        "writes to a MySQL/MariaDB/SQLite datetime column is local time in it (PostgreSQL's "
+        "timestamptz stores the instant), and every time `status` shows is in it, named.",
     )
     database_connect_timeout: float = Field(
         default=10.0,

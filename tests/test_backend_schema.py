@@ -22,6 +22,7 @@ from db.jobs import start_job
 from db.models import Face, Job, PhotoAnalysis
 from db.photos import trip_photos
 from db.session import make_engine, make_sessionmaker, upgrade
+from db.types import DEFAULT_TIME_ZONE, engine_time_zone
 from db.webapp import (
     NO_FACE_TAG_ID,
     OTHERS_TAG_ID,
@@ -265,6 +266,18 @@ def test_times_follow_the_web_app_time_zone(db_backend: str, fresh_db_url: str) 
             engine, "photos_photo", photo_id, "created_at"
         )
         assert timedelta(0) <= gap < timedelta(minutes=10)
+    finally:
+        engine.dispose()
+
+
+def test_the_default_time_zone_is_the_backend_s(monkeypatch: pytest.MonkeyPatch) -> None:
+    """AfterTrip's Django runs USE_TZ = False, TIME_ZONE = 'Asia/Seoul': the worker's
+    default, in the setting and in every engine made without one."""
+    monkeypatch.delenv("AFTERTRIP_WEBAPP_TIME_ZONE", raising=False)
+    assert ServiceSettings().webapp_time_zone == DEFAULT_TIME_ZONE == "Asia/Seoul"
+    engine = make_engine("sqlite://")
+    try:
+        assert engine_time_zone(engine.dialect) == SEOUL
     finally:
         engine.dispose()
 
