@@ -4,7 +4,6 @@ web app installs on its own; re-exported here for the worker's code), and the wo
 from aftertrip_client.names import (
     FACES_QUEUE,
     GROUP_TRIP,
-    MAX_TRIP_ID,
     MODES,
     PROGRESS,
     trip_id_problem,
@@ -19,7 +18,6 @@ __all__ = [
     "ANALYZE_CHUNK",
     "FACES_QUEUE",
     "GROUP_TRIP",
-    "MAX_TRIP_ID",
     "MODES",
     "PROGRESS",
     "trip_id_problem",

@@ -19,7 +19,13 @@ from pathlib import Path
 import pytest
 
 from tests.support.files import ROOT
-from tests.support.services import REDIS_URL, require_redis, stop_process, tail
+from tests.support.services import (
+    REDIS_URL,
+    require_redis,
+    start_ready_worker,
+    stop_process,
+    tail,
+)
 
 CELERY = str(Path(sys.executable).with_name("celery"))
 
@@ -33,23 +39,6 @@ def _environment(**settings: str) -> dict[str, str]:
     env.update(AFTERTRIP_BROKER_URL=REDIS_URL, AFTERTRIP_RESULT_BACKEND=REDIS_URL)
     env.update({f"AFTERTRIP_{k.upper()}": v for k, v in settings.items()}, PYTHONPATH=str(ROOT))
     return env
-
-
-def _start(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    with log.open("wb") as handle:
-        process = subprocess.Popen(
-            argv, cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # fmt: skip
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"celery worker exited ({process.returncode}):\n{tail(log)}")
-        if b" ready." in log.read_bytes():
-            return process
-        time.sleep(0.2)
-    stop_process(process)
-    raise AssertionError(f"celery worker did not become ready:\n{tail(log)}")
 
 
 def _wait_for_lines(log: Path, needle: str, count: int, timeout: float = 60) -> list[str]:
@@ -87,7 +76,7 @@ def test_celery_worker_runs_the_configured_processes_and_threads(
     if concurrency is not None:
         argv += ["--concurrency", str(concurrency)]
     log = tmp_path / "worker.log"
-    worker = _start(argv, env, log)
+    worker = start_ready_worker(argv, env, log)
     try:
         processes = concurrency or 1  # AFTERTRIP_WORKER_CONCURRENCY's default
         assert _pool_size(env, name) == processes
