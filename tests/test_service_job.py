@@ -515,3 +515,47 @@ def test_a_photo_that_fails_logs_its_id_key_and_reason(
     assert bad.startswith(f"photo {bad_id} (S3 key ../../etc/passwd) failed: invalid_key: ")
     assert "not a UUID" in bad and good_key not in "".join(r.getMessage() for r in failed.values())
     engine.dispose()
+
+
+def test_a_trip_deleted_while_its_photos_are_analysed_gets_no_links(
+    db_url: str,
+    tmp_path: Path,
+    pipeline,  # noqa: ANN001
+    players_jpg: bytes,
+) -> None:
+    """The web app soft-deletes the trip after the job listed its photos: the regroup's
+    write sees it under the trip's lock, writes no folder or link, and the job ends skipped."""
+    from sqlalchemy import update
+
+    from db.types import utcnow
+    from db.webapp import Trip
+    from tasks.analyze import analysis_started
+
+    store = LocalStore(tmp_path / "photos")
+    engine, sessions, trip_id, _keys = _trip_with_photos(
+        db_url, store, [("players.jpg", players_jpg)]
+    )
+
+    def delete_trip(**_named: object) -> None:
+        with sessions() as session:
+            session.execute(update(Trip).where(Trip.id == trip_id).values(deleted_at=utcnow()))
+            session.commit()
+
+    analysis_started.connect(delete_trip)
+    try:
+        summary = run_trip_job(
+            sessions=sessions,
+            store=store,
+            pipeline=pipeline,
+            settings=ServiceSettings(detector="scrfd"),
+            trip_id=trip_id,
+            task_id="deleted-meanwhile",
+        )
+    finally:
+        analysis_started.disconnect(delete_trip)
+    assert f"trip {trip_id} was deleted in the web app" in summary["skipped"]
+    assert _links(sessions, trip_id) == set()
+    with sessions() as session:
+        job = session.scalars(select(Job).where(Job.celery_task_id == "deleted-meanwhile")).one()
+        assert job.status == "skipped" and "not grouped" in (job.error or "")
+    engine.dispose()
