@@ -7,6 +7,7 @@ import os
 import signal
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import Engine, select
@@ -78,6 +79,20 @@ def _links(sessions, trip_id: int) -> set[tuple[int, int]]:  # noqa: ANN001
         return {(photo_id, tag_id) for photo_id, tag_id in rows}
 
 
+def _scrfd_job(  # noqa: ANN001
+    sessions, store, pipeline, trip_id: int, settings: ServiceSettings | None = None, **kwargs: Any
+) -> dict[str, Any]:
+    """`run_trip_job` on a trip with the module's pipeline (SCRFD's settings unless given)."""
+    return run_trip_job(
+        sessions=sessions,
+        store=store,
+        pipeline=pipeline,
+        settings=settings or ServiceSettings(detector="scrfd"),
+        trip_id=trip_id,
+        **kwargs,
+    )
+
+
 def test_failed_job_keeps_previous_results_and_retry_reuses_its_row(
     db_url: str,
     tmp_path: Path,
@@ -93,12 +108,12 @@ def test_failed_job_keeps_previous_results_and_retry_reuses_its_row(
     first_key = keys[0]
 
     def run(mode: str, task_id: str, retries_left: bool = False) -> dict:
-        return run_trip_job(
-            sessions=sessions,
-            store=store,
-            pipeline=pipeline,
-            settings=settings,
-            trip_id=trip_id,
+        return _scrfd_job(
+            sessions,
+            store,
+            pipeline,
+            trip_id,
+            settings,
             mode=mode,
             task_id=task_id,
             will_retry=lambda exc: retries_left and isinstance(exc, RETRYABLE_ERRORS),
@@ -495,13 +510,7 @@ def test_a_photo_that_fails_logs_its_id_key_and_reason(
         )
         bad_id = conn.execute(text("SELECT max(id) FROM photos_photo")).scalar_one()
     caplog.set_level("WARNING", logger="tasks")
-    summary = run_trip_job(
-        sessions=sessions,
-        store=store,
-        pipeline=pipeline,
-        settings=ServiceSettings(detector="scrfd"),
-        trip_id=trip_id,
-    )
+    summary = _scrfd_job(sessions, store, pipeline, trip_id)
     assert summary["analyzed"] == 3 and summary["errors"] == 2
     failed = {
         r.photo_id: r  # type: ignore[attr-defined]
@@ -543,14 +552,7 @@ def test_a_trip_deleted_while_its_photos_are_analysed_gets_no_links(
 
     analysis_started.connect(delete_trip)
     try:
-        summary = run_trip_job(
-            sessions=sessions,
-            store=store,
-            pipeline=pipeline,
-            settings=ServiceSettings(detector="scrfd"),
-            trip_id=trip_id,
-            task_id="deleted-meanwhile",
-        )
+        summary = _scrfd_job(sessions, store, pipeline, trip_id, task_id="deleted-meanwhile")
     finally:
         analysis_started.disconnect(delete_trip)
     assert f"trip {trip_id} was deleted in the web app" in summary["skipped"]
