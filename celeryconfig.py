@@ -64,6 +64,11 @@ worker_soft_shutdown_timeout = _settings.worker_soft_shutdown_timeout
 # a pool process that still grew past this is replaced after its job.
 worker_max_memory_per_child = _settings.worker_max_memory_per_child or None
 
+# Pool processes: the same whether `celery -A tasks worker` or `aftertrip-faces worker`
+# starts it (Celery's own default is one per CPU, each with the inference threads meant for
+# the whole machine). Each process's threads are the cores divided by this.
+worker_concurrency = _settings.worker_concurrency
+
 task_soft_time_limit = _settings.task_soft_time_limit
 task_time_limit = _settings.task_time_limit
 

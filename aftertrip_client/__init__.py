@@ -23,7 +23,14 @@ import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from aftertrip_client.names import FACES_QUEUE, GROUP_TRIP, MODES, PROGRESS
+from aftertrip_client.names import (
+    FACES_QUEUE,
+    GROUP_TRIP,
+    MAX_TRIP_ID,
+    MODES,
+    PROGRESS,
+    trip_id_problem,
+)
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -32,6 +39,7 @@ if TYPE_CHECKING:
 __all__ = [
     "FACES_QUEUE",
     "GROUP_TRIP",
+    "MAX_TRIP_ID",
     "MODES",
     "PROGRESS",
     "JobProgress",
@@ -107,8 +115,9 @@ def _configured_queue(app: Celery) -> str:
 def _check(trip_id: object, mode: object) -> None:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
-    if isinstance(trip_id, bool) or not isinstance(trip_id, int) or trip_id <= 0:
-        raise ValueError(f"trip_id must be a positive integer, not {trip_id!r}")
+    problem = trip_id_problem(trip_id)
+    if problem is not None:
+        raise ValueError(problem)
 
 
 def enqueue_trip(

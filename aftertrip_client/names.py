@@ -11,3 +11,17 @@ PROGRESS = "PROGRESS"
 
 MODES = ("missing", "all")
 """`missing`: analyse only photos without a result for the current embedder; `all`: every one."""
+
+MAX_TRIP_ID = 2**63 - 1
+"""The largest trips_trip.id: Django's BigAutoField (bigint on MariaDB and PostgreSQL)."""
+
+
+def trip_id_problem(trip_id: object) -> "str | None":
+    """Why `trip_id` cannot be a trips_trip.id (None when it can): only an integer from 1 to
+    MAX_TRIP_ID is one. JSON brings 1.5, "3" and true as well as 3, and a float would be
+    rounded by the database into another trip's id; a bigger integer fails in the database."""
+    if isinstance(trip_id, bool) or not isinstance(trip_id, int):
+        return f"trip_id must be an integer (trips_trip.id), not {trip_id!r}"
+    if not 1 <= trip_id <= MAX_TRIP_ID:
+        return f"trip_id must be between 1 and {MAX_TRIP_ID} (trips_trip.id), not {trip_id}"
+    return None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from typing import TypeVar
 
 from sqlalchemy import select
@@ -23,6 +24,19 @@ class TripNotFound(LookupError):
     def __init__(self, trip_id: int) -> None:
         super().__init__(f"trip {trip_id} does not exist")
         self.trip_id = trip_id
+
+
+class TripDeleted(TripNotFound):
+    """The trip is soft-deleted in the web app (trips_trip.deleted_at set): it is not grouped."""
+
+    def __init__(self, trip_id: int, deleted_at: datetime) -> None:
+        LookupError.__init__(
+            self,
+            f"trip {trip_id} was deleted in the web app (trips_trip.deleted_at "
+            f"{deleted_at.isoformat(timespec='seconds')}): not grouped, no folder or link written",
+        )
+        self.trip_id = trip_id
+        self.deleted_at = deleted_at
 
 
 def require_no_transaction(session: Session, name: str) -> None:
@@ -48,7 +62,8 @@ def trip_write(
     it raises. The session must have none open.
 
     With `lock`, the trip's row is locked: two writes of one trip then run one after the
-    other, and (on MySQL) the snapshot starts after the other's commit; with `check_shared`
+    other, and (on MySQL) the snapshot starts after the other's commit, and a trip the web
+    app soft-deleted meanwhile raises `TripDeleted` before anything is written; with `check_shared`
     the shared folders are checked too (else a person could be filed as "no faces").
     Without `lock`, the trip must exist.
     """
@@ -61,6 +76,8 @@ def trip_write(
             ).first()
             if found is None:
                 raise TripNotFound(trip_id)
+            if found.deleted_at is not None:
+                raise TripDeleted(trip_id, found.deleted_at)
             if check_shared:
                 check_shared_folders(session=session)
         elif session.scalar(select(Trip.id).where(Trip.id == trip_id)) is None:

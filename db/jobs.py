@@ -1,7 +1,8 @@
 """aftertrip_job rows: a job queued, started, finished or failed; its heartbeat; stalled jobs.
 
 Each function commits what it did, except the reads (`get_job`, `find_queued_or_running_job`,
-`job_stored_photos`, `job_is_running`), which leave their transaction to the caller.
+`job_stored_photos`, `job_last_stored`, `job_is_running`), which leave their transaction to
+the caller.
 
 A worker renews `aftertrip_job.heartbeat_at` every few seconds while it runs a job. A row
 still `running` whose heartbeat is older than the stall limit has lost its worker (killed,
@@ -123,6 +124,18 @@ def finish_job(*, session: Session, job_id: int, counts: dict[str, int]) -> None
     logger.info("job succeeded", extra={"job_id": job_id, "trip_id": job.trip_id})
 
 
+def skip_job(*, session: Session, job_id: int, reason: str) -> None:
+    """Mark a job ended without grouping (`skipped`, with why), and commit. What the job
+    wrote before is rolled back first."""
+    session.rollback()
+    job = _job_or_raise(session, job_id)
+    job.status = JobStatus.SKIPPED.value
+    job.finished_at = utcnow()
+    job.error = reason[:MAX_ERROR_CHARS]
+    session.commit()
+    logger.warning("job skipped: %s", reason, extra={"job_id": job_id, "trip_id": job.trip_id})
+
+
 def fail_job(*, session: Session, job_id: int, error: str, retrying: bool = False) -> None:
     """Mark a job failed with its error, and commit; with `retrying`, the job is to run again
     (a transient error, retries left): it reads "retrying" and stays unfinished.
@@ -197,6 +210,14 @@ def job_stored_photos(*, session: Session, job_id: int, embedder_sha256: str) ->
         )
     )
     return {photo_id: status for photo_id, status in rows}
+
+
+def job_last_stored(*, session: Session, job_id: int) -> datetime | None:
+    """When the job last stored a photo's outcome (any delivery or chunk), None before its
+    first: its last sign of progress, as the heartbeat is its last sign of life."""
+    return session.scalar(
+        select(func.max(PhotoAnalysis.updated_at)).where(PhotoAnalysis.job_id == job_id)
+    )
 
 
 def job_is_running(*, session: Session, job_id: int) -> bool:

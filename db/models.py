@@ -67,6 +67,7 @@ class JobStatus(StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     RETRYING = "retrying"  # failed with an error that may pass; Celery runs it again
+    SKIPPED = "skipped"  # ended early without writing (the trip was deleted in the web app)
 
 
 class JobMode(StrEnum):

@@ -66,6 +66,7 @@ class JobView:
     counts: dict[str, Any] | None
     error: str | None
     embedder_name: str | None
+    heartbeat_at: datetime | None = None
 
 
 @dataclass

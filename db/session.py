@@ -12,8 +12,9 @@ from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.types import set_time_zone
+from db.types import DEFAULT_TIME_ZONE, set_time_zone
 from db.watchdog import StatementWatchdog, connect_args
+from worker.errors import AfterTripError
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ def _sqlite_begin(conn: Connection) -> None:
 def make_engine(
     url: str,
     *,
-    time_zone: str = "UTC",
+    time_zone: str = DEFAULT_TIME_ZONE,
     connect_timeout: float = 10.0,
     statement_timeout: float | None = None,
     **kwargs: Any,
@@ -107,12 +108,45 @@ def upgrade(url: str, revision: str = "head", *, shared_folders: bool = True) ->
     "others"); unless `shared_folders` is False, they are added where missing (idempotent; on
     PostgreSQL the id sequence is moved past them) once photos_tagface exists. The web app's
     tables are otherwise never touched. Returns the ids of the folders created.
-    Raises `db.webapp.SharedFoldersError` when id 1 or 2 holds a person folder.
+    Raises `db.webapp.SharedFoldersError` when id 1 or 2 holds a person folder, and
+    `WebAppTablesMissing` (before anything is written, not even Alembic's version table) when
+    the web app's migrations have not run: the worker's tables point at the app's.
     """
+    _require_webapp_tables(url)
     _run_alembic(url, lambda config: command.upgrade(config, revision))
     if not shared_folders:
         return []
     return _ensure_shared_folders(url)
+
+
+class WebAppTablesMissing(AfterTripError):
+    """`db upgrade` before the web app's own migrations: the tables the worker's point at are
+    not there yet."""
+
+    def __init__(self, url: str, missing: list[str]) -> None:
+        where = make_url(url).render_as_string(hide_password=True)
+        super().__init__(
+            f"the web app's tables {', '.join(missing)} are not in {where}: nothing was "
+            "changed.\nRun the backend's `python manage.py migrate` first, then "
+            "`aftertrip-faces db upgrade` (a development database without Django: "
+            "`aftertrip-faces db upgrade --with-webapp-tables`)"
+        )
+        self.missing = missing
+
+
+def _require_webapp_tables(url: str) -> None:
+    from sqlalchemy import inspect
+
+    from db.webapp import WEBAPP_TABLES
+
+    engine = make_engine(url)
+    try:
+        present = set(inspect(engine).get_table_names())
+    finally:
+        engine.dispose()
+    missing = [table for table in WEBAPP_TABLES if table not in present]
+    if missing:
+        raise WebAppTablesMissing(url, missing)
 
 
 def _ensure_shared_folders(url: str) -> list[int]:

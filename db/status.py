@@ -100,6 +100,7 @@ def trip_status(
                 counts=j.counts,
                 error=j.error,
                 embedder_name=j.embedder_name,
+                heartbeat_at=j.heartbeat_at,
             )
             for j in jobs
         ],

@@ -55,6 +55,10 @@ DjangoUUID = DjangoUUIDType()
 # Django's DateTimeField on MySQL/MariaDB: microsecond datetimes.
 _MYSQL_DATETIME = mysql.DATETIME(fsp=6)
 
+DEFAULT_TIME_ZONE = "Asia/Seoul"
+"""The zone of naive datetime columns unless told otherwise: the AfterTrip backend's
+TIME_ZONE (USE_TZ = False), the default of AFTERTRIP_WEBAPP_TIME_ZONE."""
+
 TIME_ZONE_ATTRIBUTE = "aftertrip_time_zone"
 """The attribute of an engine's dialect holding the zone of its naive datetime columns."""
 
@@ -70,9 +74,10 @@ def set_time_zone(engine: Engine, zone: str | tzinfo) -> None:
 
 
 def engine_time_zone(dialect: Dialect) -> tzinfo:
-    """The zone naive datetime columns hold on this dialect's engine (UTC unless set)."""
-    zone: tzinfo = getattr(dialect, TIME_ZONE_ATTRIBUTE, UTC)
-    return zone
+    """The zone naive datetime columns hold on this dialect's engine (`DEFAULT_TIME_ZONE`
+    unless set)."""
+    zone: tzinfo | None = getattr(dialect, TIME_ZONE_ATTRIBUTE, None)
+    return zone if zone is not None else ZoneInfo(DEFAULT_TIME_ZONE)
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -82,8 +87,8 @@ class UTCDateTime(TypeDecorator[datetime]):
     - PostgreSQL (`timestamp with time zone`) stores the instant;
     - MySQL/MariaDB (`datetime(6)`) and SQLite store naive local time in the engine's zone
       (`set_time_zone`, from AFTERTRIP_WEBAPP_TIME_ZONE): what Django writes with
-      USE_TZ = False and that TIME_ZONE (AfterTrip: Asia/Seoul), and naive UTC, Django's
-      USE_TZ = True layout, when the zone is UTC (the default).
+      USE_TZ = False and that TIME_ZONE (AfterTrip: Asia/Seoul, the default), and naive
+      UTC, Django's USE_TZ = True layout, when the zone is UTC.
     So the worker's job times read right next to the app's own, and a naive value the app
     wrote reads back as the instant it meant.
     """

@@ -47,12 +47,28 @@ def _settings() -> ServiceSettings:
     return get_settings()
 
 
+def trip_id_arg(text: str) -> int:
+    """--trip's value: a trips_trip.id (1 to 2**63-1), refused before the database is asked."""
+    from tasks.names import trip_id_problem
+
+    try:
+        trip_id = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a trip id: {text!r}") from None
+    problem = trip_id_problem(trip_id)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return trip_id
+
+
 def register(subparsers: Any) -> None:
     """Add the service's subcommands to the `aftertrip-faces` parser."""
     rerun = subparsers.add_parser(
         "rerun", help="queue a grouping job for a trip on the worker service"
     )
-    rerun.add_argument("--trip", type=int, required=True, metavar="ID", help="trips_trip.id")
+    rerun.add_argument(
+        "--trip", type=trip_id_arg, required=True, metavar="ID", help="trips_trip.id"
+    )
     rerun.add_argument(
         "--all",
         action="store_true",
@@ -90,7 +106,9 @@ def register(subparsers: Any) -> None:
     imp.set_defaults(handler=cmd_import_trip)
 
     status = subparsers.add_parser("status", help="a trip's recent jobs, counts and photo errors")
-    status.add_argument("--trip", type=int, required=True, metavar="ID", help="trips_trip.id")
+    status.add_argument(
+        "--trip", type=trip_id_arg, required=True, metavar="ID", help="trips_trip.id"
+    )
     status.add_argument("--limit", type=int, default=5, help="how many recent jobs to show")
     status.set_defaults(handler=cmd_status)
 
@@ -184,6 +202,7 @@ def _run_inline(args: argparse.Namespace) -> int:
     store = services.store  # a missing store fails here, before any database work
     guard = services.guard()
     try:
+        _check_database(services)
         with Progress(console=console) as progress:
             bar = progress.add_task(f"trip {args.trip}", total=None)
             summary = run_trip_job(
@@ -203,6 +222,17 @@ def _run_inline(args: argparse.Namespace) -> int:
         services.close()
     console.print(summary)
     return 0
+
+
+def _check_database(services: Any) -> None:
+    """Read the worker's job table once: a database that cannot be used (`tasks.cli.main`
+    says why in two lines) fails here, before a progress bar is drawn."""
+    from sqlalchemy import select
+
+    from db.models import Job
+
+    with services.sessions() as session:
+        session.execute(select(Job.id).limit(1))
 
 
 def _follow(result: Any, timeout: float | None, console: Console) -> int:
@@ -245,17 +275,22 @@ def _follow(result: Any, timeout: float | None, console: Console) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """Print a trip's recent jobs, photo and face counts, and the photos that failed."""
+    from zoneinfo import ZoneInfo
+
     from rich.table import Table
     from rich.text import Text
 
     from db.common import TripNotFound
-    from db.jobs import job_stored_photos, mark_stalled_jobs
+    from db.jobs import job_last_stored, job_stored_photos, mark_stalled_jobs
     from db.status import trip_folders, trip_status
+    from db.types import utcnow
     from tasks.compose import Services
+    from tasks.statusview import Running, job_lines, local_time
 
     console = _console()
     services = Services(_settings())
     settings = services.settings
+    zone = ZoneInfo(settings.webapp_time_zone)
     try:
         with services.sessions() as session:
             # A `running` row whose worker stopped beating is failed, not pending, from now on.
@@ -263,15 +298,21 @@ def cmd_status(args: argparse.Namespace) -> int:
                 session=session, stall_seconds=settings.stall_seconds, trip_id=args.trip
             )
             status = trip_status(session=session, trip_id=args.trip, limit=args.limit)
-            # A running job's progress, over its deliveries and chunks: the photos it stored.
-            progress = {
-                job.id: len(
-                    job_stored_photos(
-                        session=session, job_id=job.id, embedder_sha256=status.embedder_sha256
-                    )
+            # A running job's progress, over its deliveries and chunks: the photos it stored
+            # and when it stored the last (a stuck job beats but stores nothing).
+            running = {
+                job.id: Running(
+                    stored=len(
+                        job_stored_photos(
+                            session=session,
+                            job_id=job.id,
+                            embedder_sha256=status.embedder_sha256 or "",
+                        )
+                    ),
+                    last_stored=job_last_stored(session=session, job_id=job.id),
                 )
                 for job in status.jobs
-                if job.status == "running" and status.embedder_sha256
+                if job.status == "running"
             }
             folders = trip_folders(session=session, trip_id=args.trip)
     except TripNotFound as exc:
@@ -280,27 +321,18 @@ def cmd_status(args: argparse.Namespace) -> int:
     finally:
         services.close()
 
+    now = utcnow()
     console.print(
         f"trip {status.trip_id}: {status.photos} photos, {status.analyzed} analysed, "
-        f"{status.faces} faces, {status.people} people"
+        f"{status.faces} faces, {status.people} people (times in {settings.webapp_time_zone})"
     )
-    jobs = Table(title="recent jobs")
-    for column in ("job", "mode", "status", "attempts", "started", "finished", "result"):
-        jobs.add_column(column)
+    console.print(f"[bold]recent jobs[/bold] (newest first, {len(status.jobs)})")
     for job in status.jobs:
-        outcome = job.error or ", ".join(f"{k} {v}" for k, v in (job.counts or {}).items())
-        if job.id in progress:
-            outcome = f"{progress[job.id]} photos analysed so far"
-        jobs.add_row(
-            str(job.id),
-            job.mode,
-            job.status,
-            str(job.attempts),
-            _when(job.started_at),
-            _when(job.finished_at),
-            _plain(outcome),
+        job_text = job_lines(
+            job, zone=zone, now=now, running=running.get(job.id), width=max(60, console.width)
         )
-    console.print(jobs)
+        for line in job_text:
+            console.print(_plain(line))
     table = Table(title="folders (photos_tagface)")
     for column in ("tag id", "tag_num", "name", "photos"):
         table.add_column(column)
@@ -328,7 +360,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 Text(c.file_name),
                 Text(where),
                 str(c.job_id) if c.job_id is not None else "-",
-                _when(c.noticed_at),
+                local_time(c.noticed_at, zone),
             )
         console.print(corrections)
     if status.errors:
@@ -344,10 +376,6 @@ def cmd_status(args: argparse.Namespace) -> int:
             )
         console.print(errors)
     return 0
-
-
-def _when(moment: Any) -> str:
-    return moment.strftime("%Y-%m-%d %H:%M:%S") if moment is not None else "-"
 
 
 # ---------------------------------------------------------------------------- db

@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from db.schemas import PhotoOutcome
 from storage import PhotoStore, photo_sources
 from tasks.write import store_photo_outcomes
-from worker.types import FoundFace
+from worker.types import FoundFace, PhotoStatus
 
 if TYPE_CHECKING:
     from db.webapp import Photo
@@ -97,6 +97,30 @@ def photo_outcome(photo: AnalyzedPhoto, photo_id: int, keys: list[str] | None) -
         width=photo.width,
         height=photo.height,
         faces=FoundFace.found(photo.detections, photo.embeddings, keys),
+    )
+
+
+def log_photo_failure(
+    work: Work | tuple[int, int], photo_id: int, key: object, status: str, reason: str | None
+) -> None:
+    """One log line for a photo the job could not use: its id, S3 key and reason (the same
+    are stored in aftertrip_photo and shown by `aftertrip-faces status`). `work` is the job's
+    `Work`, or (trip id, job id)."""
+    trip_id, job_id = (work.trip_id, work.job_id) if isinstance(work, Work) else work
+    logger.warning(
+        "photo %s (S3 key %s) failed: %s: %s",
+        photo_id,
+        key,
+        status,
+        reason or "-",
+        extra={
+            "trip_id": trip_id,
+            "job_id": job_id,
+            "photo_id": photo_id,
+            "s3_key": str(key),
+            "status": status,
+            "reason": reason,
+        },
     )
 
 
@@ -212,6 +236,8 @@ def analyze_and_store(work: Work, todo: Todo) -> int:
                 keys = [thumbnail_key(prefix, work.trip_id, key, i) for i in range(count)]
                 for thumb_key, data in zip(keys, photo.thumbnails, strict=True):
                     uploads.append(uploader.submit(work.store.write, thumb_key, data, "image/jpeg"))
+            if photo.status is not PhotoStatus.OK:
+                log_photo_failure(work, photo_id, key, photo.status.value, photo.error)
             batch.append(photo_outcome(photo, photo_id, keys))
             photo.thumbnails = []
             work.on_photo()

@@ -286,6 +286,17 @@ def _log_format() -> Literal["text", "json"]:
         return "text"
 
 
+def _setup_problem(exc: Exception) -> str | None:
+    """One or two lines for a database or Redis that a setup mistake makes unusable."""
+    try:
+        from tasks.problems import explain
+        from tasks.settings import get_settings
+
+        return explain(exc, get_settings())
+    except Exception:  # noqa: BLE001 - no settings or service extras: the traceback stays
+        return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `aftertrip-faces` command."""
     parser = build_parser()
@@ -299,7 +310,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code = int(args.handler(args))
     except AfterTripError as exc:
-        console.print(f"[red]error:[/red] {escape(str(exc))}")
+        console.print(f"[red]error:[/red] {escape(str(exc))}", soft_wrap=True)
+        return 2
+    except Exception as exc:
+        message = _setup_problem(exc)
+        if message is None:
+            raise
+        logger.debug("setup problem", exc_info=exc)  # the traceback, with --verbose
+        # Long lines are the terminal's to wrap: each of the message's lines stays one line.
+        console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
         return 2
     logger.info("done in %.1f s", time.perf_counter() - start)
     return code

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy.exc
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.common import TripNotFound
-from db.jobs import fail_job, finish_job, job_stored_photos, start_job
+from db.common import TripDeleted, TripNotFound
+from db.jobs import fail_job, finish_job, job_stored_photos, skip_job, start_job
 from db.photos import photos_to_analyze, trip_thumbnail_keys
 from db.schemas import PhotoOutcome
 from db.webapp import Trip
@@ -29,12 +29,13 @@ from tasks.analyze import (
     analysis_started,
     analyze_and_store,
     job_work,
+    log_photo_failure,
     thumbnail_folder,
     todo_of,
 )
 from tasks.fanout import FanOut, analyze_fanned_out
 from tasks.guard import JobGuard, JobTimedOut
-from tasks.names import MODES
+from tasks.names import MODES, trip_id_problem
 from tasks.write import regroup_trip, store_photo_outcomes
 from worker.errors import AfterTripError
 from worker.types import PhotoStatus
@@ -53,20 +54,18 @@ class InvalidJobArguments(AfterTripError, ValueError):
 def check_job_arguments(trip_id: object, mode: object) -> tuple[int, str]:
     """The trip id and mode of a message, or `InvalidJobArguments` saying what is wrong.
 
-    JSON brings 1.5, "3" and true as well as 3: only a positive integer is a trip id (a
-    float would be rounded by the database into another trip's id).
+    Only an integer from 1 to `MAX_TRIP_ID` is a trip id (`tasks.names.trip_id_problem`):
+    anything else is refused before the database is asked.
     """
-    if isinstance(trip_id, bool) or not isinstance(trip_id, int) or trip_id <= 0:
-        raise InvalidJobArguments(
-            f"trip_id must be a positive integer (trips_trip.id), not {trip_id!r}: "
-            "the job was refused and nothing was written"
-        )
+    problem = trip_id_problem(trip_id)
+    if problem is not None:
+        raise InvalidJobArguments(f"{problem}: the job was refused and nothing was written")
     if not isinstance(mode, str) or mode not in MODES:
         raise InvalidJobArguments(
             f"mode must be one of {', '.join(MODES)}, not {mode!r}: "
             "the job was refused and nothing was written"
         )
-    return trip_id, mode
+    return trip_id, mode  # type: ignore[return-value]  # an int, checked above
 
 
 def run_trip_job(
@@ -97,14 +96,22 @@ def run_trip_job(
     stops the job between photos. With `fan_out`, a big job's photos are analysed in chunks
     by every free worker, this one included.
     Returns the job id and `TripWriteSummary` counts ("analyzed": the photos this job
-    stored, over all its deliveries). Usable without Celery (embedded runs).
+    stored, over all its deliveries). Usable without Celery (embedded runs). A trip the web
+    app soft-deleted (before the job, or before its write) is not grouped: the row ends
+    `skipped` with the reason, nothing is written to its folders, and the result's "skipped"
+    says why.
     """
     trip_id, mode = check_job_arguments(trip_id, mode)
     progress = on_progress or (lambda stage, done, total: None)
     started = time.perf_counter()
     with sessions() as session:
-        if session.get(Trip, trip_id) is None:
+        trip = session.get(Trip, trip_id)
+        if trip is None:
             raise TripNotFound(trip_id)
+        if trip.deleted_at is not None:
+            # Soft-deleted in the web app: recorded as skipped, without loading a model.
+            job = start_job(session=session, trip_id=trip_id, mode=mode, task_id=task_id, models=())
+            return _skipped(session, job.id, TripDeleted(trip_id, trip.deleted_at))
         session.rollback()
         progress("models", 0, 1)
         models = pipeline.models  # loads the models on a process's first job
@@ -135,6 +142,15 @@ def run_trip_job(
                 len(todo),
                 extra={"trip_id": trip_id, "job_id": job_id, "photos": len(todo), "mode": mode},
             )
+            for p in photos:
+                if p.key_error:
+                    log_photo_failure(
+                        (trip_id, job_id),
+                        p.id,
+                        p.file_key,
+                        PhotoStatus.INVALID_KEY.value,
+                        p.key_error,
+                    )
             if refused:
                 store_photo_outcomes(
                     session=session,
@@ -182,6 +198,8 @@ def run_trip_job(
             counts = {"analyzed": len(stored), **asdict(summary)}
             finish_job(session=session, job_id=job_id, counts=counts)
             progress("group", 1, 1)
+        except TripDeleted as exc:  # deleted while its photos were analysed: nothing written
+            return _skipped(session, job_id, exc)
         except Exception as exc:
             if guard is not None and guard.timed_out and not isinstance(exc, JobTimedOut):
                 exc = guard.timeout_error()  # SoftTimeLimitExceeded wherever it struck
@@ -207,6 +225,11 @@ def run_trip_job(
         },
     )
     return {"trip_id": trip_id, "job_id": job_id, **counts}
+
+
+def _skipped(session: Session, job_id: int, why: TripDeleted) -> dict[str, Any]:
+    skip_job(session=session, job_id=job_id, reason=str(why))
+    return {"trip_id": why.trip_id, "job_id": job_id, "skipped": str(why)}
 
 
 def _remove_unused_thumbnails(

@@ -23,6 +23,8 @@ Environment = Literal["development", "production"]
 
 DEV_DATABASE_URL = "sqlite:///aftertrip-faces.sqlite3"
 
+CONCURRENCY_VARIABLE = "AFTERTRIP_WORKER_CONCURRENCY"
+
 
 class UnsafeSettingsError(ValueError):
     """A setting is left at a default that is only fit for development."""
@@ -58,11 +60,12 @@ class ServiceSettings(PipelineSettings):
         "(postgresql+psycopg://…, mysql+pymysql://…).",
     )
     webapp_time_zone: str = Field(
-        default="UTC",
-        description="Time zone of the naive datetimes in the web app's database: its Django "
-        "TIME_ZONE when USE_TZ = False (AfterTrip: Asia/Seoul), UTC when USE_TZ = True. Every "
-        "time the worker writes to a MySQL/MariaDB/SQLite datetime column is local time in "
-        "it; PostgreSQL's timestamptz stores the instant.",
+        # db.types.DEFAULT_TIME_ZONE, written out: these settings load without SQLAlchemy.
+        default="Asia/Seoul",
+        description="The web app's time zone: its Django TIME_ZONE when USE_TZ = False "
+        "(AfterTrip: Asia/Seoul, the default), UTC when USE_TZ = True. Every time the worker "
+        "writes to a MySQL/MariaDB/SQLite datetime column is local time in it (PostgreSQL's "
+        "timestamptz stores the instant), and every time `status` shows is in it, named.",
     )
     database_connect_timeout: float = Field(
         default=10.0,
@@ -152,7 +155,11 @@ class ServiceSettings(PipelineSettings):
         "this many seconds, then put it back on the queue for another worker.",
     )
     worker_concurrency: int = Field(
-        default=1, description="Worker processes per `aftertrip-faces worker` (1 per GPU)."
+        default=1,
+        ge=1,
+        description="Worker processes per worker, `aftertrip-faces worker` and `celery -A tasks "
+        "worker` alike (1 per GPU); each process's inference threads are the cores divided by "
+        "it (AFTERTRIP_THREADS). A `--concurrency N` given to either command wins, threads too.",
     )
     worker_max_memory_per_child: int = Field(
         default=2_500_000,

@@ -10,6 +10,7 @@ group, the soft time limit's signal, a fresh process state after the pool forks.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -21,7 +22,7 @@ from typing import Any
 import redis.exceptions
 from celery import Task, group
 from celery.exceptions import BackendError, Ignore, SoftTimeLimitExceeded
-from celery.signals import worker_process_init
+from celery.signals import celeryd_after_setup, worker_process_init, worker_ready
 
 from tasks.analyze import ProgressCallback
 from tasks.app import app
@@ -38,7 +39,7 @@ from tasks.retry import (
     retry_delay,
     retry_since,
 )
-from tasks.settings import get_settings
+from tasks.settings import CONCURRENCY_VARIABLE, get_settings
 
 logger = logging.getLogger(__name__)
 
@@ -247,6 +248,43 @@ def _wait_for_turn(
     raise Ignore()
 
 
+@celeryd_after_setup.connect
+def _settle_concurrency(sender: object, instance: Any, **_kwargs: object) -> None:
+    """The pool's real size is the concurrency each process shares the cores by.
+
+    `celeryconfig.worker_concurrency` is AFTERTRIP_WORKER_CONCURRENCY, but `celery worker
+    --concurrency N` overrides it: the pool processes (forked after this) then read N, so
+    `worker.runtime.cpu_threads` gives each cores // N threads whichever command started them.
+    """
+    processes = int(getattr(instance, "concurrency", 0) or 0)
+    if processes > 0 and processes != get_settings().worker_concurrency:
+        os.environ[CONCURRENCY_VARIABLE] = str(processes)
+        get_settings.cache_clear()
+
+
 @worker_process_init.connect
 def _fresh_process_state(**_kwargs: object) -> None:
     group_trip.forget_process_state()
+    from worker.runtime import cpu_threads
+
+    settings = get_settings()
+    logger.info(
+        "pool process ready: %d process(es) x %d inference thread(s)",
+        settings.worker_concurrency,
+        cpu_threads(settings),
+    )
+
+
+@worker_ready.connect
+def _check_setup(**_kwargs: object) -> None:
+    """Say at start-up, in one line, what a job would otherwise fail on: the database
+    unreachable, a wrong password, the worker's tables missing. The worker runs on (the jobs
+    retry while the database is fixed); the check runs beside it, not in its way."""
+    from tasks.problems import database_problem
+
+    def check() -> None:
+        problem = database_problem(get_settings())
+        if problem is not None:
+            logger.error("setup problem: %s", problem.replace("\n", " "))
+
+    threading.Thread(target=check, name="aftertrip-setup-check", daemon=True).start()

@@ -17,10 +17,12 @@ import pytest
 from sqlalchemy import Engine, func, select, text
 from sqlalchemy.orm import Session
 
+from db.common import TripDeleted
 from db.jobs import start_job
-from db.models import Face, PhotoAnalysis
+from db.models import Face, Job, PhotoAnalysis
 from db.photos import trip_photos
-from db.session import make_engine, upgrade
+from db.session import make_engine, make_sessionmaker, upgrade
+from db.types import DEFAULT_TIME_ZONE, engine_time_zone
 from db.webapp import (
     NO_FACE_TAG_ID,
     OTHERS_TAG_ID,
@@ -31,6 +33,8 @@ from db.webapp import (
     SharedFoldersError,
     TagFace,
 )
+from storage import LocalStore
+from tasks.job import run_trip_job
 from tasks.settings import ServiceSettings
 from tests.plugins.databases import cli_db_upgrade
 from tests.support.files import ROOT
@@ -145,6 +149,40 @@ def test_after_db_upgrade_people_never_take_a_shared_folder(webapp_db_url: str) 
         engine.dispose()
 
 
+def test_a_soft_deleted_trip_is_not_grouped(webapp_db_url: str, tmp_path: Path) -> None:
+    """trips_trip.deleted_at set (the app's soft delete): no write touches its folders, and
+    its job ends `skipped` with the reason, before any model is loaded."""
+    assert cli_db_upgrade(webapp_db_url).returncode == 0
+    engine = make_engine(webapp_db_url)
+    try:
+        trip_id, photo_ids = add_cast_trip(engine)
+        with engine.begin() as conn:  # the app's delete: a timestamp, the rows stay
+            conn.execute(
+                text("UPDATE trips_trip SET deleted_at = :now WHERE id = :id"),
+                {"now": datetime(2026, 12, 5, 9, 30), "id": trip_id},
+            )
+        with pytest.raises(TripDeleted, match=f"trip {trip_id} was deleted in the web app"):
+            write_result(engine, trip_id, cast_outcomes(People(), photo_ids, CAST))
+        _nothing_written(engine)
+
+        summary = run_trip_job(
+            sessions=make_sessionmaker(engine),
+            store=LocalStore(tmp_path),
+            pipeline=None,  # type: ignore[arg-type]  # a deleted trip needs no model
+            settings=ServiceSettings(),
+            trip_id=trip_id,
+            task_id="deleted-trip",
+        )
+        assert "was deleted in the web app" in summary["skipped"]
+        with Session(engine) as session:
+            job = session.scalars(select(Job).where(Job.celery_task_id == "deleted-trip")).one()
+            assert job.status == "skipped" and job.finished_at is not None
+            assert job.error is not None and "not grouped" in job.error
+        _nothing_written(engine)
+    finally:
+        engine.dispose()
+
+
 def test_a_file_key_that_is_not_a_uuid_is_read_and_refused(
     db_backend: str, request: pytest.FixtureRequest
 ) -> None:
@@ -228,6 +266,18 @@ def test_times_follow_the_web_app_time_zone(db_backend: str, fresh_db_url: str) 
             engine, "photos_photo", photo_id, "created_at"
         )
         assert timedelta(0) <= gap < timedelta(minutes=10)
+    finally:
+        engine.dispose()
+
+
+def test_the_default_time_zone_is_the_backend_s(monkeypatch: pytest.MonkeyPatch) -> None:
+    """AfterTrip's Django runs USE_TZ = False, TIME_ZONE = 'Asia/Seoul': the worker's
+    default, in the setting and in every engine made without one."""
+    monkeypatch.delenv("AFTERTRIP_WEBAPP_TIME_ZONE", raising=False)
+    assert ServiceSettings().webapp_time_zone == DEFAULT_TIME_ZONE == "Asia/Seoul"
+    engine = make_engine("sqlite://")
+    try:
+        assert engine_time_zone(engine.dialect) == SEOUL
     finally:
         engine.dispose()
 

@@ -11,7 +11,7 @@ import pytest
 from celery import Celery
 
 import aftertrip_client
-from aftertrip_client import PROGRESS, enqueue_trip, job_progress
+from aftertrip_client import PROGRESS, enqueue_trip, enqueue_trip_on_commit, job_progress
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,6 +52,13 @@ def test_enqueue_refuses_bad_arguments_before_sending(app: Celery) -> None:
     for bad in (0, -3, "7", True, 1.5):
         with pytest.raises(ValueError, match="trip_id"):
             enqueue_trip(bad, app=app)  # type: ignore[arg-type]
+    # Out of bigint's range: refused here, not by the worker's database.
+    for bad in (2**63, 2**70, -(2**70)):
+        with pytest.raises(ValueError, match="between 1 and 9223372036854775807"):
+            enqueue_trip(bad, app=app)
+        with pytest.raises(ValueError, match="between 1 and 9223372036854775807"):
+            enqueue_trip_on_commit(bad, app=app)
+    assert enqueue_trip(2**63 - 1, app=app).id  # the largest id a trip can have is sent
 
 
 def test_job_progress_reads_the_worker_states(app: Celery) -> None:

@@ -7,6 +7,7 @@ import uuid
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import numpy as np
 import pytest
@@ -224,10 +225,14 @@ def test_rows_written_by_django_sql_are_read(db_engine: Engine) -> None:
             ),
             {"t": datetime(2024, 5, 1, 12, 30, 15), "k": stored, "f": False, "trip": trip_id},
         )
+    # A naive value is local time in the engine's zone (by default the backend's Asia/Seoul,
+    # as Django writes with USE_TZ = False); PostgreSQL's timestamptz took it in the session's
+    # zone, UTC.
+    zone = UTC if db_engine.dialect.name == "postgresql" else ZoneInfo("Asia/Seoul")
     with Session(db_engine) as session:
         (photo,) = trip_photos(session=session, trip_id=trip_id)
         assert photo.s3_key == str(key)
-        assert photo.created_at == datetime(2024, 5, 1, 12, 30, 15, tzinfo=UTC)
+        assert photo.created_at == datetime(2024, 5, 1, 12, 30, 15, tzinfo=zone)
 
 
 def test_mariadb_native_uuid_column_is_read(

@@ -7,6 +7,7 @@ import os
 import signal
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import Engine, select
@@ -78,6 +79,20 @@ def _links(sessions, trip_id: int) -> set[tuple[int, int]]:  # noqa: ANN001
         return {(photo_id, tag_id) for photo_id, tag_id in rows}
 
 
+def _scrfd_job(  # noqa: ANN001
+    sessions, store, pipeline, trip_id: int, settings: ServiceSettings | None = None, **kwargs: Any
+) -> dict[str, Any]:
+    """`run_trip_job` on a trip with the module's pipeline (SCRFD's settings unless given)."""
+    return run_trip_job(
+        sessions=sessions,
+        store=store,
+        pipeline=pipeline,
+        settings=settings or ServiceSettings(detector="scrfd"),
+        trip_id=trip_id,
+        **kwargs,
+    )
+
+
 def test_failed_job_keeps_previous_results_and_retry_reuses_its_row(
     db_url: str,
     tmp_path: Path,
@@ -93,12 +108,12 @@ def test_failed_job_keeps_previous_results_and_retry_reuses_its_row(
     first_key = keys[0]
 
     def run(mode: str, task_id: str, retries_left: bool = False) -> dict:
-        return run_trip_job(
-            sessions=sessions,
-            store=store,
-            pipeline=pipeline,
-            settings=settings,
-            trip_id=trip_id,
+        return _scrfd_job(
+            sessions,
+            store,
+            pipeline,
+            trip_id,
+            settings,
             mode=mode,
             task_id=task_id,
             will_retry=lambda exc: retries_left and isinstance(exc, RETRYABLE_ERRORS),
@@ -163,8 +178,12 @@ def test_unknown_trip_and_mode_are_refused(
     with pytest.raises(ValueError, match="mode"):
         run_trip_job(trip_id=1, mode="some", **kwargs)  # type: ignore[arg-type]
     # JSON brings floats, strings and booleans too: refused before the database is read
-    for bad in (1.5, "3", True, 0, -2, None):
-        with pytest.raises(InvalidJobArguments, match="trip_id must be a positive integer"):
+    for bad in (1.5, "3", True, None):
+        with pytest.raises(InvalidJobArguments, match="trip_id must be an integer"):
+            run_trip_job(trip_id=bad, **kwargs)  # type: ignore[arg-type]
+    # ... and integers no bigint id can be (2**70 used to fail in the database).
+    for bad in (0, -2, 2**63, 2**70, -(2**70)):
+        with pytest.raises(InvalidJobArguments, match=r"between 1 and 9223372036854775807"):
             run_trip_job(trip_id=bad, **kwargs)  # type: ignore[arg-type]
     with pytest.raises(InvalidJobArguments, match="mode must be one of"):
         run_trip_job(trip_id=1, mode=["all"], **kwargs)  # type: ignore[arg-type]
@@ -459,4 +478,86 @@ def test_fanned_out_job_and_a_chunk_run_twice_store_each_photo_once(
     assert result["analyzed"] == 6 and result["errors"] == 0
     assert sorted(reads) == sorted(keys), "each photo read (and analysed) once"
     assert {photo for photo, _tag in _links(sessions, trip_id)} and result["people"] >= 1
+    engine.dispose()
+
+
+def test_a_photo_that_fails_logs_its_id_key_and_reason(
+    db_url: str,
+    tmp_path: Path,
+    pipeline,  # noqa: ANN001
+    players_jpg: bytes,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from sqlalchemy import text
+
+    store = LocalStore(tmp_path / "photos")
+    engine, sessions, trip_id, (good_key,) = _trip_with_photos(
+        db_url, store, [("players.jpg", players_jpg)]
+    )
+    with sessions() as session:
+        gone = Photo(trip_id=trip_id, file_name="gone.jpg", url="")  # no object in the store
+        session.add(gone)
+        session.commit()
+        gone_id, gone_key = gone.id, gone.s3_key
+    with engine.begin() as conn:  # what a char(32) column lets the app hold
+        conn.execute(
+            text(
+                "INSERT INTO photos_photo (created_at, updated_at, file_key, file_name, url, "
+                "is_sorted_yolo, trip_id) VALUES ('2024-05-01', '2024-05-01', "
+                "'../../etc/passwd', 'x.jpg', '', 0, :trip)"
+            ),
+            {"trip": trip_id},
+        )
+        bad_id = conn.execute(text("SELECT max(id) FROM photos_photo")).scalar_one()
+    caplog.set_level("WARNING", logger="tasks")
+    summary = _scrfd_job(sessions, store, pipeline, trip_id)
+    assert summary["analyzed"] == 3 and summary["errors"] == 2
+    failed = {
+        r.photo_id: r  # type: ignore[attr-defined]
+        for r in caplog.records
+        if r.getMessage().startswith("photo ") and " failed: " in r.getMessage()
+    }
+    assert set(failed) == {gone_id, bad_id}  # one line each; none for the good photo
+    assert failed[gone_id].getMessage().startswith(f"photo {gone_id} (S3 key {gone_key}) failed: ")
+    assert failed[gone_id].status == "missing" and failed[gone_id].s3_key == gone_key  # type: ignore[attr-defined]
+    bad = failed[bad_id].getMessage()
+    assert bad.startswith(f"photo {bad_id} (S3 key ../../etc/passwd) failed: invalid_key: ")
+    assert "not a UUID" in bad and good_key not in "".join(r.getMessage() for r in failed.values())
+    engine.dispose()
+
+
+def test_a_trip_deleted_while_its_photos_are_analysed_gets_no_links(
+    db_url: str,
+    tmp_path: Path,
+    pipeline,  # noqa: ANN001
+    players_jpg: bytes,
+) -> None:
+    """The web app soft-deletes the trip after the job listed its photos: the regroup's
+    write sees it under the trip's lock, writes no folder or link, and the job ends skipped."""
+    from sqlalchemy import update
+
+    from db.types import utcnow
+    from db.webapp import Trip
+    from tasks.analyze import analysis_started
+
+    store = LocalStore(tmp_path / "photos")
+    engine, sessions, trip_id, _keys = _trip_with_photos(
+        db_url, store, [("players.jpg", players_jpg)]
+    )
+
+    def delete_trip(**_named: object) -> None:
+        with sessions() as session:
+            session.execute(update(Trip).where(Trip.id == trip_id).values(deleted_at=utcnow()))
+            session.commit()
+
+    analysis_started.connect(delete_trip)
+    try:
+        summary = _scrfd_job(sessions, store, pipeline, trip_id, task_id="deleted-meanwhile")
+    finally:
+        analysis_started.disconnect(delete_trip)
+    assert f"trip {trip_id} was deleted in the web app" in summary["skipped"]
+    assert _links(sessions, trip_id) == set()
+    with sessions() as session:
+        job = session.scalars(select(Job).where(Job.celery_task_id == "deleted-meanwhile")).one()
+        assert job.status == "skipped" and "not grouped" in (job.error or "")
     engine.dispose()

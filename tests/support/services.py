@@ -100,6 +100,12 @@ def start_worker(
     argv = worker_argv(ServiceSettings(queue=queue), args)  # type: ignore[arg-type]
     argv += ["--without-gossip", "--without-mingle", "--without-heartbeat"]
     argv += ["--include", "tests.support.servicehooks"]  # holds a job where a test asks it to
+    return start_ready_worker(argv, env, log)
+
+
+def start_ready_worker(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """Run a `celery worker` command line (output to `log`) until it logs " ready."; raise
+    with the log's end if it exits or is not ready within two minutes."""
     handle = log.open("wb")
     process = subprocess.Popen(
         argv, cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
