@@ -118,6 +118,13 @@ class SecondLook:
             if self.close_ups and close_up(found.boxes, width, height).any():
                 return self._replace_close_ups(found, self._framed(image), width, height)
             return found
+        return self.look_again(image)
+
+    def look_again(self, image: NDArray[np.uint8]) -> Detections:
+        """The second looks alone, for a photo in which no face was found: framed, then
+        turned; in the photo's pixels."""
+        height, width = image.shape[:2]
+        found = Detections.empty()
         if self.margin > 0:
             found = self._framed(image)
         if not len(found) and self.rotated:
@@ -195,10 +202,24 @@ def load_detector(
         from worker.onet import ONetVerifier
         from worker.scrfd import SCRFDDetector
 
-        scrfd: FaceDetector = SCRFDDetector.load(settings, fetch=fetch)
-        if settings.verify_threshold > 0:
-            scrfd = VerifiedDetector(scrfd, ONetVerifier.load(settings), settings.verify_threshold)
-        return SecondLook(scrfd, margin=settings.retry_margin, rotated=settings.retry_rotated)
+        plain = SCRFDDetector.load(settings, fetch=fetch)
+        scrfd: FaceDetector = plain
+        verifier = ONetVerifier.load(settings) if settings.verify_threshold > 0 else None
+        if verifier is not None:
+            scrfd = VerifiedDetector(scrfd, verifier, settings.verify_threshold)
+        coarse = SecondLook(scrfd, margin=settings.retry_margin, rotated=settings.retry_rotated)
+        if settings.closer_look_min_face <= 0:
+            return coarse
+        from worker.closer import CloserLook, fine_detector
+
+        return CloserLook(
+            coarse,
+            fine_detector(plain),
+            verifier,
+            threshold=settings.verify_threshold,
+            min_face=settings.closer_look_min_face,
+            coarse_input=settings.scrfd_input_size,
+        )
     from worker.mtcnn import MTCNNDetector
 
     # MTCNN's own last stage is ONet: verifying its faces again would add nothing.

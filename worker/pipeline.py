@@ -23,6 +23,7 @@ from numpy.typing import NDArray
 
 from worker.align import align_faces
 from worker.boxes import cover_score
+from worker.closer import detect_photo
 from worker.cluster import MIN_DETECTION_SCORE, Clustering, cluster_faces
 from worker.detect import FaceDetector, load_detector
 from worker.embed import ArcFaceEmbedder
@@ -306,7 +307,7 @@ class FacePipeline:
             return _Pending(_failed(source, status, reason, self.arcface.dim), no_chips)
         try:
             with timer.stage("detect"):
-                found = detector.detect(image.pixels)
+                found = detect_photo(detector, image)
             with timer.stage("align"):
                 chips = align_faces(image.pixels, found.landmarks, size)
                 thumbs = _face_thumbnails(image.pixels, found) if face_thumbnails else []

@@ -56,6 +56,14 @@ class PipelineSettings(BaseSettings):
     scrfd_input_size: int = Field(
         800, description="SCRFD's input size: the photo is fitted into this square."
     )
+    closer_look_min_face: int = Field(
+        24,
+        ge=0,
+        description="SCRFD only: on photos too big for the first pass to see a face this wide "
+        "(in the photo's own pixels; over about 3 Mpx), look again at the scale that does and "
+        "keep the faces ONet confirms: friends 10-15 m away in 12-MP group shots. Portraits and "
+        "selfies are not looked at again. 0 = off (docs/pipeline.md).",
+    )
     retry_margin: float = Field(
         0.25,
         ge=0.0,
