@@ -22,10 +22,12 @@ or more faces in faces-dev/twice, nogizaka and celeba) and the five largest g20 
 from __future__ import annotations
 
 import io
+import json
 import logging
+import re
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +36,12 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image
 
+from bench.env import machine
 from worker.boxes import box_iou
-from worker.detect import FaceDetector, load_detector
+from worker.detect import FaceDetector
 from worker.images import PHOTO_SUFFIXES, decode_image, image_size
-from worker.settings import PipelineSettings
 from worker.pipeline import AnalyzedPhoto, FacePipeline, StageTimer, assemble_album
+from worker.settings import PipelineSettings
 from worker.types import AlbumResult, PhotoSource
 
 logger = logging.getLogger(__name__)
@@ -67,6 +70,8 @@ class GroupPhoto:
     path: Path
     boxes: NDArray[np.float32]
     set: str
+    person: NDArray[np.int64] = field(default_factory=lambda: np.zeros(0, np.int64))
+    """Each face's person (see `run_groupshots`); filled in once the originals are grouped."""
 
     @property
     def median_width(self) -> float:
@@ -97,9 +102,9 @@ def find_group_photos(
     """The split's photos (`held-out` = idols + the five largest g20, or `tune`) that have
     two or more faces, with their faces found by `detector` in original pixels."""
     g20 = _photos(data / "group-photos" / "g20")
-    largest = sorted(
-        g20, key=lambda p: -np.prod(image_size(p.read_bytes(), name=p.name))
-    )[:LARGEST_G20]
+    largest = sorted(g20, key=lambda p: -np.prod(image_size(p.read_bytes(), name=p.name)))[
+        :LARGEST_G20
+    ]
     sets: list[tuple[str, list[Path]]]
     if split == "tune":
         sets = [("g20-tune", [p for p in g20 if p not in largest])]
@@ -120,7 +125,7 @@ def find_group_photos(
 
 def _background(path: Path) -> NDArray[np.uint8]:
     rgb = np.asarray(Image.open(path).convert("RGB"))
-    return cv2.resize(rgb, CANVAS, interpolation=cv2.INTER_AREA)
+    return np.asarray(cv2.resize(rgb, CANVAS, interpolation=cv2.INTER_AREA), np.uint8)
 
 
 def make_canvas(
@@ -174,7 +179,11 @@ def matches(truth: NDArray[np.float32], found: NDArray[np.float32]) -> NDArray[n
 
 def sources(canvases: Sequence[Canvas]) -> list[PhotoSource]:
     """The canvases as photos for the pipeline."""
-    return [PhotoSource(c.name, c.name, lambda c=c: c.data) for c in canvases]
+    return [PhotoSource(c.name, c.name, _reader(c.data)) for c in canvases]
+
+
+def _reader(data: bytes) -> Callable[[], bytes]:
+    return lambda: data
 
 
 @dataclass
@@ -183,6 +192,7 @@ class _Tally:
     found: int = 0
     own: int = 0
     misfiled: int = 0
+    split: int = 0
     others: int = 0
 
     def __add__(self, other: _Tally) -> _Tally:
@@ -191,6 +201,7 @@ class _Tally:
             self.found + other.found,
             self.own + other.own,
             self.misfiled + other.misfiled,
+            self.split + other.split,
             self.others + other.others,
         )
 
@@ -201,6 +212,7 @@ class _Tally:
             "found": round(self.found / max(self.faces, 1), 3),
             "own_folder": round(self.own / found, 3),
             "misfiled": round(self.misfiled / found, 3),
+            "split": round(self.split / found, 3),
             "others": round(self.others / found, 3),
         }
 
@@ -213,16 +225,28 @@ def _score(
     album: AlbumResult,
 ) -> dict[str, _Tally]:
     """Per set: of the canvases' true faces, how many were found, and of those how many sit
-    in their original face's folder, in another folder, or in "others"."""
+    in a folder holding an original face of their person, in a folder that holds none, or in
+    "others". A person is a face of an original photo together with the original faces that
+    today's grouping of the originals alone puts with it (`GroupPhoto.person`): the summit
+    leaders are in several photos, and a leader's folders may be split."""
     face_ids: dict[str, list[int]] = {p.id: p.face_ids for p in album.photos}
-    group = [f.group for f in album.faces]
+    group = np.array([f.group for f in album.faces], np.int64)
+    person = np.full(len(album.faces), -1 - np.arange(len(album.faces)), np.int64)
+    for source, original in zip(photos, originals, strict=True):
+        ids = np.asarray(face_ids[original.photo_id], np.int64)
+        known = matches(original.detections.boxes, source.boxes)
+        person[ids[known >= 0]] = source.person[known[known >= 0]]
+    is_original = np.zeros(len(album.faces), bool)
+    for original in originals:
+        is_original[face_ids[original.photo_id]] = True
+    for canvas, photo in zip(canvases, analyzed, strict=True):
+        ids = np.asarray(face_ids[photo.photo_id], np.int64)
+        found = matches(canvas.boxes, photo.detections.boxes)
+        person[ids[found[found >= 0]]] = photos[canvas.original].person[canvas.faces[found >= 0]]
     tallies: dict[str, _Tally] = {}
     for canvas, photo in zip(canvases, analyzed, strict=True):
         source = photos[canvas.original]
         tally = tallies.setdefault(source.set, _Tally())
-        original = originals[canvas.original]
-        # the original's faces as this variant found them, matched to the reference boxes
-        reference = matches(source.boxes[canvas.faces], original.detections.boxes)
         found = matches(canvas.boxes, photo.detections.boxes)
         tally.faces += len(canvas.boxes)
         for truth, hit in enumerate(found):
@@ -230,14 +254,17 @@ def _score(
                 continue
             tally.found += 1
             mine = group[face_ids[photo.photo_id][hit]]
-            ref = reference[truth]
-            theirs = group[face_ids[original.photo_id][ref]] if ref >= 0 else -1
+            me = source.person[canvas.faces[truth]]
+            folder = group == mine
             if mine < 0:
                 tally.others += 1
-            elif mine == theirs:
+            elif me in person[folder & is_original]:
                 tally.own += 1
+            elif (person[folder] == me).all():
+                tally.split += 1  # with faces of its own person only, but not their folder
             else:
                 tally.misfiled += 1
+                logger.debug("misfiled: %s face %d (%s)", canvas.name, truth, source.set)
     return tallies
 
 
@@ -249,26 +276,27 @@ def run_groupshots(
     limit: int | None = None,
     save: Path | None = None,
 ) -> dict[str, Any]:
-    """The group-shot benchmark: today's detector (`closer_look_min_face` = 0) against
+    """The group-shot benchmark: today's pipeline (`closer_look_min_face` = 0, `small_face` = 0)
+    against
     `settings`, in this process, on the same canvases; see the module's docstring.
 
     `limit` caps the photos per set; `save` writes the canvases there as JPEGs (to run
     `aftertrip-faces group` on them, e.g. for peak RSS)."""
-    today = settings.model_copy(update={"closer_look_min_face": 0})
+    today = settings.model_copy(update={"closer_look_min_face": 0, "small_face": 0})
     variants = {"today": today, "closer look": settings}
     pipelines = {name: FacePipeline(s) for name, s in variants.items()}
     photos = find_group_photos(data, pipelines["today"].detector, today, split)
     if limit:
-        photos = [p for p in photos if [q.set for q in photos].index(p.set) + limit > photos.index(p)]
+        photos = [
+            p for p in photos if [q.set for q in photos].index(p.set) + limit > photos.index(p)
+        ]
     logger.info("groupshots: %d photos, %d faces", len(photos), sum(len(p.boxes) for p in photos))
     backgrounds = sorted((data / "scenery").glob("*.jpg"))
     originals = [
-        PhotoSource(f"original-{i}", p.path.name, p.path.read_bytes)
-        for i, p in enumerate(photos)
+        PhotoSource(f"original-{i}", p.path.name, p.path.read_bytes) for i, p in enumerate(photos)
     ]
-    analyzed_originals = {
-        name: list(pipe.analyze(originals)) for name, pipe in pipelines.items()
-    }
+    analyzed_originals = {name: list(pipe.analyze(originals)) for name, pipe in pipelines.items()}
+    photos = _with_people(photos, analyzed_originals["today"], today, pipelines["today"])
     rows: list[dict[str, Any]] = []
     for width in FACE_SIZES:
         rng = np.random.default_rng(width)
@@ -295,9 +323,7 @@ def run_groupshots(
             )
             tallies = _score(canvases, analyzed, analyzed_originals[name], photos, album)
             for set_name, tally in sorted(tallies.items()):
-                rows.append(
-                    {"face_px": width, "set": set_name, "variant": name, **tally.row()}
-                )
+                rows.append({"face_px": width, "set": set_name, "variant": name, **tally.row()})
             rows.append(
                 {
                     "face_px": width,
@@ -313,4 +339,103 @@ def run_groupshots(
                 }
             )
             logger.info("groupshots: %s", rows[-1])
-    return {"split": split, "limit": limit, "rows": rows}
+    scenery = {}
+    for name, pipe in pipelines.items():
+        empty = [_twelve_mp(p) for p in backgrounds]
+        scenery[name] = {
+            "photos": len(empty),
+            "faces": int(sum(len(p.detections) for p in pipe.analyze(empty))),
+        }
+    return {"split": split, "limit": limit, "rows": rows, "scenery_12mp": scenery}
+
+
+def table(result: dict[str, Any]) -> list[str]:
+    """The result as Markdown: one row per face size, set and variant."""
+    out = [
+        "| face px | set | pipeline | faces | found | own folder | misfiled | split | others "
+        "| ms / 12-MP photo | detect ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        out.append(
+            f"| {r['face_px']} | {r['set']} | {r['variant']} | {r['faces']} | {r['found']} | "
+            f"{r['own_folder']} | {r['misfiled']} | {r['split']} | {r['others']} | "
+            f"{r.get('ms_per_photo', '')} | {r.get('detect_ms_per_photo', '')} |"
+        )
+    scenery = ", ".join(f"{k} {v['faces']}" for k, v in result["scenery_12mp"].items())
+    return [*out, "", f"Faces found in the 9 scenery photos scaled to 12 MP: {scenery}."]
+
+
+def write_groupshots(out_dir: Path, result: dict[str, Any]) -> Path:
+    """Store the result in `groupshots.json` and its table in RESULTS.md (between markers,
+    which `bench.run.write_results` keeps)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "groupshots.json").write_text(json.dumps({"machine": machine(), **result}, indent=1))
+    info = machine()
+    block = "\n".join(
+        [
+            "<!-- groupshots -->",
+            "## groupshots",
+            "",
+            f"`aftertrip-faces bench groupshots --split {result['split']}"
+            + (f" --limit {result['limit']}`" if result["limit"] else "`")
+            + f", {info.get('date')} at commit `{info.get('commit')}` on {info.get('cpu')}, "
+            f"{info.get('cores')} cores. `today` is the pipeline with the closer look and the "
+            "small-face rule off (`AFTERTRIP_CLOSER_LOOK_MIN_FACE=0 AFTERTRIP_SMALL_FACE=0`), "
+            "run in the same process on the same photos. Found: share of the true faces; own "
+            "folder, misfiled (a folder of other people), split (a folder of its own person's "
+            "small faces only) and others: shares of the found faces (bench/groupshots.py).",
+            "",
+            *table(result),
+            "<!-- /groupshots -->",
+            "",
+        ]
+    )
+    md = out_dir / "RESULTS.md"
+    old = md.read_text() if md.exists() else ""
+    if "<!-- groupshots -->" in old:
+        old = re.sub(r"<!-- groupshots -->.*?<!-- /groupshots -->\n?", block, old, flags=re.S)
+    else:
+        old = old.rstrip("\n") + "\n\n" + block
+    md.write_text(old)
+    return md
+
+
+def _with_people(
+    photos: list[GroupPhoto],
+    originals: list[AnalyzedPhoto],
+    settings: PipelineSettings,
+    pipeline: FacePipeline,
+) -> list[GroupPhoto]:
+    """The photos with each reference face's person: its folder when today's pipeline groups
+    the originals alone, or a person of its own when it stays in "others"."""
+    album = assemble_album(
+        originals,
+        settings,
+        models=pipeline.models,
+        timer=StageTimer(),
+        embedder=pipeline.embedder.name,
+    )
+    by_photo = {p.id: p.face_ids for p in album.photos}
+    out, alone = [], len(album.faces)
+    for photo, original in zip(photos, originals, strict=True):
+        ids = by_photo[original.photo_id]
+        known = matches(photo.boxes, original.detections.boxes)
+        person = np.empty(len(photo.boxes), np.int64)
+        for i, k in enumerate(known):
+            group = album.faces[ids[k]].group if k >= 0 else -1
+            person[i] = group if group >= 0 else alone
+            alone += group < 0
+        out.append(GroupPhoto(photo.path, photo.boxes, photo.set, person))
+    return out
+
+
+def _twelve_mp(path: Path) -> PhotoSource:
+    """A scenery photo (no one in it) scaled to a 12-MP canvas, as JPEG."""
+
+    def read() -> bytes:
+        out = io.BytesIO()
+        Image.fromarray(_background(path)).save(out, "JPEG", quality=90)
+        return out.getvalue()
+
+    return PhotoSource(f"scenery-{path.stem}", path.name, read)

@@ -219,6 +219,7 @@ def load_detector(
             threshold=settings.verify_threshold,
             min_face=settings.closer_look_min_face,
             coarse_input=settings.scrfd_input_size,
+            score_threshold=plain.threshold,
         )
     from worker.mtcnn import MTCNNDetector
 

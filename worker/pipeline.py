@@ -22,7 +22,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from worker.align import align_faces
-from worker.boxes import cover_score
+from worker.boxes import cover_score, face_size
 from worker.closer import detect_photo
 from worker.cluster import MIN_DETECTION_SCORE, Clustering, cluster_faces
 from worker.detect import FaceDetector, load_detector
@@ -98,6 +98,8 @@ class AnalyzedPhoto:
     thumbnails: list[bytes] = field(default_factory=list)
     preview: bytes | None = None
     chips: NDArray[np.uint8] | None = None
+    working_scale: float = 1.0
+    """Working pixels per photo pixel: the chips were cut from pixels this much smaller."""
 
 
 @dataclass
@@ -333,6 +335,7 @@ class FacePipeline:
             embeddings=np.zeros((0, self.arcface.dim), np.float32),
             thumbnails=thumbs,
             preview=preview,
+            working_scale=image.scale,
         )
         return _Pending(photo, chips)
 
@@ -376,7 +379,10 @@ def assemble_album(
     faces: list[FaceResult] = []
     photo_index: list[int] = []
     quality: list[NDArray[np.float32]] = []
+    small: list[NDArray[np.bool_]] = []
     for p_idx, photo in enumerate(analyzed):
+        chip_source = face_size(photo.detections.boxes) * photo.working_scale
+        small.append(chip_source < settings.small_face)
         for i in range(len(photo.detections)):
             faces.append(
                 FaceResult(
@@ -405,6 +411,7 @@ def assemble_album(
             embedder=embedder,
             quality=np.asarray([f.score for f in faces], np.float32),
             min_quality=MIN_DETECTION_SCORE.get(settings.detector),
+            small=np.concatenate(small) if small else None,
         )
     _apply_clustering(faces, clustering)
     cover_values = np.concatenate(quality) if quality else np.zeros(0, np.float32)
