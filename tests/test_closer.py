@@ -20,7 +20,7 @@ from worker.detect import load_detector
 from worker.images import decode_image
 from worker.pipeline import FacePipeline, group_album
 from worker.settings import PipelineSettings
-from worker.types import PhotoSource
+from worker.types import Detections, PhotoSource
 
 CANVAS = (4000, 3000)
 FACE_WIDTH = 28
@@ -59,9 +59,9 @@ def far_away(players: tuple[bytes, NDArray[np.float32]]) -> tuple[bytes, NDArray
     photo = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
     widths = boxes[:, 2] - boxes[:, 0]
     factor = FACE_WIDTH / float(np.median(widths))
-    small = cv2.resize(
-        photo, None, fx=factor, fy=factor, interpolation=cv2.INTER_AREA
-    ).astype(np.uint8)
+    small = cv2.resize(photo, None, fx=factor, fy=factor, interpolation=cv2.INTER_AREA).astype(
+        np.uint8
+    )
     rng = np.random.default_rng(17)
     y, x = np.mgrid[: CANVAS[1], : CANVAS[0]]
     sky = np.stack([90 + x / 40, 140 + y / 30, 200 - y / 30], axis=-1)
@@ -125,17 +125,15 @@ def test_a_portrait_is_not_looked_at_again(settings: PipelineSettings) -> None:
     detector = load_detector(settings)
     assert isinstance(detector, CloserLook)
     calls: list[tuple[int, ...]] = []
-    fine_detect = detector.fine.detect
+    fine = detector.fine
 
-    def counted(pixels: NDArray[np.uint8]):  # type: ignore[no-untyped-def]
-        calls.append(pixels.shape)
-        return fine_detect(pixels)
+    class Counting:
+        def detect(self, pixels: NDArray[np.uint8]) -> Detections:
+            calls.append(pixels.shape)
+            return fine.detect(pixels)
 
-    detector.fine.detect = counted  # type: ignore[method-assign]
-    try:
-        found = detect_photo(detector, image)
-    finally:
-        del detector.fine.detect
+    detector.fine = Counting()  # type: ignore[assignment]
+    found = detect_photo(detector, image)
     assert len(found) >= 1 and calls == []
 
 
