@@ -28,6 +28,7 @@ from worker.closer import detect_photo
 from worker.cluster import MIN_DETECTION_SCORE, cluster_faces, default_threshold
 from worker.detect import face_size
 from worker.images import PHOTO_SUFFIXES
+from worker.pipeline import small_faces
 from worker.settings import PipelineSettings
 
 logger = logging.getLogger(__name__)
@@ -656,7 +657,8 @@ def methods(settings: PipelineSettings, *, sensitivity: bool = True) -> dict[str
                 embedder=embedder,
                 quality=a.quality["score"],
                 min_quality=min_quality,
-                small=a.quality["chip"] < settings.small_face if settings.small_face else None,
+                small=small_faces([a.quality["chip"]], settings.small_face)[0],
+                tiny=small_faces([a.quality["chip"]], settings.small_face)[1],
             ).labels
         )
 

@@ -172,8 +172,8 @@ def test_a_far_face_joins_its_own_big_face_and_no_other(
 
 def test_two_small_faces_never_found_a_person() -> None:
     """Blurred faces look alike whoever they are: two small faces alike (0.6) stay apart, but
-    both join a big face as alike to them; a small face alone joins an established person
-    only above the cut, not the lower attach bar."""
+    both join a big face as alike to them; a tiny face alone joins an established person
+    only above the cut, not the lower attach bar (a small one still at that bar)."""
     from tests.test_cluster import vectors_with_gram
 
     gram = np.full((3, 3), 0.6)
@@ -194,7 +194,8 @@ def test_two_small_faces_never_found_a_person() -> None:
     photos = np.arange(5)
     assert cluster_faces(emb, photos).labels.tolist() == [0, 0, 0, 0, 0]
     flags = np.array([False] * 4 + [True])
-    assert cluster_faces(emb, photos, small=flags).labels.tolist() == [0, 0, 0, 0, -1]
+    assert cluster_faces(emb, photos, small=flags).labels.tolist() == [0, 0, 0, 0, 0]
+    assert cluster_faces(emb, photos, small=flags, tiny=flags).labels.tolist() == [0, 0, 0, 0, -1]
 
 
 def test_no_face_in_scenery_at_12_mp(shared_data: Path, settings: PipelineSettings) -> None:

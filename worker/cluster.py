@@ -913,6 +913,7 @@ def _default_clustering(
     neighbours: int,
     index: str,
     small: NDArray[np.bool_] | None = None,
+    tiny: NDArray[np.bool_] | None = None,
 ) -> Clustering:
     strong = strong | (constraints.anchor >= 0)
     graph = similarity_graph(
@@ -926,7 +927,7 @@ def _default_clustering(
     labels = _core_groups(embeddings, photo_index, threshold, strong, constraints, graph)
     del graph
     labels = _attach_small_groups(
-        embeddings, photo_index, labels, attach_threshold, constraints, small, threshold
+        embeddings, photo_index, labels, attach_threshold, constraints, tiny, threshold
     )
     labels = _relabel_by_first_face(labels)
     matched, similarity = _explain(embeddings, labels)
@@ -965,6 +966,7 @@ def cluster_faces(
     neighbours: int = NEIGHBOURS,
     index: str = "auto",
     small: NDArray[np.bool_] | None = None,
+    tiny: NDArray[np.bool_] | None = None,
 ) -> Clustering:
     """Group L2-normalised face embeddings (n, d); `photo_index` says which photo each face is in.
 
@@ -976,8 +978,8 @@ def cluster_faces(
     all) never found or bridge a group in stage 1; they may still join an established group in
     stage 2. `small` (n,): faces too small for their embedding to tell people apart alone
     (`AFTERTRIP_SMALL_FACE`; blurred faces look alike whoever they are): two of them are never
-    paired in stage 1 (a group needs a face that is not small), and a unit of small faces joins
-    a group in stage 2 only above `threshold`, not the lower attach bar.
+    paired in stage 1 (a group needs a face that is not small); `tiny` (n,): a unit of such
+    faces joins a group in stage 2 only above `threshold`, not the lower attach bar.
 
     Constraints (face indices; a person's corrections, `default` only):
     - `must_link`: each set of faces ends in one group (label >= 0), whatever their similarity
@@ -1022,4 +1024,5 @@ def cluster_faces(
         neighbours,
         index,
         None if small is None else np.asarray(small, bool),
+        None if tiny is None else np.asarray(tiny, bool),
     )
