@@ -146,9 +146,9 @@ class PipelineSettings(BaseSettings):
         40,
         ge=0,
         description="A face smaller than this (the longer side of its box) in the pixels its "
-        "chip was cut from is small: two small faces never found a person together, and a "
-        "small face alone joins a person only above the grouping's cut, not the lower attach "
-        "bar; blurred faces look alike whoever they are (docs/pipeline.md). 0 = off.",
+        "chip was cut from is small: two small faces never found a person together, and one "
+        "under 0.6 of this alone joins a person only above the grouping's cut, not the lower "
+        "attach bar; blurred faces look alike whoever they are (docs/pipeline.md). 0 = off.",
     )
     similarity_threshold: float | None = Field(
         None, description="Cosine threshold; empty = the value calibrated for the embedder."
