@@ -19,12 +19,19 @@ def register(subparsers: Any) -> None:
         "what",
         nargs="?",
         default="speed",
-        choices=["speed", "detection", "quality", "scale", "all"],
-        help="speed + detection + scale write bench/RESULTS.md; quality writes bench/QUALITY.md",
+        choices=["speed", "detection", "quality", "scale", "groupshots", "all"],
+        help="speed + detection + scale + groupshots write bench/RESULTS.md; quality writes "
+        "bench/QUALITY.md",
     )
     bench.add_argument("--data", type=Path, default=Path("../shared/data"), help="data folder")
     bench.add_argument("--out", type=Path, default=Path("bench"), help="results folder")
-    bench.add_argument("--limit", type=int, default=None, help="photos per set (speed)")
+    bench.add_argument("--limit", type=int, default=None, help="photos per set (speed, groupshots)")
+    bench.add_argument(
+        "--split",
+        default="held-out",
+        choices=["held-out", "tune"],
+        help="groupshots: the held-out photos (idols, five largest g20) or the tuning ones",
+    )
     bench.add_argument("--sets", nargs="*", default=None, help="quality: which faces-dev sets")
     bench.add_argument("--albums", type=int, default=20, help="quality: albums per set")
     bench.add_argument("--cache", type=Path, default=None, help="quality: embedding cache")

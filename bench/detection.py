@@ -22,6 +22,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from worker.boxes import box_iou
+from worker.closer import detect_photo
 from worker.detect import FaceDetector
 from worker.images import PHOTO_SUFFIXES, decode_image
 from worker.settings import PipelineSettings
@@ -68,7 +69,7 @@ def _timed_detect(
         max_image_pixels=settings.max_image_pixels,
     )
     start = time.perf_counter()
-    found = detector.detect(image.pixels)
+    found = detect_photo(detector, image)
     seconds = time.perf_counter() - start
     return found, image.scale, seconds, int(image.pixels.shape[0] * image.pixels.shape[1])
 

@@ -25,8 +25,10 @@ from numpy.typing import NDArray
 from bench.env import machine
 from worker.align import align_faces
 from worker.boxes import face_size
+from worker.closer import detect_photo
 from worker.cluster import MIN_DETECTION_SCORE, cluster_faces, default_threshold
 from worker.images import PHOTO_SUFFIXES
+from worker.pipeline import small_faces
 from worker.settings import PipelineSettings
 
 logger = logging.getLogger(__name__)
@@ -171,6 +173,8 @@ class FaceCache:
             detection += f"-{s.scrfd_input_size}-{s.scrfd_sha256 or s.scrfd_path or ''}"
             # "noenlarge": SCRFD stopped enlarging photos smaller than its input (17610ec).
             detection += f"-verify{s.verify_threshold}-noenlarge"
+        if s.detector == "scrfd" and s.closer_look_min_face > 0:
+            detection += f"-closer{s.closer_look_min_face}-zoom"
         if s.retry_margin > 0 or s.retry_rotated:
             detection += f"-retry{s.retry_margin}{'-rotated' if s.retry_rotated else ''}"
         if s.detector == "mtcnn" and s.retry_margin > 0:
@@ -224,7 +228,7 @@ class FaceCache:
             logger.warning("cannot decode %s: %s", name, exc)
             return _empty_faces(0, 0, f"{type(exc).__name__}: {exc}")
         pixels = image.pixels
-        found = self._detector.detect(pixels)
+        found = detect_photo(self._detector, image)
         if len(found) == 0:
             return _empty_faces(image.original_width, image.original_height)
         chips = align_faces(pixels, found.landmarks)
@@ -350,6 +354,15 @@ class Album:
         return int((self.labelled < 0).sum())
 
 
+WORKING_PIXELS = PipelineSettings().working_pixels
+
+
+def working_scale(width: int, height: int) -> float:
+    """About the scale the pipeline decodes a photo at (exact up to `WORKING_PIXELS`; above,
+    a JPEG's DCT scaling may land a little smaller): for the size of a face's chip source."""
+    return min(1.0, (WORKING_PIXELS / max(width * height, 1)) ** 0.5)
+
+
 def make_album(name: str, photos: Sequence[LabelledPhoto]) -> Album:
     """Flatten photos into one album's face arrays."""
     identities: dict[str, int] = {}
@@ -360,6 +373,7 @@ def make_album(name: str, photos: Sequence[LabelledPhoto]) -> Album:
         "blur": [],
         "norm": [],
         "pose": [],
+        "chip": [],
     }
     offset = 0
     for i, photo in enumerate(photos):
@@ -376,6 +390,7 @@ def make_album(name: str, photos: Sequence[LabelledPhoto]) -> Album:
             quality["blur"].append(faces.blur)
             quality["norm"].append(faces.raw_norm)
             quality["pose"].append(frontality(faces.landmarks))
+            quality["chip"].append(faces.sizes * working_scale(faces.width, faces.height))
         offset += len(faces)
     dim = photos[0].faces.embeddings.shape[1] if photos else 512
 
@@ -642,6 +657,8 @@ def methods(settings: PipelineSettings, *, sensitivity: bool = True) -> dict[str
                 embedder=embedder,
                 quality=a.quality["score"],
                 min_quality=min_quality,
+                small=small_faces([a.quality["chip"]], settings.small_face)[0],
+                tiny=small_faces([a.quality["chip"]], settings.small_face)[1],
             ).labels
         )
 

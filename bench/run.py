@@ -101,7 +101,7 @@ def write_results(out_dir: Path, sections: dict[str, Any]) -> Path:
 
 
 def run_bench(args: argparse.Namespace, settings: PipelineSettings, console: Console) -> int:
-    """Dispatch `bench speed|detection|quality|all`."""
+    """Dispatch `bench speed|detection|quality|groupshots|all`."""
     data: Path = args.data
     if not data.is_dir():
         console.print(f"[red]error:[/red] benchmark data not found at {data} (use --data)")
@@ -129,6 +129,12 @@ def run_bench(args: argparse.Namespace, settings: PipelineSettings, console: Con
     if sections:
         md = write_results(args.out, sections)
         console.print(f"wrote {md}")
+    if args.what == "groupshots":
+        from bench.groupshots import run_groupshots, write_groupshots
+
+        console.print("groupshots: group photos shrunk onto 12-MP canvases …")
+        shots = run_groupshots(data, settings, split=args.split, limit=args.limit)
+        console.print(f"wrote {write_groupshots(args.out, shots)}")
     if args.what in ("quality", "all"):
         from bench.quality import run_quality
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from numpy.typing import NDArray
 
+from tests.support.vectors import vectors_with_gram
 from worker.cluster import (
     ConstraintConflict,
     InvalidConstraint,
@@ -22,11 +23,6 @@ from worker.cluster import (
 )
 
 # --- helpers ---------------------------------------------------------------------------------
-
-
-def vectors_with_gram(gram: NDArray[np.float64]) -> NDArray[np.float32]:
-    """Unit vectors whose pairwise cosine similarities are exactly `gram` (positive definite)."""
-    return np.linalg.cholesky(np.asarray(gram, np.float64)).astype(np.float32)
 
 
 def people(

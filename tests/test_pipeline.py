@@ -219,11 +219,13 @@ def test_embedding_runs_beside_detection_and_its_errors_reach_the_caller(
     small = FacePipeline(settings)
     detector, embedder = small.detector, small.arcface
     events: list[tuple[str, str, float, float]] = []
-    real_detect, real_embed = detector.detect, embedder.embed
+    # the pipeline asks SCRFD's closer look for a photo's faces with the photo's scale
+    method = "detect_photo" if hasattr(detector, "detect_photo") else "detect"
+    real_detect, real_embed = getattr(detector, method), embedder.embed
 
-    def detect(image):  # noqa: ANN001, ANN202 - a recording wrapper
+    def detect(*args):  # noqa: ANN002, ANN202 - a recording wrapper
         start = time.monotonic()
-        found = real_detect(image)
+        found = real_detect(*args)
         events.append(("detect", threading.current_thread().name, start, time.monotonic()))
         return found
 
@@ -234,7 +236,7 @@ def test_embedding_runs_beside_detection_and_its_errors_reach_the_caller(
         events.append(("embed", threading.current_thread().name, start, time.monotonic()))
         return vectors
 
-    monkeypatch.setattr(detector, "detect", detect)
+    monkeypatch.setattr(detector, method, detect)
     monkeypatch.setattr(embedder, "embed", slow_embed)
     names = [f"p{i}.jpg" for i in range(6)]
     photos = [source(n, yaoming_jpg if i % 2 else players_jpg) for i, n in enumerate(names)]

@@ -782,6 +782,8 @@ def _attach_small_groups(
     labels: NDArray[np.int64],
     threshold: float,
     constraints: Constraints,
+    small_faces: NDArray[np.bool_] | None = None,
+    small_threshold: float | None = None,
 ) -> NDArray[np.int64]:
     """Stage 2: faces left alone and pairs join, as a unit, the established group (3+ faces)
     they resemble most on average, if that mean similarity is above `threshold` and the group
@@ -795,7 +797,8 @@ def _attach_small_groups(
     takes the place of an unlinked face of its photo in the group.
 
     The means come from embedding sums (unit sum . group sum / sizes), a block of units at a
-    time: memory grows with units x groups per block, never with faces squared.
+    time: memory grows with units x groups per block, never with faces squared. A unit of
+    `small_faces` only needs `small_threshold` instead.
     """
     ids, counts = np.unique(labels[labels >= 0], return_counts=True)
     groups = ids[counts >= ESTABLISHED_GROUP]
@@ -851,10 +854,16 @@ def _attach_small_groups(
     pinned_in: set[tuple[int, int]] = set(
         zip(photo_index[held].tolist(), group_of[held].tolist(), strict=True)
     )
+    bar = np.full(n_units, threshold)
+    if small_faces is not None and small_threshold is not None:
+        big_units = np.unique(unit_of[faces[~small_faces[faces]]])
+        bar[np.setdiff1d(np.arange(n_units), big_units)] = max(threshold, small_threshold)
     out = labels.copy()
     for u in np.argsort(-value, kind="stable").tolist():
         if not value[u] > threshold:
             break
+        if not value[u] > bar[u]:
+            continue
         unit_faces = faces[by_unit[unit_start[u] : unit_start[u + 1]]]
         group = int(choice[u])
         if any(
@@ -903,14 +912,23 @@ def _default_clustering(
     constraints: Constraints,
     neighbours: int,
     index: str,
+    small: NDArray[np.bool_] | None = None,
+    tiny: NDArray[np.bool_] | None = None,
 ) -> Clustering:
     strong = strong | (constraints.anchor >= 0)
     graph = similarity_graph(
         embeddings, threshold, active=strong, neighbours=neighbours, index=index
     )
+    if small is not None and small.any():
+        both = small[graph.a] & small[graph.b]
+        graph = SimilarityGraph(
+            graph.a[~both], graph.b[~both], graph.similarity[~both], graph.index
+        )
     labels = _core_groups(embeddings, photo_index, threshold, strong, constraints, graph)
     del graph
-    labels = _attach_small_groups(embeddings, photo_index, labels, attach_threshold, constraints)
+    labels = _attach_small_groups(
+        embeddings, photo_index, labels, attach_threshold, constraints, tiny, threshold
+    )
     labels = _relabel_by_first_face(labels)
     matched, similarity = _explain(embeddings, labels)
     return Clustering(labels, matched, similarity)
@@ -947,6 +965,8 @@ def cluster_faces(
     cannot_link: Sequence[tuple[int, int]] = (),
     neighbours: int = NEIGHBOURS,
     index: str = "auto",
+    small: NDArray[np.bool_] | None = None,
+    tiny: NDArray[np.bool_] | None = None,
 ) -> Clustering:
     """Group L2-normalised face embeddings (n, d); `photo_index` says which photo each face is in.
 
@@ -956,7 +976,10 @@ def cluster_faces(
     `quality` (n,) with `min_quality`, when both are given (e.g. the detector's scores and
     `MIN_DETECTION_SCORE[detector]`): faces under `min_quality` (blurred, cut off, or no face at
     all) never found or bridge a group in stage 1; they may still join an established group in
-    stage 2.
+    stage 2. `small` (n,): faces too small for their embedding to tell people apart alone
+    (`AFTERTRIP_SMALL_FACE`; blurred faces look alike whoever they are): two of them are never
+    paired in stage 1 (a group needs a face that is not small); `tiny` (n,): a unit of such
+    faces joins a group in stage 2 only above `threshold`, not the lower attach bar.
 
     Constraints (face indices; a person's corrections, `default` only):
     - `must_link`: each set of faces ends in one group (label >= 0), whatever their similarity
@@ -992,5 +1015,14 @@ def cluster_faces(
         strong = np.asarray(quality) >= min_quality
     embeddings = np.ascontiguousarray(embeddings, np.float32)
     return _default_clustering(
-        embeddings, photo_index, cut, attach, strong, constraints, neighbours, index
+        embeddings,
+        photo_index,
+        cut,
+        attach,
+        strong,
+        constraints,
+        neighbours,
+        index,
+        None if small is None else np.asarray(small, bool),
+        None if tiny is None else np.asarray(tiny, bool),
     )

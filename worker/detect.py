@@ -95,6 +95,13 @@ class SecondLook:
             if self.close_ups and close_up(found.boxes, width, height).any():
                 return self._replace_close_ups(found, self._framed(image), width, height)
             return found
+        return self.look_again(image)
+
+    def look_again(self, image: NDArray[np.uint8]) -> Detections:
+        """The second looks alone, for a photo in which no face was found: framed, then
+        turned; in the photo's pixels."""
+        height, width = image.shape[:2]
+        found = Detections.empty()
         if self.margin > 0:
             found = self._framed(image)
         if not len(found) and self.rotated:

@@ -56,6 +56,14 @@ class PipelineSettings(BaseSettings):
     scrfd_input_size: int = Field(
         800, description="SCRFD's input size: the photo is fitted into this square."
     )
+    closer_look_min_face: int = Field(
+        24,
+        ge=0,
+        description="SCRFD only: on photos too big for the first pass to see a face this wide "
+        "(in the photo's own pixels; over about 3 Mpx), look again at the scale that does and "
+        "keep the faces ONet confirms: friends 10-15 m away in 12-MP group shots. Portraits and "
+        "selfies are not looked at again. 0 = off (docs/pipeline.md).",
+    )
     retry_margin: float = Field(
         0.25,
         ge=0.0,
@@ -133,6 +141,14 @@ class PipelineSettings(BaseSettings):
 
     # grouping
     grouping: str = Field("default", description="Grouping method: default or seed.")
+    small_face: int = Field(
+        40,
+        ge=0,
+        description="A face smaller than this (the longer side of its box) in the pixels its "
+        "chip was cut from is small: two small faces never found a person together, and one "
+        "under 0.6 of this alone joins a person only above the grouping's cut, not the lower "
+        "attach bar; blurred faces look alike whoever they are (docs/pipeline.md). 0 = off.",
+    )
     similarity_threshold: float | None = Field(
         None, description="Cosine threshold; empty = the value calibrated for the embedder."
     )

@@ -26,11 +26,26 @@ def load_detector(
 
     The SCRFD path (the default) runs on ONNX Runtime alone; only MTCNN imports torch."""
     if settings.detector == "scrfd":
-        scrfd: FaceDetector = SCRFDDetector.load(settings, fetch=fetch)
-        if settings.verify_threshold > 0:
-            verifier = load_verifier(settings, fetch=fetch)
+        plain = SCRFDDetector.load(settings, fetch=fetch)
+        scrfd: FaceDetector = plain
+        verifier = load_verifier(settings, fetch=fetch) if settings.verify_threshold > 0 else None
+        if verifier is not None:
             scrfd = VerifiedDetector(scrfd, verifier, settings.verify_threshold)
-        return SecondLook(scrfd, margin=settings.retry_margin, rotated=settings.retry_rotated)
+        coarse = SecondLook(scrfd, margin=settings.retry_margin, rotated=settings.retry_rotated)
+        if settings.closer_look_min_face <= 0:
+            return coarse
+        from worker.closer import CloserLook, fine_detector
+
+        # Faces a few metres away in big photos: a closer look where the coarse pass is blind.
+        return CloserLook(
+            coarse,
+            fine_detector(plain),
+            verifier,
+            threshold=settings.verify_threshold,
+            min_face=settings.closer_look_min_face,
+            coarse_input=settings.scrfd_input_size,
+            score_threshold=plain.threshold,
+        )
     from worker.mtcnn import MTCNNDetector
 
     # MTCNN's own last stage is ONet: verifying its faces again would add nothing.
