@@ -28,7 +28,7 @@ from worker.boxes import face_size
 from worker.closer import detect_photo
 from worker.cluster import MIN_DETECTION_SCORE, cluster_faces, default_threshold
 from worker.images import PHOTO_SUFFIXES
-from worker.pipeline import small_faces
+from worker.rules import small_faces
 from worker.settings import PipelineSettings
 
 logger = logging.getLogger(__name__)
@@ -657,8 +657,8 @@ def methods(settings: PipelineSettings, *, sensitivity: bool = True) -> dict[str
                 embedder=embedder,
                 quality=a.quality["score"],
                 min_quality=min_quality,
-                small=small_faces([a.quality["chip"]], settings.small_face)[0],
-                tiny=small_faces([a.quality["chip"]], settings.small_face)[1],
+                small=small_faces(a.quality["chip"], settings.small_face)[0],
+                tiny=small_faces(a.quality["chip"], settings.small_face)[1],
             ).labels
         )
 

@@ -174,6 +174,9 @@ class Face(Base):
     is_cover: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
     thumbnail_key: Mapped[str | None] = mapped_column(String(1024))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+    # Size in the pixels the chip was cut from (`FoundFace.chip_size`); NULL for faces stored
+    # before it was kept, which the grouping treats as not small.
+    chip_size: Mapped[float | None] = mapped_column(Float)
 
     @property
     def box(self) -> list[float]:

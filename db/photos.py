@@ -269,3 +269,4 @@ def _fill_face(row: Face, found: FoundFace, embedder_name: str) -> None:
     row.embedding = vector.astype("<f4").tobytes()
     row.embedder_name = embedder_name
     row.thumbnail_key = found.thumbnail_key
+    row.chip_size = found.chip_size

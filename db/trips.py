@@ -84,6 +84,7 @@ class TripRows:
                 embedding=f.vector,
                 score=f.score,
                 box=(f.x1, f.y1, f.x2, f.y2),
+                chip_size=f.chip_size,
                 folder=f.tagface_id if f.tagface_id in self._tags else None,
             )
             for f in self._live_rows

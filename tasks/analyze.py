@@ -96,7 +96,7 @@ def photo_outcome(photo: AnalyzedPhoto, photo_id: int, keys: list[str] | None) -
         error=photo.error,
         width=photo.width,
         height=photo.height,
-        faces=FoundFace.found(photo.detections, photo.embeddings, keys),
+        faces=FoundFace.found(photo.detections, photo.embeddings, keys, photo.chip_sizes()),
     )
 
 

@@ -138,6 +138,29 @@ def test_migrations_leave_the_web_app_tables_unchanged(empty_db_url: str) -> Non
         engine.dispose()
 
 
+def test_chip_size_migration_adds_and_drops_a_nullable_column(empty_db_url: str) -> None:
+    """0004 adds aftertrip_face.chip_size (nullable: faces stored before have none) and its
+    downgrade drops it, leaving 0003's table."""
+    engine = make_engine(empty_db_url)
+
+    def face_columns() -> dict[str, bool]:
+        engine.dispose()
+        return {c["name"]: c["nullable"] for c in inspect(engine).get_columns("aftertrip_face")}
+
+    try:
+        create_webapp_schema(empty_db_url)
+        upgrade(empty_db_url, "0003")
+        before = face_columns()
+        assert "chip_size" not in before
+        upgrade(empty_db_url, "0004")
+        assert face_columns() == {**before, "chip_size": True}
+        downgrade(empty_db_url, "0003")
+        assert face_columns() == before
+        assert current_revision(empty_db_url) == "0003"
+    finally:
+        engine.dispose()
+
+
 @pytest.mark.services
 @pytest.mark.parametrize("backend", ["postgresql", "mariadb"])
 def test_project_copy_of_the_web_app_tables_matches_the_real_dump(
@@ -330,6 +353,36 @@ def test_write_groups_people_into_folders(db_engine: Engine) -> None:
             select(PhotoAnalysis).where(PhotoAnalysis.photo_id == p[0])
         ).one()
         assert (analysis.status, analysis.face_count, analysis.width) == ("ok", 2, 1000)
+
+
+def test_two_small_faces_of_one_person_start_no_folder(db_engine: Engine) -> None:
+    """The album's small-face rule (`worker.rules.small_faces`) holds in the trip write: two
+    small faces of one unknown person (cosine ~0.8) stay in "others", read back with their
+    chip size from the rows; a big face of them, added later, founds a folder they join. The
+    same two faces with no size (stored before it was kept) start a folder, as before."""
+    people = People()
+    faces = [_face(people, "S", 0), _face(people, "S", 0), _face(people, "S", 0)]
+    sizes = [30.0, 22.0, 90.0]  # small, tiny (under 0.6 of AFTERTRIP_SMALL_FACE=40), big
+    trip_id, p = _trip(db_engine, 3)
+    sized = [replace(f, chip_size=size) for f, size in zip(faces, sizes, strict=True)]
+    summary = _write(db_engine, trip_id, [_outcome(p[i], [sized[i]]) for i in range(2)])
+    assert summary.people == 0 and summary.others == 2
+    assert _links(db_engine, trip_id) == {p[0]: {OTHERS_TAG_ID}, p[1]: {OTHERS_TAG_ID}}
+    with Session(db_engine) as session:
+        stored = session.scalars(
+            select(Face.chip_size).where(Face.photo_id.in_(p)).order_by(Face.photo_id)
+        ).all()
+    assert stored == pytest.approx(sizes[:2])
+
+    summary = _write(db_engine, trip_id, [_outcome(p[2], [sized[2]])])
+    assert summary.people == 1 and summary.others == 0
+    folder = _tag_of(db_engine, p, trip_id)
+    assert _links(db_engine, trip_id) == {pid: {folder} for pid in p}
+
+    unsized_trip, q = _trip(db_engine, 2)
+    summary = _write(db_engine, unsized_trip, [_outcome(q[i], [faces[i]]) for i in range(2)])
+    assert summary.people == 1 and summary.others == 0
+    _tag_of(db_engine, q, unsized_trip)
 
 
 def test_same_write_twice_gives_identical_rows(db_engine: Engine) -> None:

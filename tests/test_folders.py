@@ -155,7 +155,7 @@ class Recorder:
         self.who = who
         self.constraints: Constraints | None = None
 
-    def __call__(self, vectors, photo_index, quality, constraints, rule) -> Clustering:  # type: ignore[no-untyped-def]
+    def __call__(self, vectors, photo_index, quality, constraints, rule, chip_sizes) -> Clustering:  # type: ignore[no-untyped-def]
         self.constraints = constraints
         names = sorted(set(self.who))
         labels = np.array([names.index(w) for w in self.who], np.int64)

@@ -14,7 +14,7 @@ from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.jobs import find_queued_or_running_job
-from db.models import Job
+from db.models import Face, Job
 from db.session import make_sessionmaker
 from db.webapp import NO_FACE_TAG_ID, Photo, PhotoTagFace
 from storage import LocalStore, TransientStorageError
@@ -25,6 +25,7 @@ from tasks.job import InvalidJobArguments, run_trip_job
 from tasks.retry import RETRYABLE_ERRORS
 from tasks.settings import ServiceSettings
 from tests.plugins.databases import add_trip
+from worker.images import decode_image
 
 # The embedded path runs on SQLite; the Celery path is tested on the servers (test_service.py).
 pytestmark = pytest.mark.parametrize("db_backend", ["sqlite"])
@@ -218,6 +219,16 @@ def test_reanalysis_with_fewer_faces_removes_their_thumbnails(
 
     prefix = thumbnail_key("faces/", trip_id, key, 0).rsplit("/", 1)[0]
     assert run("t1")["faces"] > 5
+    # Each face row keeps its size in the pixels its chip was cut from, for the small-face
+    # rule of the trip's regroup: its box's longer side in the decode's working pixels.
+    working = decode_image(
+        players_jpg, name="p.jpg", working_pixels=pipeline.settings.working_pixels
+    )
+    with sessions() as session:
+        rows = session.scalars(select(Face)).all()
+    assert [f.chip_size for f in rows] == pytest.approx(
+        [max(f.x2 - f.x1, f.y2 - f.y1) * working.scale for f in rows], rel=1e-5
+    )
     many = store.list(prefix)
     assert len(many) > 5
 

@@ -3,10 +3,11 @@
 Pure: plain values in (`worker.types`), a `FolderPlan` out; `tasks/write.py` loads the rows
 through `db.trips`, calls `plan_folders`, and saves the plan through `db.trips`.
 
-In: every stored face of the trip's live photos (vector, photo, box, score, and the folder it
-was in: its vote), the trip's person folders (id, tag_num, named?), each folder's direction as
-the last regroup left it, the photos that have been analysed, and the corrections people made
-in the web app (a link they added, a link they removed, each with its order).
+In: every stored face of the trip's live photos (vector, photo, box, score, chip size, and
+the folder it was in: its vote), the trip's person folders (id, tag_num, named?), each
+folder's direction as the last regroup left it, the photos that have been analysed, and the
+corrections people made in the web app (a link they added, a link they removed, each with its
+order).
 
 Out: the folder of each face (an existing folder, a new one, or "others"), the folders to
 create, the links the trip should have, the covers, and what became of each correction.
@@ -39,7 +40,7 @@ from scipy.optimize import linear_sum_assignment
 from worker.boxes import box_iou, cover_score
 from worker.cluster import Clustering, ConstraintConflict, cluster_faces
 from worker.errors import AfterTripError
-from worker.rules import cover_faces, photo_groups
+from worker.rules import cover_faces, photo_groups, small_faces
 from worker.types import (
     NO_FACE_GROUP,
     SINGLE_FACE_GROUP,
@@ -66,9 +67,17 @@ class CorrectionsUnresolved(AfterTripError):
 
 
 Clusterer = Callable[
-    [NDArray[np.float32], NDArray[np.int64], NDArray[np.float32], "Constraints", GroupingRule],
+    [
+        NDArray[np.float32],
+        NDArray[np.int64],
+        NDArray[np.float32],
+        "Constraints",
+        GroupingRule,
+        NDArray[np.float32],
+    ],
     Clustering,
 ]
+"""(vectors, photo index, quality, constraints, rule, chip sizes: NaN where unknown)."""
 
 
 @dataclass
@@ -88,8 +97,11 @@ def default_clusterer(
     quality: NDArray[np.float32],
     constraints: Constraints,
     rule: GroupingRule,
+    chip_sizes: NDArray[np.float32],
 ) -> Clustering:
-    """`worker.cluster.cluster_faces` with the rule's settings and the constraints."""
+    """`worker.cluster.cluster_faces` with the rule's settings and the constraints, and the
+    small-face masks (`worker.rules.small_faces`) of the faces' chip sizes."""
+    small, tiny = small_faces(chip_sizes, rule.small_face)
     return cluster_faces(
         vectors,
         photo_index,
@@ -100,6 +112,8 @@ def default_clusterer(
         min_quality=rule.min_quality,
         must_link=constraints.must_link,
         cannot_link=constraints.cannot_link,
+        small=small,
+        tiny=tiny,
     )
 
 
@@ -191,6 +205,9 @@ def plan_folders(
                 np.asarray([f.score for f in faces], np.float32),
                 resolver.constraints(),
                 rule,
+                np.asarray(
+                    [np.nan if f.chip_size is None else f.chip_size for f in faces], np.float32
+                ),
             )
         except ConstraintConflict as exc:
             raise CorrectionsUnresolved(

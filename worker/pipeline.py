@@ -30,7 +30,7 @@ from worker.embed import ArcFaceEmbedder
 from worker.errors import PhotoError
 from worker.images import decode_image, encode_jpeg
 from worker.models import RemoteFetcher
-from worker.rules import cover_faces, photo_groups
+from worker.rules import cover_faces, photo_groups, small_faces
 from worker.runtime import (
     TRIM_EVERY_PHOTOS,
     decode_threads,
@@ -101,6 +101,11 @@ class AnalyzedPhoto:
     chips: NDArray[np.uint8] | None = None
     working_scale: float = 1.0
     """Working pixels per photo pixel: the chips were cut from pixels this much smaller."""
+
+    def chip_sizes(self) -> NDArray[np.float32]:
+        """Each face's size in the pixels its chip was cut from (what `small_faces` judges);
+        the trip write stores it with the face as `FoundFace.chip_size`."""
+        return (face_size(self.detections.boxes) * self.working_scale).astype(np.float32)
 
 
 @dataclass
@@ -381,9 +386,7 @@ def assemble_album(
     embedder's vector length (the album may have no face to tell it)."""
     faces: list[FaceResult] = []
     photo_index: list[int] = []
-    chip_sources: list[NDArray[np.float32]] = []
     for p_idx, photo in enumerate(analyzed):
-        chip_sources.append(face_size(photo.detections.boxes) * photo.working_scale)
         for i in range(len(photo.detections)):
             faces.append(
                 FaceResult(
@@ -402,7 +405,10 @@ def assemble_album(
         if faces
         else np.zeros((0, dim), np.float32)
     )
-    small, tiny = small_faces(chip_sources, settings.small_face)
+    small, tiny = small_faces(
+        np.concatenate([p.chip_sizes() for p in analyzed] or [np.zeros(0, np.float32)]),
+        settings.small_face,
+    )
     with timer.stage("group"):
         clustering = cluster_faces(
             embeddings,
@@ -436,23 +442,6 @@ def assemble_album(
         settings=settings.model_dump(mode="json"),
         timings={k: round(v, 4) for k, v in timer.seconds.items()},
     )
-
-
-TINY_SHARE = 0.6
-"""A small face under this share of `AFTERTRIP_SMALL_FACE` is tiny: alone it joins a person
-only above the grouping's cut. At 40 px, faces of 24-40 working pixels keep the attach bar:
-the stricter bar on them cost Nogizaka46 a labelled face (BCubed recall 0.881 -> 0.872)."""
-
-
-def small_faces(
-    chip_sources: list[NDArray[np.float32]], small_face: int
-) -> tuple[NDArray[np.bool_] | None, NDArray[np.bool_] | None]:
-    """`cluster_faces`'s `small` and `tiny` masks from each face's size in the pixels its
-    chip was cut from (None when `small_face` is 0)."""
-    if not small_face or not chip_sources:
-        return None, None
-    sizes = np.concatenate(chip_sources)
-    return sizes < small_face, sizes < TINY_SHARE * small_face
 
 
 def _apply_clustering(faces: list[FaceResult], clustering: Clustering) -> None:

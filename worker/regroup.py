@@ -42,7 +42,7 @@ LinkKey = tuple[int, int]
 
 def grouping_rule(settings: PipelineSettings, embedder: str) -> GroupingRule:
     """How the trip's faces are grouped: the settings' method and threshold (else the value
-    calibrated for the embedder), and the detector's quality floor."""
+    calibrated for the embedder), the detector's quality floor, and the small-face size."""
     threshold = settings.similarity_threshold
     return GroupingRule(
         method=settings.grouping,
@@ -52,6 +52,7 @@ def grouping_rule(settings: PipelineSettings, embedder: str) -> GroupingRule:
         else default_threshold(settings.grouping, embedder),
         explicit_threshold=threshold,
         min_quality=MIN_DETECTION_SCORE.get(settings.detector),
+        small_face=settings.small_face,
     )
 
 

@@ -116,22 +116,27 @@ class Detections:
 class FoundFace:
     """One face as the pipeline finds it, the database stores it and the folder plan groups
     it: box x1, y1, x2, y2 and five landmarks (as `Detections`) in original pixels, the
-    detector's score, and the embedding. `thumbnail_key`: its thumbnail in the photo store."""
+    detector's score, and the embedding. `thumbnail_key`: its thumbnail in the photo store.
+    `chip_size`: its size in the pixels its chip was cut from (the decode's working pixels,
+    `AnalyzedPhoto.chip_sizes`), what `worker.rules.small_faces` judges; None for a face
+    stored before it was kept (then it counts as not small)."""
 
     box: tuple[float, float, float, float]
     score: float
     embedding: NDArray[np.float32]
     landmarks: tuple[tuple[float, float], ...] = ()
     thumbnail_key: str | None = None
+    chip_size: float | None = None
 
     @staticmethod
     def found(
         detections: Detections,
         embeddings: NDArray[np.float32],
         thumbnail_keys: Sequence[str] | None = None,
+        chip_sizes: NDArray[np.float32] | None = None,
     ) -> list[FoundFace]:
-        """The faces of one photo's detections, their embeddings and thumbnails (all in the
-        same order), in plain floats."""
+        """The faces of one photo's detections, their embeddings, thumbnails and chip sizes
+        (all in the same order), in plain floats."""
         return [
             FoundFace(
                 box=(float(x1), float(y1), float(x2), float(y2)),
@@ -139,6 +144,7 @@ class FoundFace:
                 embedding=embeddings[i],
                 landmarks=tuple((float(x), float(y)) for x, y in detections.landmarks[i]),
                 thumbnail_key=thumbnail_keys[i] if thumbnail_keys else None,
+                chip_size=float(chip_sizes[i]) if chip_sizes is not None else None,
             )
             for i, (x1, y1, x2, y2) in enumerate(detections.boxes)
         ]
@@ -330,6 +336,9 @@ class GroupingRule:
     threshold: float
     explicit_threshold: float | None = None
     min_quality: float | None = None
+    small_face: int = 0
+    """`AFTERTRIP_SMALL_FACE`: faces under it (`FoundFace.chip_size`) never found a person
+    (0: off)."""
 
 
 @dataclass
