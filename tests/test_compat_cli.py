@@ -130,3 +130,53 @@ def test_commands_of_other_distributions_are_plugged_in(monkeypatch) -> None:  #
     monkeypatch.setattr(tasks.cli, "entry_points", entry_points)
     commands = next(a for a in tasks.cli.build_parser()._actions if a.dest == "command").choices
     assert "hello" in commands and "group" in commands and "bench" not in commands
+
+
+class _StubPipeline:
+    """Stands in for `FacePipeline`: each photo has one face of one person (cosine 0.8
+    between the two), of the given size in the pixels its chip was cut from."""
+
+    class embedder:  # noqa: N801 - the attribute `run_face_recog` reads
+        name = "w600k_mbf"
+
+    def __init__(self, size: float) -> None:
+        self.size = size
+
+    def analyze(self, sources, keep_chips: bool = False):  # noqa: ANN001, ANN201
+        import numpy as np
+
+        from tests.support.vectors import vectors_with_gram
+        from worker.pipeline import AnalyzedPhoto
+        from worker.types import Detections, PhotoStatus
+
+        emb = vectors_with_gram(np.array([[1.0, 0.8], [0.8, 1.0]]))
+        for i, source in enumerate(sources):
+            box = np.array([[10.0, 10.0, 10.0 + 2 * self.size, 10.0 + 2 * self.size]], np.float32)
+            yield AnalyzedPhoto(
+                photo_id=source.id,
+                name=source.name,
+                status=PhotoStatus.OK,
+                error=None,
+                width=4000,
+                height=3000,
+                detections=Detections(box, np.array([0.9], np.float32), np.zeros((1, 5, 2))),
+                embeddings=emb[i : i + 1],
+                chips=np.zeros((1, 112, 112, 3), np.uint8),
+                working_scale=0.5,  # the box is twice the size the chip was cut from
+            )
+
+
+@pytest.mark.parametrize(("size", "grouped"), [(30.0, False), (80.0, True)])
+def test_run_face_recog_keeps_the_small_face_rule(size: float, grouped: bool) -> None:
+    """The prototype's API groups as the result file does: two small faces of one person
+    (30 px where their chips were cut) found no group; two big ones do."""
+    images = [{"id": 1, "url": "a.jpg"}, {"id": 2, "url": "b.jpg"}]
+    groups, group_idx_list, out = run_face_recog(
+        images,
+        settings=PipelineSettings(grouping="default"),
+        read=lambda url: b"",
+        pipeline=_StubPipeline(size),  # type: ignore[arg-type]
+    )
+    assert (len(group_idx_list) == 1) is grouped
+    expected = [0] if grouped else [-1]
+    assert [image["group_idx"] for image in out] == [expected, expected]

@@ -23,7 +23,7 @@ from PIL import Image
 
 from worker.cluster import MIN_DETECTION_SCORE, Clustering, cluster_faces, seed_grouping
 from worker.errors import PhotoUnreadable
-from worker.pipeline import AnalyzedPhoto, FacePipeline
+from worker.pipeline import AnalyzedPhoto, FacePipeline, album_small_faces
 from worker.rules import photo_groups
 from worker.settings import PipelineSettings
 from worker.types import SINGLE_FACE_GROUP, PhotoSource, PhotoStatus
@@ -79,6 +79,7 @@ def run_face_recog(
     if settings.grouping == "seed":
         groups = _seed_groups(embeddings, settings)
     else:
+        small, tiny = album_small_faces(analyzed, settings.small_face)
         groups = _default_groups(
             cluster_faces(
                 embeddings,
@@ -88,6 +89,8 @@ def run_face_recog(
                 embedder=pipeline.embedder.name,
                 quality=np.concatenate([p.detections.scores for p in analyzed]),
                 min_quality=MIN_DETECTION_SCORE.get(settings.detector),
+                small=small,
+                tiny=tiny,
             )
         )
     return _prototype_structure(groups, face_photo, chips, crop_paths, analyzed, out_images)

@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Generator, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
@@ -405,10 +405,7 @@ def assemble_album(
         if faces
         else np.zeros((0, dim), np.float32)
     )
-    small, tiny = small_faces(
-        np.concatenate([p.chip_sizes() for p in analyzed] or [np.zeros(0, np.float32)]),
-        settings.small_face,
-    )
+    small, tiny = album_small_faces(analyzed, settings.small_face)
     with timer.stage("group"):
         clustering = cluster_faces(
             embeddings,
@@ -442,6 +439,15 @@ def assemble_album(
         settings=settings.model_dump(mode="json"),
         timings={k: round(v, 4) for k, v in timer.seconds.items()},
     )
+
+
+def album_small_faces(
+    analyzed: Sequence[AnalyzedPhoto], small_face: int
+) -> tuple[NDArray[np.bool_] | None, NDArray[np.bool_] | None]:
+    """`worker.rules.small_faces` of every face of the photos, in order (the result file's
+    and the prototype API's grouping)."""
+    sizes = [p.chip_sizes() for p in analyzed]
+    return small_faces(np.concatenate(sizes or [np.zeros(0, np.float32)]), small_face)
 
 
 def _apply_clustering(faces: list[FaceResult], clustering: Clustering) -> None:
