@@ -447,19 +447,14 @@ def cmd_import_trip(args: argparse.Namespace) -> int:
         return 2
     # Read through a store that opens nothing outside the folder, not even through a link.
     album = LocalStore(folder, follow_links=False)
-    files: list[tuple[str, bytes]] = []
-    for name in sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")):
-        if (folder / name).is_dir() and not (folder / name).is_symlink():
-            continue
-        try:
-            files.append((name, album.read(name)))
-        except PhotoError as exc:
-            console.print(_plain(f"skipped {name}: {exc.reason}"))
-    if not files:
-        console.print(f"[red]error:[/red] no photos in {_escape(folder)}")
-        return 2
+    names = [
+        p.name
+        for p in sorted(folder.iterdir())
+        if not p.name.startswith(".") and not (p.is_dir() and not p.is_symlink())
+    ]
     services = Services(settings)
     store = services.store
+    imported = 0
     try:
         with services.sessions.begin() as session:
             foreign = None if args.allow_webapp_data else foreign_webapp_data(session=session)
@@ -473,16 +468,31 @@ def cmd_import_trip(args: argparse.Namespace) -> int:
             trip = Trip(place=args.place, group_id=import_group_id(session=session))
             session.add(trip)
             session.flush()
-            for name, data in files:
+            for name in names:  # one photo's bytes in memory at a time
+                try:
+                    data = album.read(name)
+                except PhotoError as exc:
+                    console.print(_plain(f"skipped {name}: {exc.reason}"))
+                    continue
                 key = uuid.uuid4()
                 store.write(str(key), data, content_type="image/jpeg")
                 url = f"{IMPORTED_URL_PREFIX}{key}"
                 session.add(Photo(trip_id=trip.id, file_key=key, file_name=name, url=url))
+                imported += 1
+            if not imported:
+                raise _NothingToImport  # rolls the trip back
             trip_id = trip.id
+    except _NothingToImport:
+        console.print(f"[red]error:[/red] no photos in {_escape(folder)}")
+        return 2
     finally:
         services.close()
-    console.print(_plain(f"trip {trip_id}: {len(files)} photos from {folder}"))
+    console.print(_plain(f"trip {trip_id}: {imported} photos from {folder}"))
     return 0
+
+
+class _NothingToImport(Exception):
+    """No file of the folder could be read as a photo: the trip is not created."""
 
 
 # ---------------------------------------------------------------------------- processes

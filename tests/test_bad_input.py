@@ -327,3 +327,12 @@ def test_import_trip_with_nothing_readable_fails_and_says_so(tmp_path: Path) -> 
     assert_no_crash(run)
     assert run.returncode == 2
     assert "skipped hostname.jpg: " in run.stdout and "no photos in" in run.stdout
+    from db.session import make_engine, make_sessionmaker
+    from db.webapp import Trip
+
+    engine = make_engine(url)
+    try:
+        with make_sessionmaker(engine)() as session:  # the trip was rolled back
+            assert session.scalars(select(Trip)).all() == []
+    finally:
+        engine.dispose()
