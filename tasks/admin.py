@@ -452,6 +452,9 @@ def cmd_import_trip(args: argparse.Namespace) -> int:
         for p in sorted(folder.iterdir())
         if not p.name.startswith(".") and not (p.is_dir() and not p.is_symlink())
     ]
+    if not names:  # said before any database or store is opened, as before
+        console.print(f"[red]error:[/red] no photos in {_escape(folder)}")
+        return 2
     services = Services(settings)
     store = services.store
     imported = 0
