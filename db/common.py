@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import UTC, datetime, tzinfo
 from typing import TypeVar
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from db.session import SQLITE_BEGIN_OPTION
+from db.types import engine_time_zone, local_time
 from db.webapp import Trip, check_shared_folders
 
 MAX_ERROR_CHARS = 10_000
@@ -29,11 +30,11 @@ class TripNotFound(LookupError):
 class TripDeleted(TripNotFound):
     """The trip is soft-deleted in the web app (trips_trip.deleted_at set): it is not grouped."""
 
-    def __init__(self, trip_id: int, deleted_at: datetime) -> None:
+    def __init__(self, trip_id: int, deleted_at: datetime, zone: tzinfo = UTC) -> None:
         LookupError.__init__(
             self,
             f"trip {trip_id} was deleted in the web app (trips_trip.deleted_at "
-            f"{deleted_at.isoformat(timespec='seconds')}): not grouped, no folder or link written",
+            f"{local_time(deleted_at, zone)}): not grouped, no folder or link written",
         )
         self.trip_id = trip_id
         self.deleted_at = deleted_at
@@ -77,7 +78,9 @@ def trip_write(
             if found is None:
                 raise TripNotFound(trip_id)
             if found.deleted_at is not None:
-                raise TripDeleted(trip_id, found.deleted_at)
+                raise TripDeleted(
+                    trip_id, found.deleted_at, engine_time_zone(session.get_bind().dialect)
+                )
             if check_shared:
                 check_shared_folders(session=session)
         elif session.scalar(select(Trip.id).where(Trip.id == trip_id)) is None:

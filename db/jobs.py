@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 
 from db.common import MAX_ERROR_CHARS
 from db.models import Job, JobMode, JobStatus, PhotoAnalysis
-from db.types import utcnow
+from db.types import engine_time_zone, local_time, utcnow
 from worker.types import ModelInfo, ModelsUsed
 
 logger = logging.getLogger(__name__)
@@ -189,11 +189,12 @@ def mark_stalled_jobs(
         stmt = stmt.where(or_(Job.celery_task_id.is_(None), Job.celery_task_id != keep_task_id))
     stalled = list(session.scalars(stmt.with_for_update(skip_locked=True)))
     now = utcnow()
+    zone = engine_time_zone(session.get_bind().dialect)
     for job in stalled:
         since = job.heartbeat_at or job.started_at or job.created_at
         job.status = JobStatus.FAILED.value
         job.finished_at = now
-        job.error = STALLED_ERROR.format(since=since.isoformat(timespec="seconds"))
+        job.error = STALLED_ERROR.format(since=local_time(since, zone))
         logger.warning(
             "stalled job marked failed", extra={"job_id": job.id, "trip_id": job.trip_id}
         )

@@ -80,6 +80,18 @@ def engine_time_zone(dialect: Dialect) -> tzinfo:
     return zone if zone is not None else ZoneInfo(DEFAULT_TIME_ZONE)
 
 
+def local_time(moment: datetime | None, zone: tzinfo, *, date: bool = True) -> str:
+    """`moment` in `zone`, labelled with the zone, for people: "2026-12-05 14:03:07 KST";
+    "-" for None. Every time the worker prints or stores for people is written this way."""
+    if moment is None:
+        return "-"
+    local = moment.astimezone(zone)
+    name = local.strftime("%Z")
+    if not name or name[0] in "+-":  # a zone without an abbreviation: its offset
+        name = "UTC" + local.strftime("%z")[:3] + ":" + local.strftime("%z")[3:]
+    return local.strftime("%Y-%m-%d %H:%M:%S " if date else "%H:%M:%S ") + name
+
+
 class UTCDateTime(TypeDecorator[datetime]):
     """A timestamp: always timezone-aware in Python (read back in UTC), stored the web app's way.
 

@@ -283,9 +283,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     from db.common import TripNotFound
     from db.jobs import job_last_stored, job_stored_photos, mark_stalled_jobs
     from db.status import trip_folders, trip_status
-    from db.types import utcnow
+    from db.types import local_time, utcnow
     from tasks.compose import Services
-    from tasks.statusview import Running, job_lines, local_time
+    from tasks.statusview import Running, job_lines
 
     console = _console()
     services = Services(_settings())

@@ -21,6 +21,7 @@ from db.common import TripDeleted, TripNotFound
 from db.jobs import fail_job, finish_job, job_stored_photos, skip_job, start_job
 from db.photos import photos_to_analyze, trip_thumbnail_keys
 from db.schemas import PhotoOutcome
+from db.types import engine_time_zone
 from db.webapp import Trip
 from storage import PhotoStore
 from storage.errors import StorageError
@@ -111,7 +112,8 @@ def run_trip_job(
         if trip.deleted_at is not None:
             # Soft-deleted in the web app: recorded as skipped, without loading a model.
             job = start_job(session=session, trip_id=trip_id, mode=mode, task_id=task_id, models=())
-            return _skipped(session, job.id, TripDeleted(trip_id, trip.deleted_at))
+            zone = engine_time_zone(session.get_bind().dialect)
+            return _skipped(session, job.id, TripDeleted(trip_id, trip.deleted_at, zone))
         session.rollback()
         progress("models", 0, 1)
         models = pipeline.models  # loads the models on a process's first job

@@ -11,23 +11,13 @@ from datetime import datetime, tzinfo
 from typing import Any
 
 from db.schemas import JobView
+from db.types import local_time
 
 QUIET_SECONDS = 300.0
 """A running job with a fresh heartbeat that has stored no photo for this long is marked:
 it stores one every few seconds when it is merely slow (photos are stored 16 at a time;
 the models load within a minute), so a quiet five minutes means it is stuck on something
 (a connection, a read) while its heartbeat thread goes on."""
-
-
-def local_time(moment: datetime | None, zone: tzinfo, *, date: bool = True) -> str:
-    """`moment` in `zone`, labelled with the zone: "2026-12-05 14:03:07 KST"; "-" for None."""
-    if moment is None:
-        return "-"
-    local = moment.astimezone(zone)
-    name = local.strftime("%Z")
-    if not name or name[0] in "+-":  # a zone without an abbreviation: its offset
-        name = "UTC" + local.strftime("%z")[:3] + ":" + local.strftime("%z")[3:]
-    return local.strftime("%Y-%m-%d %H:%M:%S " if date else "%H:%M:%S ") + name
 
 
 def ago(seconds: float) -> str:

@@ -4,10 +4,12 @@ SQLite with a local photo folder, failures that keep previous results, and a ret
 from __future__ import annotations
 
 import os
+import re
 import signal
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 from sqlalchemy import Engine, select
@@ -315,7 +317,7 @@ def test_stalled_running_row_is_marked_by_the_next_job_and_by_status(
     """A row left `running` by a dead worker (old heartbeat): the next job of the trip marks
     it failed; `mark_stalled_jobs` (what `status` runs) marks any such row; fresh ones stay."""
     from db.jobs import beat_job, mark_stalled_jobs, start_job
-    from db.types import utcnow
+    from db.types import local_time, utcnow
 
     store = LocalStore(tmp_path / "photos")
     settings = ServiceSettings(detector="scrfd", photo_root=tmp_path / "photos")
@@ -344,6 +346,9 @@ def test_stalled_running_row_is_marked_by_the_next_job_and_by_status(
     with sessions() as session:
         rows = {j.celery_task_id: j for j in session.scalars(select(Job))}
         assert rows["dead"].status == "failed" and "stalled" in (rows["dead"].error or "")
+        # the time in the text is the app's (AFTERTRIP_WEBAPP_TIME_ZONE, default Seoul), labelled
+        seoul = local_time(rows["dead"].heartbeat_at, ZoneInfo("Asia/Seoul"))
+        assert f"since {seoul} " in (rows["dead"].error or ""), rows["dead"].error
         assert rows["alive"].status == "running"  # its heartbeat is fresh
         assert rows["next"].status == "succeeded" and rows["next"].heartbeat_at is not None
         # status's check with a short limit marks the other one too; never twice
@@ -570,6 +575,7 @@ def test_a_trip_deleted_while_its_photos_are_analysed_gets_no_links(
     finally:
         analysis_started.disconnect(delete_trip)
     assert f"trip {trip_id} was deleted in the web app" in summary["skipped"]
+    assert re.search(r"deleted_at \d{4}-\d\d-\d\d \d\d:\d\d:\d\d KST\)", summary["skipped"])
     assert _links(sessions, trip_id) == set()
     with sessions() as session:
         job = session.scalars(select(Job).where(Job.celery_task_id == "deleted-meanwhile")).one()
