@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from datetime import UTC, date, datetime
+from datetime import date, datetime
 
 from sqlalchemy import (
     BigInteger,
@@ -45,7 +45,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
-from db.types import BigId, DjangoUUID, UTCDateTime, utcnow
+from db.types import BigId, DjangoUUID, UTCDateTime, engine_time_zone, utcnow
 from worker.errors import AfterTripError
 from worker.types import SharedFolders
 
@@ -408,7 +408,11 @@ def import_group_id(*, session: Session) -> int:
     found = session.execute(text("SELECT min(id) FROM accounts_group")).scalar()
     if found is not None:
         return int(found)
-    now = datetime.now(UTC).replace(tzinfo=None)
+    # A raw insert, so the naive-local rule of `db.types.UTCDateTime` is applied here: the
+    # app's zone on MySQL/MariaDB/SQLite, the instant on PostgreSQL's timestamptz.
+    now = utcnow()
+    if session.get_bind().dialect.name != "postgresql":
+        now = now.astimezone(engine_time_zone(session.get_bind().dialect)).replace(tzinfo=None)
     session.execute(
         text(
             "INSERT INTO accounts_group (created_at, updated_at, name) "

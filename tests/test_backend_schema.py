@@ -14,7 +14,7 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
-from sqlalchemy import Engine, func, select, text
+from sqlalchemy import Engine, func, inspect, select, text
 from sqlalchemy.orm import Session
 
 from db.common import TripDeleted
@@ -75,6 +75,36 @@ def test_db_upgrade_creates_the_shared_folders_once(webapp_db_url: str, db_backe
             session.add(folder)
             session.flush()
             assert folder.id > OTHERS_TAG_ID
+    finally:
+        engine.dispose()
+
+
+def test_import_trips_group_is_written_in_the_apps_zone(
+    webapp_db_url: str, db_backend: str
+) -> None:
+    """import-trip's `accounts_group` row (made when the app has none) carries the app's naive
+    local time on MariaDB, as Django writes with USE_TZ = False; it was naive UTC."""
+    from db.types import set_time_zone
+    from db.webapp import import_group_id
+
+    engine = make_engine(webapp_db_url)
+    try:
+        with engine.connect() as conn:
+            if not inspect(conn).has_table("accounts_group"):
+                pytest.skip("the fallback schema (no dump) has no accounts_group table")
+        for zone in ("Asia/Seoul", "UTC"):
+            set_time_zone(engine, zone)
+            with Session(engine) as session, session.begin():
+                session.execute(text("DELETE FROM accounts_group"))
+                group_id = import_group_id(session=session)
+                raw = session.execute(
+                    text("SELECT created_at FROM accounts_group WHERE id = :id"), {"id": group_id}
+                ).scalar_one()
+            if db_backend == "postgresql":  # timestamptz: the instant, whatever the zone
+                assert abs(raw - datetime.now(ZoneInfo("UTC"))) < timedelta(minutes=5)
+                continue
+            local_now = datetime.now(ZoneInfo(zone)).replace(tzinfo=None)
+            assert abs(raw - local_now) < timedelta(minutes=5), (zone, raw, local_now)
     finally:
         engine.dispose()
 
