@@ -1,0 +1,161 @@
+"""Minutes-long outages through a real worker (issue 20): Redis down 5 minutes, PostgreSQL
+silent 5 minutes, an S3 body stalled mid-read.
+
+    python -m pytest -m soak -v -o log_cli=true --log-cli-level=INFO   # ~6 minutes each
+
+Each test runs one real `celery worker` on a stack of its own (tests/support/faults.py:
+private Redis, the shared PostgreSQL and a moto S3 server behind proxies), holds a six-photo
+trip's job once it holds its lock and its `running` row (tests/support/servicehooks.py),
+injects the fault and lets the job go. Every job must end succeeded once: one job row, every
+photo analysed once, no row left `running`, no trip lock left, no message left unacknowledged
+in the broker. Each test logs its own times (outage, time to notice, time to finish) for
+docs/reliability.md; none asserts on them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.faults import FaultStack, FaultWorker, fault_stack
+from tests.support.services import held_jobs, wait_for
+
+pytestmark = [
+    pytest.mark.services,
+    pytest.mark.faults,
+    pytest.mark.soak,
+    pytest.mark.timeout(1500),
+]
+
+logger = logging.getLogger(__name__)
+
+OUTAGE_SECONDS = 300.0
+JOB_TIMEOUT = 600.0
+
+
+@dataclass
+class Outage:
+    """A stack of the test's own, the folder of the hold hook and the trip's photos."""
+
+    stack: FaultStack
+    hold: Path
+    photos: list[tuple[str, bytes | None]]
+    worker: FaultWorker | None = None
+
+    def start_worker(self, **env: str) -> FaultWorker:
+        self.worker = self.stack.start_worker(
+            name="outages",
+            # heartbeats each second: the lock is renewed (or found gone) every second
+            AFTERTRIP_HEARTBEAT_SECONDS="1",
+            AFTERTRIP_TEST_HOLD_DIR=str(self.hold),
+            # retried within the default 900 s budget, at most 5 s apart (the test's pace)
+            AFTERTRIP_TASK_RETRY_BACKOFF_MAX="5",
+            AFTERTRIP_CHUNK_PHOTOS="0",
+            **env,
+        )
+        return self.worker
+
+    def log(self) -> str:
+        return self.worker.text() if self.worker is not None else ""
+
+    def held_job(self) -> tuple[Any, int]:
+        """A new trip whose job is held by the hook (lock taken, row `running`)."""
+        trip_id, _ids = self.stack.add_trip(self.photos)
+        (self.hold / "hold").touch()
+        pending = self.stack.enqueue(trip_id, mode="all")
+        wait_for(
+            lambda: any(name.startswith(f"held-{trip_id}-") for name in held_jobs(self.hold)),
+            f"the job of trip {trip_id} to start\n{self.log()[-4000:]}",
+            timeout=JOB_TIMEOUT,
+        )
+        return pending, trip_id
+
+    def release(self) -> None:
+        (self.hold / "hold").unlink(missing_ok=True)
+
+    def check_completed_once(self, trip_id: int, result: dict[str, Any]) -> Any:
+        """One job row, succeeded; every photo analysed once; nothing left running, locked or
+        waiting in the broker to be delivered again."""
+        assert result["analyzed"] == len(self.photos), self.log()[-4000:]
+        jobs = self.stack.jobs(trip_id)
+        assert len(jobs) == 1, [(j.id, j.status, j.celery_task_id) for j in jobs]
+        (job,) = jobs
+        assert job.status == "succeeded", (job.status, job.error)
+        self.stack.assert_settled(trip_id)
+        self.stack.assert_no_duplicates(trip_id)
+        snapshot = self.stack.snapshot(trip_id)
+        assert len(snapshot["analyses"]) == len(self.photos)  # none lost, none twice
+        assert {status for _photo, status in snapshot["analyses"]} == {"ok"}
+        assert snapshot["links"], "the photos were sorted into folders"
+        # acknowledged: nothing left for the broker to deliver again after its visibility
+        # timeout (the ack of a job that ended while Redis was down must not be lost)
+        wait_for(lambda: self.stack.unacked() == 0, "the job's message to be acknowledged", 60)
+        return job
+
+
+@pytest.fixture
+def outage(tmp_path: Path, yaoming_jpg: bytes, gdp_jpg: bytes) -> Iterator[Outage]:
+    hold = tmp_path / "hold"
+    hold.mkdir()
+    # six photos, three of each person: gdp.jpg (109 kB) is read over several socket reads
+    photos: list[tuple[str, bytes | None]] = [
+        (f"{name}-{n}.jpg", data)
+        for n in range(3)
+        for name, data in (("yaoming", yaoming_jpg), ("gdp", gdp_jpg))
+    ]
+    with fault_stack(tmp_path / "stack") as stack:
+        try:
+            yield Outage(stack, hold, photos)
+        finally:
+            (hold / "hold").unlink(missing_ok=True)
+
+
+def _finished_while(stack: FaultStack, trip_id: int, until: float, since: float) -> float | None:
+    """Sleep until `until` (monotonic); the seconds after `since` at which the trip's job row
+    ended meanwhile (read directly from the database), or None."""
+    finished: float | None = None
+    while time.monotonic() < until:
+        if finished is None and stack.job_finished(trip_id):
+            finished = time.monotonic() - since
+        time.sleep(min(1.0, max(0.0, until - time.monotonic())))
+    return finished
+
+
+S3_READ_TIMEOUT = 5
+
+
+def test_s3_body_stalled_mid_read(outage: Outage) -> None:
+    """The S3 proxy stops forwarding in the middle of a GetObject body (the first answer
+    over 32 kB: a gdp.jpg body) and never resets it. With AFTERTRIP_S3_READ_TIMEOUT=5 (30 s by
+    default) the read fails after 5 s and that photo is read again; the job is not retried."""
+    outage.start_worker(AFTERTRIP_S3_READ_TIMEOUT=str(S3_READ_TIMEOUT))
+    stack = outage.stack
+    pending, trip_id = outage.held_job()
+    stack.s3.stall_next_response(after=32 * 1024)
+    released = time.monotonic()
+    outage.release()
+    wait_for(lambda: "S3 read of" in outage.log(), "the stalled read to be tried again", 120)
+    read_again = time.monotonic()
+    result = stack.wait(pending, timeout=JOB_TIMEOUT)
+    finished = time.monotonic() - released
+    assert stack.s3.stalled_at is not None, "a body stalled"
+    job = outage.check_completed_once(trip_id, result)
+    assert job.attempts == 1, (job.attempts, outage.log()[-4000:])  # one photo, not the job
+    log = outage.log()
+    assert log.count("S3 read of") == 1, log[-4000:]
+    assert "will be retried" not in log
+    logger.info(
+        "s3 body stalled mid-read: the read failed and was tried again %.1f s after the "
+        "stall (AFTERTRIP_S3_READ_TIMEOUT=%d); the job succeeded %.1f s after its release, "
+        "attempts %d",
+        read_again - stack.s3.stalled_at,
+        S3_READ_TIMEOUT,
+        finished,
+        job.attempts,
+    )
