@@ -127,6 +127,55 @@ def _finished_while(stack: FaultStack, trip_id: int, until: float, since: float)
     return finished
 
 
+def test_postgres_silent_5_minutes_mid_job(outage: Outage) -> None:
+    """The worker's link to PostgreSQL goes silent for 5 minutes: its open connections pass
+    no byte and are never reset (for good: a NAT that forgot them), and new connections hang
+    (accepted, never answered) until the link is back. The default timeouts
+    (AFTERTRIP_DATABASE_STATEMENT_TIMEOUT 60 s, AFTERTRIP_DATABASE_CONNECT_TIMEOUT 10 s) notice
+    it; the job retries within its budget and ends succeeded once after the database is back."""
+    outage.start_worker()
+    stack = outage.stack
+    pending, trip_id = outage.held_job()
+    retries = outage.log().count("will be retried")
+    silent = time.monotonic()
+    stack.postgres.silence()  # the connections open now: silent for good
+    stack.postgres.freeze()  # new ones: accepted, never answered, until restore()
+    outage.release()
+    wait_for(
+        lambda: "AFTERTRIP_DATABASE_STATEMENT_TIMEOUT" in outage.log(),
+        f"the watchdog to break the silent statement\n{outage.log()[-4000:]}",
+        timeout=OUTAGE_SECONDS,
+    )
+    noticed = time.monotonic() - silent
+    wait_for(
+        lambda: outage.log().count("will be retried") > retries,
+        f"the job to retry\n{outage.log()[-4000:]}",
+        timeout=OUTAGE_SECONDS,
+    )
+    retried = time.monotonic() - silent
+    assert not pending.ready()
+    _finished_while(stack, trip_id, silent + OUTAGE_SECONDS, silent)
+    stack.postgres.restore()
+    back = time.monotonic()
+    result = stack.wait(pending, timeout=JOB_TIMEOUT)
+    finished = time.monotonic() - back
+    job = outage.check_completed_once(trip_id, result)
+    assert job.attempts >= 2, job.attempts
+    log = outage.log()
+    logger.info(
+        "postgres silent %.0f s mid-job: noticed (a statement broken by the watchdog) %.1f s "
+        "in, first retry %.1f s in; %d retries, %d statements broken; succeeded %.1f s after "
+        "the link came back, attempts %d",
+        back - silent,
+        noticed,
+        retried,
+        log.count("will be retried") - retries,
+        log.count("AFTERTRIP_DATABASE_STATEMENT_TIMEOUT"),
+        finished,
+        job.attempts,
+    )
+
+
 S3_READ_TIMEOUT = 5
 
 
