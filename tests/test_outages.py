@@ -127,6 +127,45 @@ def _finished_while(stack: FaultStack, trip_id: int, until: float, since: float)
     return finished
 
 
+def test_redis_down_5_minutes_mid_job(outage: Outage) -> None:
+    """Broker, result backend and trip lock (one `redis-server`) stopped for 5 minutes while
+    the job runs: held for the first half (its lock's renewals fail each beat), the job then
+    goes on without Redis (progress skipped at once), ends, waits with its outcome until
+    Redis is back, and ends succeeded once, acknowledged."""
+    outage.start_worker()
+    stack = outage.stack
+    pending, trip_id = outage.held_job()
+    down = time.monotonic()
+    stack.redis.stop()  # SIGTERM: the append-only file keeps the queue, as a real broker's
+    time.sleep(OUTAGE_SECONDS / 2)  # the job holds its row and (in its own eyes) its lock
+    outage.release()
+    row_done = _finished_while(stack, trip_id, down + OUTAGE_SECONDS, down)
+    stack.redis.start()
+    back = time.monotonic()
+    result = stack.wait(pending, timeout=JOB_TIMEOUT)
+    seen = time.monotonic() - back
+    job = outage.check_completed_once(trip_id, result)
+    assert job.attempts == 1, (job.attempts, outage.log()[-4000:])
+    log = outage.log()
+    logger.info(
+        "redis down %.0f s mid-job (job released %.0f s in): job row succeeded %s s into "
+        "the outage; success seen by "
+        "the client %.1f s after redis came back; %d progress writes skipped, %d lock "
+        "renewals failed; attempts %d",
+        back - down,
+        OUTAGE_SECONDS / 2,
+        f"{row_done:.0f}" if row_done is not None else "after the outage,",
+        seen,
+        log.count("progress not reported"),
+        log.count("not renewed"),
+        job.attempts,
+    )
+    # the worker takes new jobs after the outage
+    again = stack.wait(stack.enqueue(trip_id), timeout=JOB_TIMEOUT)
+    assert again["analyzed"] == 0
+    stack.assert_settled(trip_id)
+
+
 def test_postgres_silent_5_minutes_mid_job(outage: Outage) -> None:
     """The worker's link to PostgreSQL goes silent for 5 minutes: its open connections pass
     no byte and are never reset (for good: a NAT that forgot them), and new connections hang

@@ -18,7 +18,10 @@ with a fresh database, a bucket, a unique queue and the AFTERTRIP_* environment 
 
 The proxies run on threads inside the test process; `cut()` resets every open connection
 and refuses new ones (a server that died), `freeze()` accepts and holds bytes without
-answering (a network that drops packets) until `restore()`.
+answering (a network that drops packets) until `restore()`; `silence()` makes the connections
+open now pass nothing, for good, without a reset (a NAT that forgot them), and
+`stall_next_response(after)` lets the next long answer (an S3 body) through up to `after`
+bytes, then silences its connection.
 """
 
 from __future__ import annotations
