@@ -493,6 +493,45 @@ class FaultStack:
         value = self.redis.client().get(trip_lock_name(trip_id))
         return value.decode() if isinstance(value, bytes) else value
 
+    def held_job(
+        self, hold: Path, photos: list[tuple[str, bytes | None]], *, timeout: float = 300
+    ) -> tuple[Any, int]:
+        """A new trip of `photos` whose job the hold hook (tests/support/servicehooks.py,
+        AFTERTRIP_TEST_HOLD_DIR=`hold`) holds once it has its lock and its `running` row; the
+        job's AsyncResult and the trip's id. Remove `hold/hold` to let it go."""
+        from tests.support.services import held_jobs, wait_for
+
+        trip_id, _ids = self.add_trip(photos)
+        (hold / "hold").touch()
+        pending = self.enqueue(trip_id, mode="all")
+        logs = "\n".join(w.tail() for w in self.workers)
+        wait_for(
+            lambda: any(name.startswith(f"held-{trip_id}-") for name in held_jobs(hold)),
+            f"the job of trip {trip_id} to start\n{logs}",
+            timeout=timeout,
+        )
+        return pending, trip_id
+
+    def assert_completed_once(self, trip_id: int, result: dict[str, Any], photos: int) -> Any:
+        """One job row, succeeded; every one of the trip's `photos` analysed once and sorted;
+        nothing left running or locked, and nothing left unacknowledged in the broker (a lost
+        acknowledgement would have the job delivered again after the visibility timeout)."""
+        from tests.support.services import wait_for
+
+        assert result["analyzed"] == photos, result
+        jobs = self.jobs(trip_id)
+        assert len(jobs) == 1, [(j.id, j.status, j.celery_task_id) for j in jobs]
+        (job,) = jobs
+        assert job.status == "succeeded", (job.status, job.error)
+        self.assert_settled(trip_id)
+        self.assert_no_duplicates(trip_id)
+        snapshot = self.snapshot(trip_id)
+        assert len(snapshot["analyses"]) == photos  # none lost, none twice
+        assert {status for _photo, status in snapshot["analyses"]} == {"ok"}
+        assert snapshot["links"], "the photos were sorted into folders"
+        wait_for(lambda: self.unacked() == 0, "the job's message to be acknowledged", 60)
+        return job
+
     def unacked(self) -> int:
         """Messages the broker delivered and waits to see acknowledged (kombu's Redis transport
         keeps them in its `unacked` hash): each would be delivered again after the visibility
