@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy.exc
+from redis import Redis
 
 from tasks.guard import JobGuard
 from tasks.locks import TripLock
@@ -35,7 +36,6 @@ class _StalledSessions:
 def test_the_lock_is_renewed_while_the_database_heartbeat_stalls() -> None:
     """A database beat that waits out its timeouts (70 s with the defaults) used to hold the
     lock's renewal too, and the lock (six beats) lapsed under the running job."""
-    from redis import Redis
 
     require_redis()
     redis = Redis.from_url(REDIS_URL)
@@ -59,3 +59,32 @@ def test_the_lock_is_renewed_while_the_database_heartbeat_stalls() -> None:
         sessions.release.set()
         guard.stop()
         lock.release()
+
+
+def test_a_renewal_on_a_silent_redis_link_fails_instead_of_waiting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The locks' Redis client has socket timeouts (`tasks.compose.lock_redis`): a renewal on
+    a link gone silent raises (the guard logs it and tries again next beat) instead of waiting
+    for good, as a client of redis-py 5 to 7 without a timeout does (redis-py 8 has one)."""
+    import redis.exceptions
+    from redis.connection import parse_url
+
+    import tasks.compose
+    from tests.support.faults import TcpProxy
+
+    require_redis()
+    server = parse_url(REDIS_URL)
+    proxy = TcpProxy(server.get("host", "127.0.0.1"), int(server.get("port", 6379))).start()
+    monkeypatch.setattr(tasks.compose, "LOCK_REDIS_TIMEOUT", 1.0)
+    client = tasks.compose.lock_redis(f"redis://127.0.0.1:{proxy.port}/{int(server.get('db', 0))}")
+    lock = TripLock(client, 10_000_000 + uuid.uuid4().int % 1_000_000, owner="silent", ttl=30)
+    try:
+        assert lock.acquire()
+        proxy.silence()
+        with pytest.raises(redis.exceptions.TimeoutError):
+            lock.renew()
+        assert lock.held  # not lost: tried again next beat
+    finally:
+        proxy.close()
+        Redis.from_url(REDIS_URL).delete(lock.name)
