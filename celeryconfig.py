@@ -4,6 +4,8 @@ Values that an operator sets come from `tasks.settings.ServiceSettings` (AFTERTR
 environment variables); the rest is how the grouping task must run to be safe.
 """
 
+import math
+
 from tasks.names import ANALYZE_CHUNK, GROUP_TRIP
 from tasks.settings import get_settings
 
@@ -42,18 +44,26 @@ broker_transport_options = {"visibility_timeout": _settings.visibility_timeout}
 worker_cancel_long_running_tasks_on_connection_loss = False
 
 # A retry (or a job put back while its trip is busy) is a message sent from the job: while
-# Redis restarts, keep trying to send it for about a minute rather than dropping the job.
+# Redis is down, keep trying to send it (0.5, 1.5, 2.5, then every 3 s) as long as the job's
+# errors are retried (AFTERTRIP_TASK_RETRY_BUDGET) rather than dropping the job; 30 tries,
+# about 80 s, fell short of a 5-minute outage.
 task_publish_retry = True
 task_publish_retry_policy = {
-    "max_retries": 30,
+    "max_retries": max(30, math.ceil(_settings.task_retry_budget / 3.0) + 3),
     "interval_start": 0.5,
     "interval_step": 1.0,
     "interval_max": 3.0,
 }
-# A job's final state and result are stored through Redis restarts too.
+# A job's final state and result are stored through Redis outages as long as a job's own
+# errors are retried (AFTERTRIP_TASK_RETRY_BUDGET, 900 s): a job that ended while Redis was
+# down waits with its outcome until Redis is back, then stores it and is acknowledged. (With 30
+# tries, ~40 s, the outcome was dropped, and once Redis was back the client was told the job
+# had FAILED with BackendStoreError while its row said succeeded: tests/test_outages.py.)
+# Celery sleeps a random 0-3 s between tries, 1.5 s on average. Progress writes try once
+# (`tasks.trip._report`).
 result_backend_always_retry = True
-result_backend_max_retries = 30
 result_backend_max_sleep_between_retries_ms = 3000
+result_backend_max_retries = max(30, math.ceil(_settings.task_retry_budget / 1.5))
 
 # `docker stop` sends SIGQUIT (compose stop_signal): the running job gets this long to
 # finish, then is cancelled and requeued at once, instead of waiting out the visibility

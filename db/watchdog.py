@@ -7,10 +7,14 @@ a request is unacknowledged... or are answered by a middlebox that still holds t
 
 - PyMySQL has socket timeouts of its own: `read_timeout` and `write_timeout` are set to the
   statement timeout.
-- PostgreSQL (psycopg) gets TCP keepalives (a dead host is noticed in about a minute) and
-  `StatementWatchdog`: a statement still waiting for the server after `timeout` seconds has
-  its connection's socket shut down, so the driver sees the connection lost, SQLAlchemy drops
-  it from the pool, and the job retries as after any dropped connection.
+- PostgreSQL (psycopg) gets TCP keepalives (a dead host is noticed in about a minute),
+  `tcp_user_timeout` (bytes sent and never acknowledged: a link that drops packets) and
+  `StatementWatchdog`: a statement, or the pool's pre-ping, still waiting for the server after
+  `timeout` seconds has its connection's socket shut down, so the driver sees the connection
+  lost, SQLAlchemy drops it from the pool, and the job retries as after any dropped
+  connection. (The pre-ping runs on the raw driver connection, outside the engine's statement
+  events: before it was watched, a pooled connection gone silent hung the next checkout for
+  good, the heartbeat's included.)
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ def connect_args(
             keepalives_idle=idle,
             keepalives_interval=max(1, idle // 3),
             keepalives_count=3,
+            tcp_user_timeout=max(1000, round(statement_timeout * 1000)),
         )
     return limits
 
@@ -67,13 +72,27 @@ class StatementWatchdog:
         self.broken = 0
 
     def attach(self, engine: Engine) -> None:
-        """Watch every statement `engine` runs."""
+        """Watch every statement `engine` runs, and its pool's pre-pings."""
         event.listen(engine, "before_cursor_execute", self._before)
         event.listen(engine, "after_cursor_execute", self._after)
         event.listen(engine, "handle_error", self._error)
+        dialect = engine.dialect
+        ping = dialect.do_ping
+
+        def watched_ping(dbapi_connection: Any) -> bool:
+            self._start(dbapi_connection)
+            try:
+                return bool(ping(dbapi_connection))
+            finally:
+                self._forget(dbapi_connection)
+
+        # The pool's pre-ping runs on the driver's connection, where no engine event fires.
+        dialect.do_ping = watched_ping  # type: ignore[method-assign]
 
     def _before(self, conn: Any, _cursor: Any, *_args: Any) -> None:
-        dbapi = conn.connection.dbapi_connection
+        self._start(conn.connection.dbapi_connection)
+
+    def _start(self, dbapi: Any) -> None:
         fileno = getattr(dbapi, "fileno", None)
         if fileno is None:
             return

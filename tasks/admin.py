@@ -538,13 +538,23 @@ def flower_command(settings: ServiceSettings) -> tuple[list[str], dict[str, str]
 
     The credentials go through Flower's FLOWER_BASIC_AUTH variable, not the command line,
     where every user of the machine could read them in `ps`. `-A tasks.trip` loads the app
-    with the task registered, which Flower's `/api/task/async-apply/` needs.
+    with the task registered, which Flower's `/api/task/async-apply/` needs. Address, port and
+    login follow the rule `celery -A tasks flower` follows too (`tasks.flowerauth.
+    flower_environment`: an AfterTrip setting that is set, else Flower's own variable).
     """
+    from tasks.flowerauth import flower_environment
     from tasks.settings import flower_auth_problems
 
     auth = settings.flower_basic_auth
     if auth is None or not auth.get_secret_value() or flower_auth_problems(auth):
         return None
+    given = settings.model_fields_set
+    env = flower_environment(
+        os.environ,
+        basic_auth=auth.get_secret_value(),
+        address=settings.flower_address if "flower_address" in given else None,
+        port=settings.flower_port if "flower_port" in given else None,
+    )
     argv = [
         sys.executable,
         "-m",
@@ -552,15 +562,9 @@ def flower_command(settings: ServiceSettings) -> tuple[list[str], dict[str, str]
         "-A",
         "tasks.trip",
         "flower",
-        f"--address={settings.flower_address}",
-        f"--port={settings.flower_port}",
+        f"--address={env['FLOWER_ADDRESS']}",
+        f"--port={env['FLOWER_PORT']}",
     ]
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if key != "FLOWER_UNAUTHENTICATED_API"  # never open the API without auth
-    }
-    env["FLOWER_BASIC_AUTH"] = auth.get_secret_value()
     return argv, env
 
 

@@ -70,6 +70,22 @@ def open_pipeline(settings: PipelineSettings, store: PhotoStore | None = None) -
     return FacePipeline(settings, fetch=partial(s3_fetch, client=client))
 
 
+LOCK_REDIS_TIMEOUT = 5.0
+"""Seconds a lock command may wait to connect or for its answer. The lock lives six heartbeats
+(60 s by default): a renewal on a link gone silent must fail (and be tried again next beat)
+well before that. redis-py 8 has this default; redis-py 5 to 7, which the requirements allow,
+have none and wait for good."""
+
+
+def lock_redis(url: str) -> Redis:
+    """A client of the Redis of the per-trip locks, with socket timeouts."""
+    from redis import Redis
+
+    return Redis.from_url(
+        url, socket_timeout=LOCK_REDIS_TIMEOUT, socket_connect_timeout=LOCK_REDIS_TIMEOUT
+    )
+
+
 class Services:
     """What a process opens once from its settings and keeps: engine and sessions, photo
     store, pipeline, and the Redis of the per-trip locks."""
@@ -108,11 +124,9 @@ class Services:
 
     @property
     def redis(self) -> Redis:
-        """The Redis of the per-trip locks."""
+        """The Redis of the per-trip locks (`lock_redis`)."""
         if self._redis is None:
-            from redis import Redis
-
-            self._redis = Redis.from_url(self.settings.effective_lock_url)
+            self._redis = lock_redis(self.settings.effective_lock_url)
         return self._redis
 
     def guard(self, lock: TripLock | None = None) -> JobGuard:

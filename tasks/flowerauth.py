@@ -5,10 +5,10 @@
 its task API to anyone. Every one of those loads `tasks.app`, which calls
 `guard_flower_command()`; when the process is Flower it
 
-- passes AFTERTRIP_FLOWER_BASIC_AUTH to Flower (as FLOWER_BASIC_AUTH, unless that is set) and
-  AFTERTRIP_FLOWER_ADDRESS / _PORT as Flower's defaults (loopback, 5555), so one set of
-  settings serves both commands;
-- drops FLOWER_UNAUTHENTICATED_API, which would open the task API without a login;
+- passes the AfterTrip settings to Flower by the rule both commands share,
+  `flower_environment`: AFTERTRIP_FLOWER_BASIC_AUTH / _ADDRESS / _PORT when set, else Flower's
+  own FLOWER_BASIC_AUTH / FLOWER_ADDRESS / FLOWER_PORT, else loopback and 5555; and
+  FLOWER_UNAUTHENTICATED_API, which would open the task API without a login, never passes;
 - once Flower has read its command line, environment and config file, exits with an error that
   says what to set unless basic auth (every entry user:password) or OAuth (`--auth`) is on.
 """
@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import MutableMapping, Sequence
+from collections.abc import Mapping, MutableMapping, Sequence
 from pathlib import Path
 
 from pydantic import SecretStr
@@ -52,15 +52,47 @@ def guard_flower_command(
     environ = os.environ if environ is None else environ
     if not is_flower_command(argv):
         return False
-    ours = environ.get("AFTERTRIP_FLOWER_BASIC_AUTH", "")
-    if ours and not environ.get("FLOWER_BASIC_AUTH"):
-        environ["FLOWER_BASIC_AUTH"] = ours
-    environ.setdefault("FLOWER_ADDRESS", environ.get("AFTERTRIP_FLOWER_ADDRESS", "127.0.0.1"))
-    environ.setdefault("FLOWER_PORT", environ.get("AFTERTRIP_FLOWER_PORT", "5555"))
-    if environ.pop("FLOWER_UNAUTHENTICATED_API", None) is not None:
-        logger.warning("FLOWER_UNAUTHENTICATED_API ignored: Flower's API needs the login too")
+    flower = flower_environment(
+        environ,
+        basic_auth=environ.get("AFTERTRIP_FLOWER_BASIC_AUTH"),
+        address=environ.get("AFTERTRIP_FLOWER_ADDRESS"),
+        port=environ.get("AFTERTRIP_FLOWER_PORT"),
+    )
+    for key in set(environ) - set(flower):
+        del environ[key]
+    environ.update(flower)
     _check_once_parsed()
     return True
+
+
+UNAUTHENTICATED_API = "FLOWER_UNAUTHENTICATED_API"
+
+
+def flower_environment(
+    environ: Mapping[str, str],
+    *,
+    basic_auth: str | None,
+    address: str | None,
+    port: str | int | None,
+) -> dict[str, str]:
+    """The environment Flower runs with, by one rule for `aftertrip-faces flower` and
+    `celery -A tasks flower`: each AfterTrip setting that is given (`basic_auth`, `address`,
+    `port`: AFTERTRIP_FLOWER_BASIC_AUTH, _ADDRESS, _PORT) wins over Flower's own variable
+    (FLOWER_BASIC_AUTH, FLOWER_ADDRESS, FLOWER_PORT), which wins over loopback and 5555;
+    FLOWER_UNAUTHENTICATED_API is dropped. Whether the login is good enough is checked apart."""
+    env = {key: value for key, value in environ.items() if key != UNAUTHENTICATED_API}
+    if UNAUTHENTICATED_API in environ:
+        logger.warning("%s ignored: Flower's API needs the login too", UNAUTHENTICATED_API)
+    if basic_auth:
+        if env.get("FLOWER_BASIC_AUTH", basic_auth) != basic_auth:
+            logger.warning("FLOWER_BASIC_AUTH ignored: AFTERTRIP_FLOWER_BASIC_AUTH is set")
+        env["FLOWER_BASIC_AUTH"] = basic_auth
+    for name, ours, default in (("ADDRESS", address, "127.0.0.1"), ("PORT", port, "5555")):
+        if ours not in (None, ""):
+            env[f"FLOWER_{name}"] = str(ours)
+        elif not env.get(f"FLOWER_{name}"):
+            env[f"FLOWER_{name}"] = default
+    return env
 
 
 def login_problems(basic_auth: Sequence[str] | None, oauth: str | None) -> list[str]:

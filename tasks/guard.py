@@ -1,8 +1,11 @@
 """What watches a running job: its heartbeat, its trip lock and its soft time limit.
 
-`JobGuard` runs a daemon thread that, every `heartbeat_seconds`, renews the trip's lock and
-the job row's `heartbeat_at` (each on its own connection; an outage of either is logged and
-tried again on the next beat). The job calls `check()` between photos: it raises
+`JobGuard` runs two daemon threads that, every `heartbeat_seconds`, renew the trip's lock (and
+chunk leases) and the job row's `heartbeat_at`; an outage of either is logged and tried again on
+the next beat. Two threads, so that one store's stall never starves the other: a database beat
+that waited out its timeouts (a silent connection: the statement timeout, then the connect
+timeout, 70 s with the defaults) used to hold the lock's renewal too, and the lock (six beats,
+60 s) lapsed under a job still running. The job calls `check()` between photos: it raises
 `JobTimedOut` once Celery's soft time limit has struck, and `TripLockLost` once the trip's
 lock is held by another job, so a job that lost its turn never writes.
 
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 
 import redis.exceptions
 import sqlalchemy.exc
@@ -70,7 +74,7 @@ class JobGuard:
         self.job_id: int | None = None
         self.leases: list[Lease] = []  # chunk leases held now, renewed like the lock
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
         SOFT_LIMIT.hit = False
 
     def take_over_stalled(self, *, trip_id: int, task_id: str | None) -> list[int]:
@@ -84,24 +88,36 @@ class JobGuard:
             )
 
     def start(self, job_id: int) -> None:
-        """Beat for this job until `stop()`."""
+        """Beat for this job until `stop()`: the leases and the row, each on its own thread."""
         self.job_id = job_id
         self.beat()
-        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{job_id}", daemon=True)
-        self._thread.start()
+        self._threads = [
+            threading.Thread(target=self._every_beat, args=(action,), name=name, daemon=True)
+            for action, name in (
+                (self.renew_leases, f"leases-{job_id}"),
+                (self.record_heartbeat, f"heartbeat-{job_id}"),
+            )
+        ]
+        for thread in self._threads:
+            thread.start()
 
     def stop(self) -> None:
         """End the heartbeat (the lock is released by its owner)."""
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=self.heartbeat_seconds + 10)
+        for thread in self._threads:
+            thread.join(timeout=self.heartbeat_seconds + 10)
 
-    def _run(self) -> None:
+    def _every_beat(self, action: Callable[[], None]) -> None:
         while not self._stop.wait(self.heartbeat_seconds):
-            self.beat()
+            action()
 
     def beat(self) -> None:
         """Renew the lock and the row's heartbeat once; outages are logged, not raised."""
+        self.renew_leases()
+        self.record_heartbeat()
+
+    def renew_leases(self) -> None:
+        """Renew the trip's lock and the chunk leases once (Redis); outages are logged."""
         for lease in [self.lock, *self.leases]:
             if lease is None or not lease.held:
                 continue
@@ -109,6 +125,9 @@ class JobGuard:
                 lease.renew()
             except redis.exceptions.RedisError as exc:
                 logger.warning("%s not renewed (tried again next beat): %s", lease.name, exc)
+
+    def record_heartbeat(self) -> None:
+        """Record the row's heartbeat once (the database); outages are logged."""
         if self.job_id is not None:
             try:
                 with self.sessions() as session:

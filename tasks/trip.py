@@ -197,11 +197,13 @@ def _retry_delay(task: GroupTripTask, exc: Exception, since: float | None) -> fl
 
 
 def _report(task: GroupTripTask, meta: dict[str, Any]) -> bool:
-    """Set the task's PROGRESS state, best-effort: False (logged) when the result backend
-    cannot take it. Celery retries the write itself (`result_backend_always_retry`) and then
-    raises BackendStoreError, which must not end a job any more than a RedisError does."""
+    """Set the task's PROGRESS state, best-effort and at once: False (logged) when the result
+    backend cannot take it now. One try (`max_retries=0`): Celery's own retries of a state
+    write (`result_backend_always_retry`, meant for the job's outcome) held the job ~40 s per
+    progress write while Redis was down, then raised BackendStoreError, which must not end a
+    job any more than a RedisError does."""
     try:
-        task.update_state(state=PROGRESS, meta=meta)
+        task.update_state(state=PROGRESS, meta=meta, max_retries=0)
     except (redis.exceptions.RedisError, OSError, BackendError) as exc:
         logger.warning("progress not reported (result backend unreachable): %s", exc)
         return False

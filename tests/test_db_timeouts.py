@@ -53,6 +53,23 @@ def test_a_silent_connection_fails_within_the_statement_timeout(
         assert conn.execute(text("SELECT 3")).scalar() == 3
 
 
+def test_a_pooled_connection_gone_silent_fails_its_pre_ping_within_the_timeout(
+    proxied: tuple[str, TcpProxy, Engine],
+) -> None:
+    """The next checkout of a pooled connection that went silent while idle: the pool's
+    pre-ping (outside the engine's statement events) used to wait for good on PostgreSQL."""
+    backend, proxy, engine = proxied
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT 1")).scalar() == 1
+    proxy.silence()  # the pooled connection, idle now
+    start = time.monotonic()
+    with engine.connect() as conn:  # pre-ping fails, the pool connects again
+        assert conn.execute(text("SELECT 2")).scalar() == 2
+    waited = time.monotonic() - start
+    assert TIMEOUT * 0.9 <= waited < TIMEOUT + 3, (backend, waited)
+    assert proxy.connections_made == 2
+
+
 def test_a_slow_statement_under_the_timeout_is_left_alone(
     proxied: tuple[str, TcpProxy, Engine],
 ) -> None:
@@ -76,3 +93,4 @@ def test_connect_args_per_backend() -> None:
     }
     postgres = connect_args("postgresql", connect_timeout=10, statement_timeout=60)
     assert postgres["keepalives"] == 1 and postgres["keepalives_idle"] == 30
+    assert postgres["tcp_user_timeout"] == 60_000  # ms: bytes never acknowledged

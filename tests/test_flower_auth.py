@@ -155,3 +155,55 @@ def test_celery_flower_reads_the_login_from_its_config_file(tmp_path: Path) -> N
         assert _get(port, "ops:from-the-config-file") == 200
     finally:
         _stop(flower)
+
+
+@pytest.mark.parametrize(
+    "given",
+    [
+        {"AFTERTRIP_FLOWER_BASIC_AUTH": "ops:aftertrip-password"},
+        {
+            "AFTERTRIP_FLOWER_BASIC_AUTH": "ops:aftertrip-password",
+            "FLOWER_BASIC_AUTH": "flower:flowers-own-password",
+            "FLOWER_UNAUTHENTICATED_API": "true",
+            "FLOWER_ADDRESS": "0.0.0.0",
+            "FLOWER_PORT": "5600",
+        },
+        {
+            "AFTERTRIP_FLOWER_BASIC_AUTH": "ops:aftertrip-password",
+            "AFTERTRIP_FLOWER_ADDRESS": "127.0.0.2",
+            "AFTERTRIP_FLOWER_PORT": "5700",
+            "FLOWER_ADDRESS": "0.0.0.0",
+            "FLOWER_PORT": "5600",
+        },
+    ],
+)
+def test_both_commands_give_flower_the_same_environment(
+    given: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`aftertrip-faces flower` and `celery -A tasks flower` follow one rule
+    (`flower_environment`): an AfterTrip setting that is set wins over Flower's own variable,
+    which wins over loopback:5555; FLOWER_UNAUTHENTICATED_API never reaches Flower."""
+    import tasks.flowerauth
+    from tasks.admin import flower_command
+    from tasks.flowerauth import guard_flower_command
+    from tasks.settings import ServiceSettings
+
+    for key in list(os.environ):
+        if key.startswith(("AFTERTRIP_FLOWER_", "FLOWER_")):
+            monkeypatch.delenv(key)
+    for key, value in given.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(tasks.flowerauth, "_check_once_parsed", lambda: None)
+    celerys = dict(given)
+    assert guard_flower_command(["celery", "-A", "tasks", "flower"], celerys)
+    command = flower_command(ServiceSettings())
+    assert command is not None
+    argv, ours = command
+    names = ("FLOWER_BASIC_AUTH", "FLOWER_ADDRESS", "FLOWER_PORT", "FLOWER_UNAUTHENTICATED_API")
+    assert {k: celerys.get(k) for k in names} == {k: ours.get(k) for k in names}
+    assert ours["FLOWER_BASIC_AUTH"] == "ops:aftertrip-password"
+    assert "FLOWER_UNAUTHENTICATED_API" not in ours
+    expected_address = given.get("AFTERTRIP_FLOWER_ADDRESS", given.get("FLOWER_ADDRESS"))
+    assert ours["FLOWER_ADDRESS"] == (expected_address or "127.0.0.1")
+    assert f"--address={ours['FLOWER_ADDRESS']}" in argv
+    assert f"--port={ours['FLOWER_PORT']}" in argv

@@ -18,7 +18,10 @@ with a fresh database, a bucket, a unique queue and the AFTERTRIP_* environment 
 
 The proxies run on threads inside the test process; `cut()` resets every open connection
 and refuses new ones (a server that died), `freeze()` accepts and holds bytes without
-answering (a network that drops packets) until `restore()`.
+answering (a network that drops packets) until `restore()`; `silence()` makes the connections
+open now pass nothing, for good, without a reset (a NAT that forgot them), and
+`stall_next_response(after)` lets the next long answer (an S3 body) through up to `after`
+bytes, then silences its connection.
 """
 
 from __future__ import annotations
@@ -84,6 +87,8 @@ class TcpProxy:
         self._silenced: set[socket.socket] = set()  # connections gone silent (silence())
         self._speaking = threading.Event()  # cleared while some are silent
         self._speaking.set()
+        self._stall_after: int | None = None  # armed by stall_next_response()
+        self.stalled_at: float | None = None  # time.monotonic() of the last stall
         self.connections_made = 0
 
     # lifecycle
@@ -129,8 +134,16 @@ class TcpProxy:
             self._silenced |= self._connections
             self._speaking.clear()
 
+    def stall_next_response(self, after: int) -> None:
+        """The next answer of the server longer than `after` bytes (an S3 GetObject body, say)
+        passes its first `after` bytes, then its connection goes silent for good, as
+        `silence()`: the client waits mid-read. Once; other connections are left alone."""
+        with self._lock:
+            self._stall_after = after
+            self.stalled_at = None
+
     def restore(self) -> None:
-        """End a cut or a freeze."""
+        """End a cut or a freeze (connections silenced stay silent)."""
         self._flowing.set()
         self.start()
 
@@ -161,16 +174,26 @@ class TcpProxy:
                     return
                 self._connections.update((client, upstream))
                 self.connections_made += 1
-            for source, sink in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+            answer = _Answer()
+            for source, sink, answering in ((client, upstream, False), (upstream, client, True)):
+                threading.Thread(
+                    target=self._pump, args=(source, sink, answer, answering), daemon=True
+                ).start()
 
-    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+    def _pump(
+        self, source: socket.socket, sink: socket.socket, answer: _Answer, answering: bool
+    ) -> None:
         try:
             while True:
                 data = source.recv(65536)
                 if not data:
                     break
                 self._flowing.wait()
+                if not answering:
+                    answer.length = 0  # a new request: what comes back is a new answer
+                elif self._stall_after is not None:
+                    data = self._maybe_stall(source, sink, answer, data)
+                answer.length += len(data)
                 while source in self._silenced:  # never again, until the proxy closes
                     self._speaking.wait(1)
                     if self.is_cut:
@@ -184,6 +207,31 @@ class TcpProxy:
                 self._connections.discard(sink)
             _reset(sink)
             _reset(source)
+
+    def _maybe_stall(
+        self, source: socket.socket, sink: socket.socket, answer: _Answer, data: bytes
+    ) -> bytes:
+        """`data` as it may pass; past an armed stall's bytes, the rest is held back and the
+        connection silenced (the pump then waits in the silence)."""
+        with self._lock:
+            after = self._stall_after
+            if after is None or answer.length + len(data) <= after:
+                return data
+            self._stall_after = None
+            self._silenced |= {source, sink}
+            self._speaking.clear()
+            self.stalled_at = time.monotonic()
+        head = data[: max(0, after - answer.length)]
+        if head:
+            sink.sendall(head)
+        return data[len(head) :]
+
+
+@dataclass
+class _Answer:
+    """Bytes the server has sent since the client's last request, on one proxied connection."""
+
+    length: int = 0
 
 
 def _reset(sock: socket.socket) -> None:
@@ -444,6 +492,56 @@ class FaultStack:
 
         value = self.redis.client().get(trip_lock_name(trip_id))
         return value.decode() if isinstance(value, bytes) else value
+
+    def held_job(
+        self, hold: Path, photos: list[tuple[str, bytes | None]], *, timeout: float = 300
+    ) -> tuple[Any, int]:
+        """A new trip of `photos` whose job the hold hook (tests/support/servicehooks.py,
+        AFTERTRIP_TEST_HOLD_DIR=`hold`) holds once it has its lock and its `running` row; the
+        job's AsyncResult and the trip's id. Remove `hold/hold` to let it go."""
+        from tests.support.services import held_jobs, wait_for
+
+        trip_id, _ids = self.add_trip(photos)
+        (hold / "hold").touch()
+        pending = self.enqueue(trip_id, mode="all")
+        logs = "\n".join(w.tail() for w in self.workers)
+        wait_for(
+            lambda: any(name.startswith(f"held-{trip_id}-") for name in held_jobs(hold)),
+            f"the job of trip {trip_id} to start\n{logs}",
+            timeout=timeout,
+        )
+        return pending, trip_id
+
+    def assert_completed_once(self, trip_id: int, result: dict[str, Any], photos: int) -> Any:
+        """One job row, succeeded; every one of the trip's `photos` analysed once and sorted;
+        nothing left running or locked, and nothing left unacknowledged in the broker (a lost
+        acknowledgement would have the job delivered again after the visibility timeout)."""
+        from tests.support.services import wait_for
+
+        assert result["analyzed"] == photos, result
+        jobs = self.jobs(trip_id)
+        assert len(jobs) == 1, [(j.id, j.status, j.celery_task_id) for j in jobs]
+        (job,) = jobs
+        assert job.status == "succeeded", (job.status, job.error)
+        self.assert_settled(trip_id)
+        self.assert_no_duplicates(trip_id)
+        snapshot = self.snapshot(trip_id)
+        assert len(snapshot["analyses"]) == photos  # none lost, none twice
+        assert {status for _photo, status in snapshot["analyses"]} == {"ok"}
+        assert snapshot["links"], "the photos were sorted into folders"
+        wait_for(lambda: self.unacked() == 0, "the job's message to be acknowledged", 60)
+        return job
+
+    def unacked(self) -> int:
+        """Messages the broker delivered and waits to see acknowledged (kombu's Redis transport
+        keeps them in its `unacked` hash): each would be delivered again after the visibility
+        timeout, hours later."""
+        return int(self.redis.client().hlen("unacked"))
+
+    def job_finished(self, trip_id: int) -> bool:
+        """Whether the trip's job rows all ended (succeeded or failed), read directly."""
+        jobs = self.jobs(trip_id)
+        return bool(jobs) and all(j.status in ("succeeded", "failed") for j in jobs)
 
     def snapshot(self, trip_id: int) -> dict[str, list[tuple[Any, ...]]]:
         """Every row a job writes for a trip (links, folders, faces, analyses), comparable."""
