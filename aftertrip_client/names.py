@@ -3,6 +3,14 @@
 GROUP_TRIP = "aftertrip.group_trip"
 """The grouping task: `group_trip(trip_id: int, mode: str = "missing")`."""
 
+TAKE_REQUESTS = "aftertrip.take_requests"
+"""The task that carries out a trip's open requests (aftertrip_request rows):
+`take_requests(trip_id: int)`; a no-op when a job of the trip runs (it follows up) or
+nothing is open."""
+
+REQUEST_TABLE = "aftertrip_request"
+"""The worker's table of the web app's requests (created by `aftertrip-faces db upgrade`)."""
+
 FACES_QUEUE = "faces"
 """The queue the grouping task is routed to (the default of AFTERTRIP_QUEUE)."""
 

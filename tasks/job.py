@@ -9,6 +9,7 @@ task (`tasks.trip.group_trip`) and `aftertrip-faces rerun --inline` run it; so d
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -20,6 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from db.common import TripDeleted, TripNotFound
 from db.jobs import fail_job, finish_job, job_stored_photos, skip_job, start_job
 from db.photos import photos_to_analyze, trip_thumbnail_keys
+from db.requests import record_progress
 from db.schemas import PhotoOutcome
 from db.webapp import Trip
 from storage import PhotoStore
@@ -119,6 +121,7 @@ def run_trip_job(
             guard.take_over_stalled(trip_id=trip_id, task_id=task_id)
         job = start_job(session=session, trip_id=trip_id, mode=mode, task_id=task_id, models=models)
         job_id = job.id
+        progress = _recording_progress(progress, sessions, job_id)
         if guard is not None:
             guard.start(job_id)
         try:
@@ -225,6 +228,41 @@ def run_trip_job(
         },
     )
     return {"trip_id": trip_id, "job_id": job_id, **counts}
+
+
+PROGRESS_WRITE_SECONDS = 0.5
+"""A running job stores its progress on its row at most this often (and at every stage)."""
+
+
+def _recording_progress(
+    progress: ProgressCallback, sessions: sessionmaker[Session], job_id: int
+) -> ProgressCallback:
+    """`progress`, plus the job row's stage / progress_done / progress_total (what
+    `aftertrip_client.trip_state` reads), best-effort: a database that cannot take the write
+    is logged and not asked again for ten seconds; the job goes on."""
+    lock = threading.Lock()
+    last: dict[str, Any] = {"stage": None, "at": 0.0, "silent_until": 0.0}
+
+    def report(stage: str, done: int, total: int) -> None:
+        progress(stage, done, total)
+        now = time.monotonic()
+        with lock:
+            due = stage != last["stage"] or done >= total
+            if now < last["silent_until"] or (
+                not due and now - last["at"] < PROGRESS_WRITE_SECONDS
+            ):
+                return
+            last.update(stage=stage, at=now)
+            try:
+                with sessions() as session:
+                    record_progress(
+                        session=session, job_id=job_id, stage=stage, done=done, total=total
+                    )
+            except sqlalchemy.exc.SQLAlchemyError as exc:
+                last["silent_until"] = now + 10
+                logger.warning("job progress not stored: %s", exc, extra={"job_id": job_id})
+
+    return report
 
 
 def _skipped(session: Session, job_id: int, why: TripDeleted) -> dict[str, Any]:

@@ -6,6 +6,7 @@ from aftertrip_client.names import (
     GROUP_TRIP,
     MODES,
     PROGRESS,
+    TAKE_REQUESTS,
     trip_id_problem,
 )
 
@@ -20,5 +21,6 @@ __all__ = [
     "GROUP_TRIP",
     "MODES",
     "PROGRESS",
+    "TAKE_REQUESTS",
     "trip_id_problem",
 ]
