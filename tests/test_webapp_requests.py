@@ -5,7 +5,6 @@ connection (PyMySQL, psycopg, sqlite3), and the worker's side of the rows (`db.r
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from typing import Any
@@ -13,7 +12,6 @@ from zoneinfo import ZoneInfo
 
 import pytest
 from sqlalchemy import Engine, select, update
-from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
 from aftertrip_client import notify_worker, request_trip, trip_state
@@ -27,30 +25,10 @@ from db.requests import (
 )
 from db.types import utcnow
 from tests.plugins.databases import add_trip
+from tests.support.appdb import app_connection
 from tests.support.services import free_port
 
 SEOUL = ZoneInfo("Asia/Seoul")
-
-
-def app_connection(url: str) -> Any:
-    """A connection as the web app's own driver opens it (what Django wraps)."""
-    parsed = make_url(url)
-    backend = parsed.get_backend_name()
-    if backend == "sqlite":
-        return sqlite3.connect(str(parsed.database))
-    if backend == "postgresql":
-        import psycopg
-
-        return psycopg.connect(
-            host=parsed.host, port=parsed.port or 5432, user=parsed.username,
-            password=parsed.password or "", dbname=parsed.database,
-        )  # fmt: skip
-    import pymysql
-
-    return pymysql.connect(
-        host=parsed.host or "127.0.0.1", port=parsed.port or 3306, user=parsed.username or "root",
-        password=parsed.password or "", database=parsed.database, charset="utf8mb4",
-    )  # fmt: skip
 
 
 @pytest.fixture
