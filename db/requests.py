@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from datetime import timedelta
 
-from sqlalchemy import and_, delete, exists, or_, select, update
+from sqlalchemy import and_, delete, exists, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from db.models import Job, JobMode, JobStatus, TripRequest
@@ -91,6 +91,29 @@ def has_open_requests(*, session: Session, trip_id: int) -> bool:
             select(exists().where(TripRequest.trip_id == trip_id, TripRequest.claimed_by.is_(None)))
         )
     )
+
+
+def settle_wait(
+    *, session: Session, trip_id: int, settle_seconds: float, max_wait_seconds: float
+) -> float:
+    """Seconds the trip's open requests should still settle before a job takes them: 0 when
+    the newest came `settle_seconds` ago (a burst is over) or the oldest has waited
+    `max_wait_seconds` (requests that never stop still get a job), else what is left."""
+    if settle_seconds <= 0:
+        return 0.0
+    oldest, newest = session.execute(
+        select(func.min(TripRequest.requested_at), func.max(TripRequest.requested_at)).where(
+            TripRequest.trip_id == trip_id, TripRequest.claimed_by.is_(None)
+        )
+    ).one()
+    if newest is None or oldest is None:
+        return 0.0
+    now = utcnow()
+    if (now - oldest).total_seconds() >= max_wait_seconds:
+        return 0.0
+    # The app's clock wrote requested_at: a skew is clamped to at most one settling.
+    left = settle_seconds - (now - newest).total_seconds()
+    return min(max(left, 0.0), settle_seconds)
 
 
 def trips_with_waiting_requests(*, session: Session, grace_seconds: float) -> list[int]:

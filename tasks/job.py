@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy.exc
 from sqlalchemy.orm import Session, sessionmaker
 
+from aftertrip_client.trips import stage_percent
 from db.common import TripDeleted, TripNotFound
 from db.jobs import fail_job, finish_job, job_stored_photos, skip_job, start_job
 from db.photos import photos_to_analyze, trip_thumbnail_keys
@@ -231,7 +232,9 @@ def run_trip_job(
 
 
 PROGRESS_WRITE_SECONDS = 0.5
-"""A running job stores its progress on its row at most this often (and at every stage)."""
+"""A running job stores its progress on its row when its percentage has moved and this long
+has passed since the last write, or it moved by `PROGRESS_WRITE_POINTS`, and at every stage."""
+PROGRESS_WRITE_POINTS = 5
 
 
 def _recording_progress(
@@ -239,20 +242,26 @@ def _recording_progress(
 ) -> ProgressCallback:
     """`progress`, plus the job row's stage / progress_done / progress_total (what
     `aftertrip_client.trip_state` reads), best-effort: a database that cannot take the write
-    is logged and not asked again for ten seconds; the job goes on."""
+    is logged and not asked again for ten seconds; the job goes on. At most about twenty
+    writes per stage, or two a second."""
     lock = threading.Lock()
-    last: dict[str, Any] = {"stage": None, "at": 0.0, "silent_until": 0.0}
+    last: dict[str, Any] = {"stage": None, "percent": -1, "at": 0.0, "silent_until": 0.0}
 
     def report(stage: str, done: int, total: int) -> None:
         progress(stage, done, total)
         now = time.monotonic()
+        percent = stage_percent(stage, done, total)
         with lock:
-            due = stage != last["stage"] or done >= total
-            if now < last["silent_until"] or (
-                not due and now - last["at"] < PROGRESS_WRITE_SECONDS
-            ):
+            moved = percent - last["percent"]
+            due = (
+                stage != last["stage"]
+                or done >= total
+                or moved >= PROGRESS_WRITE_POINTS
+                or (moved > 0 and now - last["at"] >= PROGRESS_WRITE_SECONDS)
+            )
+            if not due or now < last["silent_until"]:
                 return
-            last.update(stage=stage, at=now)
+            last.update(stage=stage, percent=percent, at=now)
             try:
                 with sessions() as session:
                     record_progress(

@@ -149,6 +149,13 @@ class ServiceSettings(PipelineSettings):
     lock_wait_seconds: int = Field(
         default=20, description="How long a job waits before checking again when its trip is busy."
     )
+    request_settle_seconds: float = Field(
+        default=1.0,
+        ge=0,
+        description="A trip's requests start their job once none came for this long (a burst "
+        "of uploads and deletes is one job), or once the oldest has waited ten times this. "
+        "0 = at once.",
+    )
     request_sweep_seconds: float = Field(
         default=10.0,
         ge=0,

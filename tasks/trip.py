@@ -27,7 +27,7 @@ from celery import Task, group
 from celery.exceptions import BackendError, Ignore, SoftTimeLimitExceeded
 from celery.signals import celeryd_after_setup, worker_process_init, worker_ready, worker_shutdown
 
-from db.requests import claim_requests, has_open_requests
+from db.requests import claim_requests, has_open_requests, settle_wait
 from tasks.analyze import ProgressCallback
 from tasks.app import app
 from tasks.compose import Services
@@ -122,7 +122,8 @@ def take_requests(self: GroupTripTask, trip_id: int) -> dict[str, Any]:
     Sent by `aftertrip_client` after the app's commit, by a job that ends while requests
     wait, and by the worker's sweep. Ends at once when the trip's job runs (that job sends
     this again when it ends, so the requests wait seconds, not a lock's wait) or when no
-    request is open (another job took them). Retries as `group_trip` does.
+    request is open (another job took them); sends itself again for when a burst of
+    requests has settled (AFTERTRIP_REQUEST_SETTLE_SECONDS). Retries as `group_trip` does.
     """
     trip_id, _mode = check_job_arguments(trip_id, "missing")
     install_soft_limit_handler()
@@ -138,16 +139,34 @@ def take_requests(self: GroupTripTask, trip_id: int) -> dict[str, Any]:
                 extra={"trip_id": trip_id, "task_id": task_id, "holder": holder},
             )
             return {"trip_id": trip_id, "joined": holder}
+        ran = False
         try:
+            settle = services.settings.request_settle_seconds
             with services.sessions() as session:
-                mode = claim_requests(session=session, trip_id=trip_id, task_id=task_id)
+                wait = settle_wait(
+                    session=session,
+                    trip_id=trip_id,
+                    settle_seconds=settle,
+                    max_wait_seconds=10 * settle,
+                )
+                mode = None
+                if wait <= 0:
+                    mode = claim_requests(session=session, trip_id=trip_id, task_id=task_id)
+            if wait > 0:  # a burst may still be coming: one job for all of it
+                try:
+                    _send_take_requests(trip_id, countdown=wait)
+                except Exception as exc:  # the rows stay: the sweep queues them
+                    logger.warning("settling request not queued (the sweep will): %s", exc)
+                return {"trip_id": trip_id, "settling": round(wait, 3)}
             if mode is None:
                 logger.info("no open request", extra={"trip_id": trip_id, "task_id": task_id})
                 return {"trip_id": trip_id, "joined": None}
+            ran = True
             return _run_job(self, trip_id, mode, task_id, lock, since)
         finally:
             lock.release()
-            _follow_up(self, trip_id)
+            if ran:  # only a job's end owes the requests that came meanwhile a follow-up
+                _follow_up(self, trip_id)
     except RETRYABLE_ERRORS as exc:
         _retry(self, exc, trip_id, task_id, since)
         raise  # not reached: _retry raises
@@ -395,6 +414,8 @@ def _stop_sweep(**_kwargs: object) -> None:
     RequestSweep.stop_running()
 
 
-def _send_take_requests(trip_id: int) -> None:
+def _send_take_requests(trip_id: int, countdown: float | None = None) -> None:
     """Queue `take_requests(trip_id)` once, without retries (the sweep tries again later)."""
-    take_requests.apply_async(args=(trip_id,), queue=get_settings().queue, retry=False)
+    take_requests.apply_async(
+        args=(trip_id,), queue=get_settings().queue, countdown=countdown, retry=False
+    )
