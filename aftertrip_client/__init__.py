@@ -161,8 +161,9 @@ def enqueue_trip_on_commit(
     """Ask for the trip's grouping in the current Django transaction (`request_trip`): a
     request row committed with it, the worker nudged once it commits, nothing asked if it
     rolls back. Returns the id of the nudge task; `trip_state(trip_id)` is the progress to
-    show (the nudge's own `job_progress` is the job's only if the nudge ran it: a request
-    that joins a job already queued or running has a nudge that ends at once).
+    show. (`job_progress` of that id follows the job when the nudge runs it, settling first
+    under the same id; a request that joins a job already queued or running has a nudge
+    that ends at once, SUCCESS with {"trip_id", "joined"}.)
 
     A broker that cannot be reached is logged (logger `aftertrip_client`) and costs at most
     about half a second: the request row stays, and the worker's sweep carries it out once

@@ -33,3 +33,16 @@ def trip_id_problem(trip_id: object) -> "str | None":
     if not 1 <= trip_id <= MAX_TRIP_ID:
         return f"trip_id must be between 1 and {MAX_TRIP_ID} (trips_trip.id), not {trip_id}"
     return None
+
+
+STAGE_SPAN = {"models": (0, 0), "analyze": (0, 90), "group": (90, 100)}
+"""Share of a job's overall percentage each stage covers: analysing photos is nearly all."""
+
+
+def stage_percent(stage: "str | None", done: int, total: int) -> int:
+    """0-100 over a whole job from its stage and its steps done of total (analysing is
+    0-90, grouping 90-100)."""
+    low, high = STAGE_SPAN.get(stage or "", (0, 0))
+    if total <= 0:
+        return low
+    return low + (high - low) * min(done, total) // total

@@ -25,7 +25,14 @@ from dataclasses import dataclass
 from datetime import datetime, timezone, tzinfo
 from typing import TYPE_CHECKING, Any
 
-from aftertrip_client.names import FACES_QUEUE, MODES, REQUEST_TABLE, TAKE_REQUESTS, trip_id_problem
+from aftertrip_client.names import (
+    FACES_QUEUE,
+    MODES,
+    REQUEST_TABLE,
+    TAKE_REQUESTS,
+    stage_percent,
+    trip_id_problem,
+)
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -37,9 +44,6 @@ DEFAULT_TIME_ZONE = "Asia/Seoul"
 
 NUDGE_TIMEOUT = 0.3
 """Seconds the nudge may wait to connect to the broker, and again for its answer."""
-
-# Share of the overall percentage each stage covers: analysing photos is nearly all the work.
-STAGE_SPAN = {"models": (0, 0), "analyze": (0, 90), "group": (90, 100)}
 
 _nudge_lock = threading.Lock()
 _nudge_app: Celery | None = None
@@ -64,14 +68,6 @@ def check_request(trip_id: object, mode: object) -> None:
     problem = trip_id_problem(trip_id)
     if problem is not None:
         raise ValueError(problem)
-
-
-def stage_percent(stage: str | None, done: int, total: int) -> int:
-    """0-100 over a whole job: analysing is 0-90, grouping 90-100."""
-    low, high = STAGE_SPAN.get(stage or "", (0, 0))
-    if total <= 0:
-        return low
-    return low + (high - low) * min(done, total) // total
 
 
 # ---------------------------------------------------------------------------- connections

@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy.exc
 from sqlalchemy.orm import Session, sessionmaker
 
-from aftertrip_client.trips import stage_percent
 from db.common import TripDeleted, TripNotFound
 from db.jobs import fail_job, finish_job, job_stored_photos, skip_job, start_job
 from db.photos import photos_to_analyze, trip_thumbnail_keys
@@ -38,7 +37,7 @@ from tasks.analyze import (
 )
 from tasks.fanout import FanOut, analyze_fanned_out
 from tasks.guard import JobGuard, JobTimedOut
-from tasks.names import MODES, trip_id_problem
+from tasks.names import MODES, stage_percent, trip_id_problem
 from tasks.write import regroup_trip, store_photo_outcomes
 from worker.errors import AfterTripError
 from worker.types import PhotoStatus

@@ -7,6 +7,7 @@ from aftertrip_client.names import (
     MODES,
     PROGRESS,
     TAKE_REQUESTS,
+    stage_percent,
     trip_id_problem,
 )
 
@@ -22,5 +23,6 @@ __all__ = [
     "MODES",
     "PROGRESS",
     "TAKE_REQUESTS",
+    "stage_percent",
     "trip_id_problem",
 ]

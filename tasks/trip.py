@@ -153,11 +153,7 @@ def take_requests(self: GroupTripTask, trip_id: int) -> dict[str, Any]:
                 if wait <= 0:
                     mode = claim_requests(session=session, trip_id=trip_id, task_id=task_id)
             if wait > 0:  # a burst may still be coming: one job for all of it
-                try:
-                    _send_take_requests(trip_id, countdown=wait)
-                except Exception as exc:  # the rows stay: the sweep queues them
-                    logger.warning("settling request not queued (the sweep will): %s", exc)
-                return {"trip_id": trip_id, "settling": round(wait, 3)}
+                _settle(self, trip_id, wait)
             if mode is None:
                 logger.info("no open request", extra={"trip_id": trip_id, "task_id": task_id})
                 return {"trip_id": trip_id, "joined": None}
@@ -170,6 +166,27 @@ def take_requests(self: GroupTripTask, trip_id: int) -> dict[str, Any]:
     except RETRYABLE_ERRORS as exc:
         _retry(self, exc, trip_id, task_id, since)
         raise  # not reached: _retry raises
+
+
+def _settle(task: GroupTripTask, trip_id: int, wait: float) -> None:
+    """Send this request again for when the trip's burst of requests has settled, under the
+    same task id (a client following the nudge's `job_progress` keeps following it), and end
+    this delivery without a result. A broker that cannot take it is logged: the requests
+    stay, and the sweep queues them."""
+    logger.info(
+        "requests settling for %.1f s", wait, extra={"trip_id": trip_id, "task_id": task.request.id}
+    )
+    try:
+        task.apply_async(
+            args=(trip_id,),
+            countdown=wait,
+            task_id=task.request.id,
+            retries=task.request.retries,
+            queue=task.services.settings.queue,
+        )
+    except Exception as exc:  # never lose the rows for this: the sweep has them
+        logger.warning("settling request not queued (the sweep will): %s", exc)
+    raise Ignore()
 
 
 def _run_job(
@@ -414,8 +431,6 @@ def _stop_sweep(**_kwargs: object) -> None:
     RequestSweep.stop_running()
 
 
-def _send_take_requests(trip_id: int, countdown: float | None = None) -> None:
+def _send_take_requests(trip_id: int) -> None:
     """Queue `take_requests(trip_id)` once, without retries (the sweep tries again later)."""
-    take_requests.apply_async(
-        args=(trip_id,), queue=get_settings().queue, countdown=countdown, retry=False
-    )
+    take_requests.apply_async(args=(trip_id,), queue=get_settings().queue, retry=False)
