@@ -5,8 +5,10 @@ connection (PyMySQL, psycopg, sqlite3), and the worker's side of the rows (`db.r
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -26,6 +28,7 @@ from db.requests import (
 from db.types import utcnow
 from tests.plugins.databases import add_trip
 from tests.support.appdb import app_connection
+from tests.support.faults import PrivateRedis
 from tests.support.services import free_port
 
 SEOUL = ZoneInfo("Asia/Seoul")
@@ -226,3 +229,33 @@ def test_a_broker_that_is_down_loses_no_request(
     assert notify_worker(trip_id) is False
     assert open_rows(db_engine, trip_id) == [("missing", None)]
     monkeypatch.setattr(client_trips, "_nudge_app", None)
+
+
+def test_the_sweep_queues_a_waiting_trip_once_and_not_while_its_job_runs(
+    db_url: str, db_engine: Engine, app_conn: Any, trip_id: int, tmp_path: Path
+) -> None:
+    """`RequestSweep.sweep_once` with a private Redis for the trip locks."""
+    from tasks.locks import trip_lock_name
+    from tasks.settings import ServiceSettings
+    from tasks.sweep import RequestSweep
+
+    redis = PrivateRedis(tmp_path / "redis").start()
+    try:
+        settings = ServiceSettings(
+            database_url=db_url, broker_url=redis.url(0), request_sweep_seconds=0.01
+        )
+        sent: list[int] = []
+        sweep = RequestSweep(settings, send=sent.append)
+        request_trip(trip_id, connection=app_conn)
+        app_conn.commit()
+        time.sleep(0.05)  # older than the sweep's grace
+        redis.client().set(trip_lock_name(trip_id), "job-running 1")
+        assert sweep.sweep_once() == [] and sent == []  # its running job follows up
+        redis.client().delete(trip_lock_name(trip_id))
+        assert sweep.sweep_once() == [trip_id] and sent == [trip_id]
+        assert sweep.sweep_once() == []  # not again while its message may be on its way
+        redis.stop()  # the locks' Redis down: the round fails, logged, nothing raised
+        assert RequestSweep(settings, send=sent.append).sweep_once() == []
+        assert sent == [trip_id]
+    finally:
+        redis.stop()
