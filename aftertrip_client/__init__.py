@@ -1,12 +1,18 @@
-"""The web app's side of AfterTrip Faces: queue a trip's grouping and show its progress.
+"""The web app's side of AfterTrip Faces: ask for a trip's grouping and show where it stands.
 
 Installs on its own (`pip install ./client`): it depends on Celery only and imports nothing of
 the worker (no numpy, torch or onnxruntime), and runs on Python 3.8, the AfterTrip backend's.
 
-    from aftertrip_client import enqueue_trip_on_commit, job_progress
+    from aftertrip_client import request_trip, trip_state
 
-    enqueue_trip_on_commit(trip.id)          # in a Django view: sent once the photos commit
-    job_progress(task_id).percent            # "sorting… 40%"
+    request_trip(trip.id)                    # in a Django view: committed with the photos
+    trip_state(trip.id).percent              # "sorting trip 7… 40%", "sorted at 14:03"
+
+`request_trip` (and `enqueue_trip_on_commit`, which now goes through it) writes a row in the
+worker's `aftertrip_request` table in the app's transaction and nudges the worker after the
+commit with a short broker timeout: it never waits on a broker that is down, and the worker's
+sweep carries the request out once the broker is back. `enqueue_trip` / `job_progress` (a
+Celery message and its task id) remain for code outside the app's database.
 
 Where the broker is: an `app` argument (the web app's own Celery app), else Django settings
 `AFTERTRIP_BROKER_URL` / `AFTERTRIP_RESULT_BACKEND` / `AFTERTRIP_QUEUE` when Django is
@@ -17,9 +23,7 @@ configured, else the environment variables of the same names, else the worker's 
 from __future__ import annotations
 
 import logging
-import os
 import threading
-import uuid
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +33,16 @@ from aftertrip_client.names import (
     MAX_TRIP_ID,
     MODES,
     PROGRESS,
-    trip_id_problem,
+    TAKE_REQUESTS,
+)
+from aftertrip_client.trips import (
+    TripState,
+    check_request,
+    notify_worker,
+    request_trip,
+    setting,
+    stage_percent,
+    trip_state,
 )
 
 if TYPE_CHECKING:
@@ -42,11 +55,16 @@ __all__ = [
     "MAX_TRIP_ID",
     "MODES",
     "PROGRESS",
+    "TAKE_REQUESTS",
     "JobProgress",
+    "TripState",
     "client_app",
     "enqueue_trip",
     "enqueue_trip_on_commit",
     "job_progress",
+    "notify_worker",
+    "request_trip",
+    "trip_state",
 ]
 
 logger = logging.getLogger(__name__)
@@ -54,23 +72,11 @@ logger = logging.getLogger(__name__)
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_RESULT_BACKEND = "redis://127.0.0.1:6379/1"
 
-# Share of the overall percentage each stage covers: analysing photos is nearly all the work.
-_STAGE_SPAN = {"models": (0, 0), "analyze": (0, 90), "group": (90, 100)}
-
 _app_lock = threading.Lock()
 _default_app: Celery | None = None
 
 
-def _setting(name: str, default: str) -> str:
-    """Django setting `name` when Django is configured, else the environment variable."""
-    try:
-        from django.conf import settings  # type: ignore[import-not-found,unused-ignore]
-
-        if settings.configured and getattr(settings, name, None):
-            return str(getattr(settings, name))
-    except ImportError:
-        pass
-    return os.environ.get(name) or default
+_setting = setting
 
 
 def client_app(broker_url: str | None = None, result_backend: str | None = None) -> Celery:
@@ -112,12 +118,7 @@ def _configured_queue(app: Celery) -> str:
     return _setting("AFTERTRIP_QUEUE", FACES_QUEUE)
 
 
-def _check(trip_id: object, mode: object) -> None:
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
-    problem = trip_id_problem(trip_id)
-    if problem is not None:
-        raise ValueError(problem)
+_check = check_request
 
 
 def enqueue_trip(
@@ -157,29 +158,18 @@ def enqueue_trip_on_commit(
     app: Celery | None = None,
     queue: str | None = None,
 ) -> str:
-    """Queue the trip's grouping once the current Django transaction commits (at once when
-    none is open); nothing is sent if it rolls back. Returns the task id the job will have,
-    for `job_progress` (store it with the trip to show "sorting… 40%").
+    """Ask for the trip's grouping in the current Django transaction (`request_trip`): a
+    request row committed with it, the worker nudged once it commits, nothing asked if it
+    rolls back. Returns the id of the nudge task; `trip_state(trip_id)` is the progress to
+    show. (`job_progress` of that id follows the job when the nudge runs it, settling first
+    under the same id; a request that joins a job already queued or running has a nudge
+    that ends at once, SUCCESS with {"trip_id", "joined"}.)
 
-    A broker that cannot be reached then is logged (logger `aftertrip_client`) and does not
-    fail the request that already committed: the photos stay unsorted until the next
-    enqueue of the trip (the next upload or delete, or the nightly run) picks them up.
+    A broker that cannot be reached is logged (logger `aftertrip_client`) and costs at most
+    about half a second: the request row stays, and the worker's sweep carries it out once
+    the broker is back.
     """
-    _check(trip_id, mode)
-    from django.db import transaction  # type: ignore[import-not-found,unused-ignore]
-
-    task_id = str(uuid.uuid4())
-
-    def send() -> None:
-        try:
-            enqueue_trip(trip_id, mode, app=app, queue=queue, task_id=task_id)
-        except Exception:  # the request has committed: report, never undo it
-            logger.exception("could not queue the grouping of trip %s", trip_id)
-            return
-        logger.info("queued the grouping of trip %s as task %s", trip_id, task_id)
-
-    transaction.on_commit(send, using=using)
-    return task_id
+    return request_trip(trip_id, mode, using=using, app=app, queue=queue)
 
 
 @dataclass(frozen=True)
@@ -206,11 +196,7 @@ class JobProgress:
         return self.state in ("SUCCESS", "FAILURE", "REVOKED")
 
 
-def _percent(stage: str | None, done: int, total: int) -> int:
-    low, high = _STAGE_SPAN.get(stage or "", (0, 0))
-    if total <= 0:
-        return low
-    return low + (high - low) * min(done, total) // total
+_percent = stage_percent
 
 
 def job_progress(task_id: str, *, app: Celery | None = None) -> JobProgress:

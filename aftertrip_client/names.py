@@ -3,6 +3,14 @@
 GROUP_TRIP = "aftertrip.group_trip"
 """The grouping task: `group_trip(trip_id: int, mode: str = "missing")`."""
 
+TAKE_REQUESTS = "aftertrip.take_requests"
+"""The task that carries out a trip's open requests (aftertrip_request rows):
+`take_requests(trip_id: int)`; a no-op when a job of the trip runs (it follows up) or
+nothing is open."""
+
+REQUEST_TABLE = "aftertrip_request"
+"""The worker's table of the web app's requests (created by `aftertrip-faces db upgrade`)."""
+
 FACES_QUEUE = "faces"
 """The queue the grouping task is routed to (the default of AFTERTRIP_QUEUE)."""
 
@@ -25,3 +33,16 @@ def trip_id_problem(trip_id: object) -> "str | None":
     if not 1 <= trip_id <= MAX_TRIP_ID:
         return f"trip_id must be between 1 and {MAX_TRIP_ID} (trips_trip.id), not {trip_id}"
     return None
+
+
+STAGE_SPAN = {"models": (0, 0), "analyze": (0, 90), "group": (90, 100)}
+"""Share of a job's overall percentage each stage covers: analysing photos is nearly all."""
+
+
+def stage_percent(stage: "str | None", done: int, total: int) -> int:
+    """0-100 over a whole job from its stage and its steps done of total (analysing is
+    0-90, grouping 90-100)."""
+    low, high = STAGE_SPAN.get(stage or "", (0, 0))
+    if total <= 0:
+        return low
+    return low + (high - low) * min(done, total) // total

@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session
 
 from db.common import MAX_ERROR_CHARS
 from db.models import Job, JobMode, JobStatus, PhotoAnalysis
+from db.requests import close_requests, unclaim_requests
 from db.types import engine_time_zone, local_time, utcnow
 from worker.types import ModelInfo, ModelsUsed
 
@@ -120,6 +121,7 @@ def finish_job(*, session: Session, job_id: int, counts: dict[str, int]) -> None
     job.finished_at = utcnow()
     job.counts = {str(k): int(v) for k, v in counts.items()}
     job.error = None
+    close_requests(session=session, task_id=job.celery_task_id)  # done with the job's end
     session.commit()
     logger.info("job succeeded", extra={"job_id": job_id, "trip_id": job.trip_id})
 
@@ -132,6 +134,7 @@ def skip_job(*, session: Session, job_id: int, reason: str) -> None:
     job.status = JobStatus.SKIPPED.value
     job.finished_at = utcnow()
     job.error = reason[:MAX_ERROR_CHARS]
+    close_requests(session=session, task_id=job.celery_task_id)
     session.commit()
     logger.warning("job skipped: %s", reason, extra={"job_id": job_id, "trip_id": job.trip_id})
 
@@ -148,6 +151,8 @@ def fail_job(*, session: Session, job_id: int, error: str, retrying: bool = Fals
     job.status = (JobStatus.RETRYING if retrying else JobStatus.FAILED).value
     job.finished_at = None if retrying else utcnow()
     job.error = error[:MAX_ERROR_CHARS]
+    if not retrying:  # a failed job's requests end with it (its error is the answer)
+        close_requests(session=session, task_id=job.celery_task_id)
     session.commit()
     logger.warning(
         "job will be retried" if retrying else "job failed",
@@ -198,6 +203,10 @@ def mark_stalled_jobs(
         logger.warning(
             "stalled job marked failed", extra={"job_id": job.id, "trip_id": job.trip_id}
         )
+    # What the dead jobs took is open again: the next job of the trip, or the sweep, takes it.
+    unclaim_requests(
+        session=session, task_ids=[j.celery_task_id for j in stalled if j.celery_task_id]
+    )
     session.commit()
     return [job.id for job in stalled]
 

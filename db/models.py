@@ -4,7 +4,8 @@
 - `aftertrip_photo`: what happened to one photo for one embedder (ok, or its error);
 - `aftertrip_face`: every face found, with its embedding and the folder it went to;
 - `aftertrip_folder`: each person folder's direction as the last regroup left it;
-- `aftertrip_link`: the links the worker wrote, and the corrections people made to them.
+- `aftertrip_link`: the links the worker wrote, and the corrections people made to them;
+- `aftertrip_request`: the web app's requests to group a trip, until a job has carried them out.
 
 Foreign keys into the web app's tables cascade (or set NULL) in the database, because the
 web app deletes in Python and does not know these tables exist.
@@ -105,6 +106,32 @@ class Job(Base):
     embedder_sha256: Mapped[str | None] = mapped_column(String(SHA256_LENGTH))
     # Every model file (name, role, sha256): MTCNN alone is three files.
     models: Mapped[list[dict[str, str]] | None] = mapped_column(JSON)
+    # Where the running job is (migration 0005), written best-effort while it runs: the
+    # stage ("models", "analyze", "group") and the steps done of its total.
+    stage: Mapped[str | None] = mapped_column(String(16))
+    progress_done: Mapped[int | None] = mapped_column(Integer)
+    progress_total: Mapped[int | None] = mapped_column(Integer)
+
+
+class TripRequest(Base):
+    """aftertrip_request: "group this trip", as the web app asked (`aftertrip_client`).
+
+    Written by the client in the app's own transaction; `claimed_by` is the task id of the
+    job that took it (every open request of a trip is taken at once: one job carries out a
+    burst); the job deletes what it took when it ends. Unclaimed rows are pending.
+    """
+
+    __tablename__ = "aftertrip_request"
+    __table_args__ = (_SQLITE_AUTOINCREMENT,)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    trip_id: Mapped[int] = mapped_column(
+        BigInteger, ForeignKey(Trip.id, ondelete="CASCADE"), nullable=False, index=True
+    )
+    mode: Mapped[str] = mapped_column(String(16), nullable=False)
+    requested_at: Mapped[datetime] = mapped_column(UTCDateTime, nullable=False, default=utcnow)
+    claimed_by: Mapped[str | None] = mapped_column(String(255), index=True)
+    claimed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 class PhotoAnalysis(Base):

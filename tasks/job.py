@@ -9,6 +9,7 @@ task (`tasks.trip.group_trip`) and `aftertrip-faces rerun --inline` run it; so d
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -20,6 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from db.common import TripDeleted, TripNotFound
 from db.jobs import fail_job, finish_job, job_stored_photos, skip_job, start_job
 from db.photos import photos_to_analyze, trip_thumbnail_keys
+from db.requests import record_progress
 from db.schemas import PhotoOutcome
 from db.types import engine_time_zone
 from db.webapp import Trip
@@ -36,7 +38,7 @@ from tasks.analyze import (
 )
 from tasks.fanout import FanOut, analyze_fanned_out
 from tasks.guard import JobGuard, JobTimedOut
-from tasks.names import MODES, trip_id_problem
+from tasks.names import MODES, stage_percent, trip_id_problem
 from tasks.write import regroup_trip, store_photo_outcomes
 from worker.errors import AfterTripError
 from worker.types import PhotoStatus
@@ -121,6 +123,7 @@ def run_trip_job(
             guard.take_over_stalled(trip_id=trip_id, task_id=task_id)
         job = start_job(session=session, trip_id=trip_id, mode=mode, task_id=task_id, models=models)
         job_id = job.id
+        progress = _recording_progress(progress, sessions, job_id)
         if guard is not None:
             guard.start(job_id)
         try:
@@ -227,6 +230,49 @@ def run_trip_job(
         },
     )
     return {"trip_id": trip_id, "job_id": job_id, **counts}
+
+
+PROGRESS_WRITE_SECONDS = 0.5
+"""A running job stores its progress on its row when its percentage has moved and this long
+has passed since the last write, or it moved by `PROGRESS_WRITE_POINTS`, and at every stage."""
+PROGRESS_WRITE_POINTS = 5
+
+
+def _recording_progress(
+    progress: ProgressCallback, sessions: sessionmaker[Session], job_id: int
+) -> ProgressCallback:
+    """`progress`, plus the job row's stage / progress_done / progress_total (what
+    `aftertrip_client.trip_state` reads), best-effort: a database that cannot take the write
+    is logged and not asked again for ten seconds; the job goes on. At most about twenty
+    writes per stage, or two a second."""
+    lock = threading.Lock()
+    last: dict[str, Any] = {"stage": None, "percent": -1, "at": 0.0, "silent_until": 0.0}
+
+    def report(stage: str, done: int, total: int) -> None:
+        progress(stage, done, total)
+        now = time.monotonic()
+        percent = stage_percent(stage, done, total)
+        with lock:
+            moved = percent - last["percent"]
+            due = (
+                stage != last["stage"]
+                or done >= total
+                or moved >= PROGRESS_WRITE_POINTS
+                or (moved > 0 and now - last["at"] >= PROGRESS_WRITE_SECONDS)
+            )
+            if not due or now < last["silent_until"]:
+                return
+            last.update(stage=stage, percent=percent, at=now)
+            try:
+                with sessions() as session:
+                    record_progress(
+                        session=session, job_id=job_id, stage=stage, done=done, total=total
+                    )
+            except sqlalchemy.exc.SQLAlchemyError as exc:
+                last["silent_until"] = now + 10
+                logger.warning("job progress not stored: %s", exc, extra={"job_id": job_id})
+
+    return report
 
 
 def _skipped(session: Session, job_id: int, why: TripDeleted) -> dict[str, Any]:

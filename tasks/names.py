@@ -6,6 +6,8 @@ from aftertrip_client.names import (
     GROUP_TRIP,
     MODES,
     PROGRESS,
+    TAKE_REQUESTS,
+    stage_percent,
     trip_id_problem,
 )
 
@@ -20,5 +22,7 @@ __all__ = [
     "GROUP_TRIP",
     "MODES",
     "PROGRESS",
+    "TAKE_REQUESTS",
+    "stage_percent",
     "trip_id_problem",
 ]

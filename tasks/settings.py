@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Self
+from typing import TYPE_CHECKING, Any, Literal, Self
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import Field, SecretStr, ValidationError, model_validator
@@ -149,6 +149,20 @@ class ServiceSettings(PipelineSettings):
     lock_wait_seconds: int = Field(
         default=20, description="How long a job waits before checking again when its trip is busy."
     )
+    request_settle_seconds: float = Field(
+        default=1.0,
+        ge=0,
+        description="A trip's requests start their job once none came for this long (a burst "
+        "of uploads and deletes is one job), or once the oldest has waited ten times this. "
+        "0 = at once.",
+    )
+    request_sweep_seconds: float = Field(
+        default=10.0,
+        ge=0,
+        description="Every this many seconds (and at start-up) each worker queues the trips "
+        "whose requests (aftertrip_request) no job took for that long: the web app's "
+        "requests whose nudge a broker outage lost. 0 = no sweep.",
+    )
     worker_soft_shutdown_timeout: float = Field(
         default=60.0,
         description="On SIGQUIT (the containers' stop signal), let a running job finish for "
@@ -222,9 +236,10 @@ class ServiceSettings(PipelineSettings):
                 "refusing to run with AFTERTRIP_ENVIRONMENT=production: " + "; ".join(problems)
             )
 
-    def database_engine(self) -> Engine:
+    def database_engine(self, **kwargs: Any) -> Engine:
         """An engine on the web app's database that writes datetimes by its time rule
-        (AFTERTRIP_WEBAPP_TIME_ZONE): every engine of the service is made here."""
+        (AFTERTRIP_WEBAPP_TIME_ZONE): every engine of the service is made here. `kwargs` go
+        to `sqlalchemy.create_engine` (e.g. `poolclass`)."""
         from db.session import make_engine
 
         return make_engine(
@@ -232,6 +247,7 @@ class ServiceSettings(PipelineSettings):
             time_zone=self.webapp_time_zone,
             connect_timeout=self.database_connect_timeout,
             statement_timeout=self.database_statement_timeout or None,
+            **kwargs,
         )
 
     @property

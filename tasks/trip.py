@@ -1,10 +1,13 @@
-"""The Celery tasks: `aftertrip.group_trip(trip_id, mode)` and `aftertrip.analyze_chunk`.
+"""The Celery tasks: `aftertrip.take_requests(trip_id)`, `aftertrip.group_trip(trip_id, mode)`
+and `aftertrip.analyze_chunk`.
 
 Glue only: each task checks its arguments, opens what it needs through the process's
 `tasks.compose.Services` and runs the Celery-free job (`tasks.job.run_trip_job`, or a chunk:
-`tasks.fanout.analyze_chunk_body`). Celery's part stays here: a busy trip's request goes back
-on the queue, retries (`tasks.retry` decides), progress as the task's state, chunks sent as a
-group, the soft time limit's signal, a fresh process state after the pool forks.
+`tasks.fanout.analyze_chunk_body`). Celery's part stays here: the web app's requests taken
+(`take_requests`, a no-op while the trip's job runs: that job follows up when it ends), a busy
+trip's `group_trip` put back on the queue, retries (`tasks.retry` decides), progress as the
+task's state, chunks sent as a group, the soft time limit's signal, a fresh process state after
+the pool forks, the sweep of requests whose nudge was lost (`tasks.sweep`).
 """
 
 from __future__ import annotations
@@ -22,8 +25,9 @@ from typing import Any
 import redis.exceptions
 from celery import Task, group
 from celery.exceptions import BackendError, Ignore, SoftTimeLimitExceeded
-from celery.signals import celeryd_after_setup, worker_process_init, worker_ready
+from celery.signals import celeryd_after_setup, worker_process_init, worker_ready, worker_shutdown
 
+from db.requests import claim_requests, has_open_requests, settle_wait
 from tasks.analyze import ProgressCallback
 from tasks.app import app
 from tasks.compose import Services
@@ -31,7 +35,7 @@ from tasks.fanout import FanOut, analyze_chunk_body
 from tasks.guard import SOFT_LIMIT
 from tasks.job import InvalidJobArguments, check_job_arguments, run_trip_job
 from tasks.locks import Lease, TripLock, chunk_lease_name
-from tasks.names import ANALYZE_CHUNK, GROUP_TRIP, PROGRESS
+from tasks.names import ANALYZE_CHUNK, GROUP_TRIP, PROGRESS, TAKE_REQUESTS
 from tasks.retry import (
     RETRY_SINCE_HEADER,
     RETRYABLE_ERRORS,
@@ -94,51 +98,172 @@ def group_trip(self: GroupTripTask, trip_id: int, mode: str = "missing") -> dict
     trip_id, mode = check_job_arguments(trip_id, mode)
     install_soft_limit_handler()
     services = self.services
-    settings = services.settings
     task_id = self.request.id or f"local-{uuid.uuid4()}"
     since = retry_since(self.request)
     try:
-        lock = TripLock(services.redis, trip_id, owner=task_id, ttl=settings.lock_ttl)
+        lock = TripLock(services.redis, trip_id, owner=task_id, ttl=services.settings.lock_ttl)
         if not lock.acquire():
             _wait_for_turn(self, trip_id, mode, holder=lock.holder(), retry_since=since)
         try:
-            count_delivery(
-                services, task_id=task_id, retries=self.request.retries, trip_id=trip_id, mode=mode
-            )
-            return run_trip_job(
-                sessions=services.sessions,
-                store=services.store,
-                pipeline=services.pipeline,
-                settings=settings,
-                trip_id=trip_id,
-                mode=mode,
-                task_id=task_id,
-                thumbnail_prefix=settings.s3_thumbnail_prefix,
-                on_progress=_progress_reporter(self),
-                will_retry=lambda exc: _retry_delay(self, exc, since) is not None,
-                guard=services.guard(lock),
-                fan_out=FanOut(
-                    chunk_photos=settings.chunk_photos,
-                    redis=services.redis,
-                    owner=task_id,
-                    lease_ttl=settings.lock_ttl,
-                    send=partial(_send_chunks, queue=settings.queue),
-                ),
-            )
+            return _run_job(self, trip_id, mode, task_id, lock, since)
         finally:
             lock.release()
+            _follow_up(self, trip_id)
     except RETRYABLE_ERRORS as exc:
-        delay = _retry_delay(self, exc, since)
-        if delay is None:
-            raise
-        since = since if since is not None else time.time()
-        logger.warning(
-            "job will be retried in %.0f s: %s",
-            delay,
-            exc,
-            extra={"trip_id": trip_id, "task_id": task_id, "retry_since": since},
+        _retry(self, exc, trip_id, task_id, since)
+        raise  # not reached: _retry raises
+
+
+@app.task(bind=True, base=GroupTripTask, name=TAKE_REQUESTS, max_retries=None)
+def take_requests(self: GroupTripTask, trip_id: int) -> dict[str, Any]:
+    """Carry out the trip's open requests (aftertrip_request rows the web app wrote) as one
+    job, in the mode they ask for ("all" wins over "missing").
+
+    Sent by `aftertrip_client` after the app's commit, by a job that ends while requests
+    wait, and by the worker's sweep. Ends at once when the trip's job runs (that job sends
+    this again when it ends, so the requests wait seconds, not a lock's wait) or when no
+    request is open (another job took them); sends itself again for when a burst of
+    requests has settled (AFTERTRIP_REQUEST_SETTLE_SECONDS). Retries as `group_trip` does.
+    """
+    trip_id, _mode = check_job_arguments(trip_id, "missing")
+    install_soft_limit_handler()
+    services = self.services
+    task_id = self.request.id or f"local-{uuid.uuid4()}"
+    since = retry_since(self.request)
+    try:
+        lock = TripLock(services.redis, trip_id, owner=task_id, ttl=services.settings.lock_ttl)
+        if not lock.acquire():
+            holder = lock.holder()
+            logger.info(
+                "trip busy: its running job takes the request when it ends",
+                extra={"trip_id": trip_id, "task_id": task_id, "holder": holder},
+            )
+            return {"trip_id": trip_id, "joined": holder}
+        ran = False
+        try:
+            settle = services.settings.request_settle_seconds
+            with services.sessions() as session:
+                wait = settle_wait(
+                    session=session,
+                    trip_id=trip_id,
+                    settle_seconds=settle,
+                    max_wait_seconds=10 * settle,
+                )
+                mode = None
+                if wait <= 0:
+                    mode = claim_requests(session=session, trip_id=trip_id, task_id=task_id)
+            if wait > 0:  # a burst may still be coming: one job for all of it
+                _settle(self, trip_id, wait)
+            if mode is None:
+                logger.info("no open request", extra={"trip_id": trip_id, "task_id": task_id})
+                return {"trip_id": trip_id, "joined": None}
+            ran = True
+            return _run_job(self, trip_id, mode, task_id, lock, since)
+        finally:
+            lock.release()
+            if ran:  # only a job's end owes the requests that came meanwhile a follow-up
+                _follow_up(self, trip_id)
+    except RETRYABLE_ERRORS as exc:
+        _retry(self, exc, trip_id, task_id, since)
+        raise  # not reached: _retry raises
+
+
+def _settle(task: GroupTripTask, trip_id: int, wait: float) -> None:
+    """Send this request again for when the trip's burst of requests has settled, under the
+    same task id (a client following the nudge's `job_progress` keeps following it), and end
+    this delivery without a result. A broker that cannot take it is logged: the requests
+    stay, and the sweep queues them."""
+    logger.info(
+        "requests settling for %.1f s", wait, extra={"trip_id": trip_id, "task_id": task.request.id}
+    )
+    try:
+        task.apply_async(
+            args=(trip_id,),
+            countdown=wait,
+            task_id=task.request.id,
+            retries=task.request.retries,
+            queue=task.services.settings.queue,
         )
-        raise self.retry(exc=exc, countdown=delay, headers={RETRY_SINCE_HEADER: since}) from exc
+    except Exception as exc:  # never lose the rows for this: the sweep has them
+        logger.warning("settling request not queued (the sweep will): %s", exc)
+    raise Ignore()
+
+
+def _run_job(
+    task: GroupTripTask,
+    trip_id: int,
+    mode: str,
+    task_id: str,
+    lock: TripLock,
+    since: float | None,
+) -> dict[str, Any]:
+    """`run_trip_job` with the process's services, holding the trip's `lock`."""
+    services = task.services
+    settings = services.settings
+    count_delivery(
+        services, task_id=task_id, retries=task.request.retries, trip_id=trip_id, mode=mode
+    )
+    return run_trip_job(
+        sessions=services.sessions,
+        store=services.store,
+        pipeline=services.pipeline,
+        settings=settings,
+        trip_id=trip_id,
+        mode=mode,
+        task_id=task_id,
+        thumbnail_prefix=settings.s3_thumbnail_prefix,
+        on_progress=_progress_reporter(task),
+        will_retry=lambda exc: _retry_delay(task, exc, since) is not None,
+        guard=services.guard(lock),
+        fan_out=FanOut(
+            chunk_photos=settings.chunk_photos,
+            redis=services.redis,
+            owner=task_id,
+            lease_ttl=settings.lock_ttl,
+            send=partial(_send_chunks, queue=settings.queue),
+        ),
+    )
+
+
+def _retry(
+    task: GroupTripTask, exc: Exception, trip_id: int, task_id: str, since: float | None
+) -> None:
+    """Raise Celery's retry of this delivery after a transient error, or `exc` itself when
+    the retry budget is spent."""
+    delay = _retry_delay(task, exc, since)
+    if delay is None:
+        raise exc
+    since = since if since is not None else time.time()
+    logger.warning(
+        "job will be retried in %.0f s: %s",
+        delay,
+        exc,
+        extra={"trip_id": trip_id, "task_id": task_id, "retry_since": since},
+    )
+    raise task.retry(exc=exc, countdown=delay, headers={RETRY_SINCE_HEADER: since}) from exc
+
+
+def _follow_up(task: GroupTripTask, trip_id: int) -> None:
+    """After a job of the trip released its lock: requests that came while it ran get their
+    one follow-up job now. Best-effort: a database or broker that fails here is logged, and
+    the sweep queues the trip later."""
+    if task.request.called_directly:
+        return
+    try:
+        with task.services.sessions() as session:
+            due = has_open_requests(session=session, trip_id=trip_id)
+        if due:
+            take_requests.apply_async(
+                args=(trip_id,),
+                queue=task.services.settings.queue,
+                retry=True,
+                retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
+            )
+            logger.info(
+                "follow-up job queued for requests that came meanwhile", extra={"trip_id": trip_id}
+            )
+    except Exception as exc:  # never fail the job that ended for this; the sweep catches it
+        logger.warning("follow-up not queued (the sweep will): %s", exc, extra={"trip_id": trip_id})
 
 
 def _send_chunks(
@@ -290,3 +415,24 @@ def _check_setup(**_kwargs: object) -> None:
             logger.error("setup problem: %s", problem.replace("\n", " "))
 
     threading.Thread(target=check, name="aftertrip-setup-check", daemon=True).start()
+
+
+@worker_ready.connect
+def _start_sweep(sender: Any = None, **_kwargs: object) -> None:
+    """The sweep of requests whose nudge was lost (a broker outage), in the worker's main
+    process: once now, then every AFTERTRIP_REQUEST_SWEEP_SECONDS."""
+    from tasks.sweep import RequestSweep
+
+    RequestSweep.start_once(get_settings(), send=_send_take_requests)
+
+
+@worker_shutdown.connect
+def _stop_sweep(**_kwargs: object) -> None:
+    from tasks.sweep import RequestSweep
+
+    RequestSweep.stop_running()
+
+
+def _send_take_requests(trip_id: int) -> None:
+    """Queue `take_requests(trip_id)` once, without retries (the sweep tries again later)."""
+    take_requests.apply_async(args=(trip_id,), queue=get_settings().queue, retry=False)

@@ -371,7 +371,7 @@ django.setup()
 from django.db import connection
 from django.test import Client
 from django.utils import timezone
-from aftertrip_client import job_progress
+from aftertrip_client import job_progress, trip_state
 
 photos = json.load(open(sys.argv[1]))
 with connection.cursor() as cursor:
@@ -399,8 +399,16 @@ while time.monotonic() < deadline:
     if progress.finished:
         break
     time.sleep(0.5)
+# The progress page's read: per trip, on Django's own connection, times in Seoul.
+deadline = time.monotonic() + 60
+while time.monotonic() < deadline:  # the job's row ends just before the task's result
+    state = trip_state(trip_id)
+    if not state.busy:
+        break
+    time.sleep(0.2)
 print(json.dumps({"trip_id": trip_id, "bad_id": bad_id, **answer, "states": states,
-                  "final": progress.__dict__}))
+                  "final": progress.__dict__, "trip_state": state.as_dict(),
+                  "now": timezone.now().isoformat()}))
 """
 
 # Run in the client virtualenv without Django: enqueue, then follow the job's progress.
@@ -551,6 +559,19 @@ def test_the_trip_is_sorted_into_the_real_tables(stack: Stack, sorted_trip: Sort
         with stack.engine.connect() as conn:
             last = conn.execute(text("SELECT last_value FROM photos_tagface_id_seq")).scalar_one()
         assert last >= person > OTHERS_TAG_ID  # the sequence moved past the shared ids
+
+
+def test_trip_state_through_djangos_connection(stack: Stack, sorted_trip: SortedTrip) -> None:
+    """The app's progress read (`trip_state`) on its Django connection: done, with the
+    counts and the time the job ended in the app's own clock."""
+    if stack.backend != "mariadb":
+        pytest.skip("the Django project runs on MariaDB, the backend's database")
+    state = sorted_trip.answer["trip_state"]
+    assert state["state"] == "done" and state["percent"] == 100, state
+    assert state["counts"]["analyzed"] == sorted_trip.answer["final"]["result"]["analyzed"]
+    ended = datetime.fromisoformat(state["at"])
+    now = datetime.fromisoformat(sorted_trip.answer["now"])  # Django's naive Seoul now
+    assert timedelta(0) <= now - ended < timedelta(minutes=10)
 
 
 def test_a_bad_file_key_fails_that_photo_alone(stack: Stack, sorted_trip: SortedTrip) -> None:

@@ -5,7 +5,9 @@ With AFTERTRIP_TEST_HOLD_DIR set, a job that reaches `tasks.analyze.analysis_sta
 its trip's lock and its job row, and has listed its photos) while `<dir>/hold` exists writes
 `<dir>/held-<trip>-<job>` and waits until `hold` is removed (at most `HOLD_LIMIT` seconds).
 Likewise `<dir>/hold-chunk` holds an `analyze_chunk` task after it stored its first batch
-(`held-chunk-<job>-<pid>`): a chunk caught half done.
+(`held-chunk-<job>-<pid>`): a chunk caught half done; and `<dir>/hold-batch` a job that
+analyses its photos itself after each batch it stored (`held-batch-<job>`): a job caught
+part way through its photos.
 
 `DUMP_STACKS_SIGNAL` (SIGUSR2, which Celery leaves alone) makes the worker's processes write
 every thread's stack to their log: what a test sends a worker that stopped answering.
@@ -54,10 +56,21 @@ def _hold_chunk(
     sender: object = None, *, trip_id: int, job_id: int, chunk: bool, **_kwargs: object
 ) -> None:
     folder = hold_dir()
+    if folder is not None and not chunk and (folder / "hold-batch").exists():
+        _hold_batch(folder, job_id)
+        return
     if folder is None or not chunk or not (folder / "hold-chunk").exists():
         return
     (folder / f"held-chunk-{job_id}-{os.getpid()}").write_text(str(os.getpid()))
     logger.info("test hook: holding a chunk of job %s in process %s", job_id, os.getpid())
     deadline = time.monotonic() + HOLD_LIMIT
     while (folder / "hold-chunk").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _hold_batch(folder: Path, job_id: int) -> None:
+    (folder / f"held-batch-{job_id}").write_text(str(os.getpid()))
+    logger.info("test hook: holding job %s after a stored batch", job_id)
+    deadline = time.monotonic() + HOLD_LIMIT
+    while (folder / "hold-batch").exists() and time.monotonic() < deadline:
         time.sleep(0.05)
