@@ -200,6 +200,7 @@ def faulty(
             (hold / "hold").unlink(missing_ok=True)
 
 
+@pytest.mark.soak  # ten pool processes started again, each after a lock's time to live
 def test_pool_process_sigkilled_mid_job_ten_times(faulty: Faulty) -> None:
     """Ten jobs, each one's pool process SIGKILLed while it holds its trip's lock and row:
     each is delivered again (acks_late + reject_on_worker_lost) and completes once."""
@@ -259,10 +260,12 @@ def _outage_mid_job(faulty: Faulty, link: TcpProxy) -> None:
 # Both pass with `max_retries=None` on the `aftertrip.group_trip` decorator (tried: 60.7 s and
 # 61 s); without it Celery's `self.retry(max_retries=None)` falls back to the task's default
 # of 3, so the job fails on its 4th retry, ~10 s into the outage, whatever the time budget.
+@pytest.mark.soak
 def test_database_down_60s_mid_job(faulty: Faulty) -> None:
     _outage_mid_job(faulty, faulty.stack.postgres)
 
 
+@pytest.mark.soak
 def test_s3_down_60s_mid_job(faulty: Faulty) -> None:
     _outage_mid_job(faulty, faulty.stack.s3)
 
