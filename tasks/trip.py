@@ -29,7 +29,7 @@ from tasks.app import app
 from tasks.compose import Services
 from tasks.fanout import FanOut, analyze_chunk_body
 from tasks.guard import SOFT_LIMIT
-from tasks.job import InvalidJobArguments, check_job_arguments, run_trip_job
+from tasks.job import InvalidJobArguments, check_job_arguments, finished_result, run_trip_job
 from tasks.locks import Lease, TripLock, chunk_lease_name
 from tasks.names import ANALYZE_CHUNK, GROUP_TRIP, PROGRESS
 from tasks.retry import (
@@ -101,7 +101,19 @@ def group_trip(self: GroupTripTask, trip_id: int, mode: str = "missing") -> dict
         lock = TripLock(services.redis, trip_id, owner=task_id, ttl=settings.lock_ttl)
         if not lock.acquire():
             _wait_for_turn(self, trip_id, mode, holder=lock.holder(), retry_since=since)
+        guard = services.guard(lock)
         try:
+            guard.start()  # the lock is renewed from now on, through the models' loading
+            done = finished_result(services.sessions, task_id)
+            if done is not None:
+                # A duplicate of a job that has ended (e.g. a message Redis put back): its
+                # work is done and recorded; running it again would count a delivery and
+                # rewrite the folders for nothing.
+                logger.warning(
+                    "job already done: this delivery is a duplicate, its result returned",
+                    extra={"trip_id": trip_id, "task_id": task_id, "job_id": done["job_id"]},
+                )
+                return done
             count_delivery(
                 services, task_id=task_id, retries=self.request.retries, trip_id=trip_id, mode=mode
             )
@@ -116,7 +128,7 @@ def group_trip(self: GroupTripTask, trip_id: int, mode: str = "missing") -> dict
                 thumbnail_prefix=settings.s3_thumbnail_prefix,
                 on_progress=_progress_reporter(self),
                 will_retry=lambda exc: _retry_delay(self, exc, since) is not None,
-                guard=services.guard(lock),
+                guard=guard,
                 fan_out=FanOut(
                     chunk_photos=settings.chunk_photos,
                     redis=services.redis,
@@ -126,6 +138,7 @@ def group_trip(self: GroupTripTask, trip_id: int, mode: str = "missing") -> dict
                 ),
             )
         finally:
+            guard.stop()
             lock.release()
     except RETRYABLE_ERRORS as exc:
         delay = _retry_delay(self, exc, since)

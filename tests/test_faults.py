@@ -224,6 +224,34 @@ def test_worker_log_lines_carry_the_structured_fields(faulty: Faulty) -> None:
     assert any(f"job_id={result['job_id']}" in line for line in lines), faulty.worker.tail()
 
 
+def test_a_duplicate_of_a_finished_job_returns_its_result(faulty: Faulty) -> None:
+    """The same task delivered again after its job succeeded (as when Redis puts back a
+    message whose acknowledgement it lost): the recorded result comes back, the job does not
+    run again and no delivery is counted. It used to run again and count one: a way for the
+    SIGKILL test's job to end with `attempts` 3, as it once did in CI."""
+    from tasks.client import enqueue_trip
+
+    trip_id, _ids = faulty.stack.add_trip(faulty.photos)
+    first = faulty.stack.enqueue(trip_id, mode="all")
+    result = faulty.stack.wait(first, timeout=JOB_TIMEOUT)
+    mark = len(faulty.worker.text())
+    again = enqueue_trip(
+        trip_id, mode="all", app=faulty.stack.app, queue=faulty.stack.queue, task_id=first.id
+    )
+
+    def answered() -> str:
+        """The duplicate's log line: its answer, or the start of a second run."""
+        text = faulty.worker.text()[mark:]
+        return next((line for line in text.splitlines() if "job started" in line), "") or (
+            "duplicate" if "this delivery is a duplicate" in text else ""
+        )
+
+    wait_for(lambda: bool(answered()), f"the duplicate\n{faulty.worker.tail()}", JOB_TIMEOUT)
+    assert answered() == "duplicate", faulty.worker.tail()  # not run again
+    assert faulty.stack.wait(again, timeout=JOB_TIMEOUT) == result
+    faulty.check_completed_once(trip_id, result, attempts=1)
+
+
 def test_redis_restarted_mid_job(faulty: Faulty) -> None:
     """Broker, result backend and locks down 10 s while the job holds its lock."""
     pending, trip_id = faulty.held_job()
