@@ -31,7 +31,7 @@ demo: install
 # others share the cores (tests/support/schedule.py). TEST_WORKERS=0: one process, in order.
 TEST_WORKERS ?= 8
 test: install
-	$(BIN)/python -m pytest -q -rs -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
+	$(BIN)/python -m pytest -q -rs -n $(TEST_WORKERS) --dist loadscope
 
 bench: install
 	$(BIN)/aftertrip-faces bench all

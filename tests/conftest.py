@@ -2,13 +2,15 @@
 
 Helpers (paths, the service harness, trip scenarios) are plain modules in `tests/support/`;
 a test module imports those, never another test module (`tests/test_suite_layout.py`).
-Under pytest-xdist (`make test`), the hook below orders and groups the tests so that the
+Under pytest-xdist (`make test`), the hooks below order and group the tests so that the
 long waits overlap (`tests/support/schedule.py`).
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -25,16 +27,38 @@ pytest_plugins = [
 ]
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups off the items
+PLAN_VARIABLE = "AFTERTRIP_TEST_XDIST_PLAN"
+"""Where the xdist workers write the schedule for the controller (set by the controller)."""
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if getattr(config, "workerinput", None) is None and config.getoption("numprocesses", None):
+        # the controller of an xdist run: its workers (started after this) inherit the path
+        handle, name = tempfile.mkstemp(prefix="aftertrip-xdist-plan-", suffix=".json")
+        os.close(handle)
+        os.environ[PLAN_VARIABLE] = name
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if getattr(config, "workerinput", None) is None and PLAN_VARIABLE in os.environ:
+        Path(os.environ.pop(PLAN_VARIABLE)).unlink(missing_ok=True)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | None:
+    if config.getvalue("dist") not in ("loadscope", "loadgroup") or PLAN_VARIABLE not in os.environ:
+        return None  # pytest-xdist's own
+    from tests.support.schedule import plan_scheduler
+
+    return plan_scheduler(config, log, Path(os.environ[PLAN_VARIABLE]))
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     workerinput = getattr(config, "workerinput", None)
-    if workerinput is None:
+    if workerinput is None or PLAN_VARIABLE not in os.environ:
         return  # not an xdist worker: the collection order, unchanged
-    from tests.support.schedule import schedule
+    from tests.support.schedule import schedule, write_plan
 
-    ordered = []
-    for unit in schedule(items, int(workerinput["workercount"])):
-        for item in unit.items:
-            item.add_marker(pytest.mark.xdist_group(unit.group))
-            ordered.append(item)
-    items[:] = ordered
+    planned = schedule(items, int(workerinput["workercount"]))
+    write_plan(Path(os.environ[PLAN_VARIABLE]), planned)
+    items[:] = [item for unit in planned for item in unit.items]
