@@ -26,8 +26,12 @@ $(STAMP): pyproject.toml bench/pyproject.toml requirements-models.txt
 demo: install
 	$(BIN)/aftertrip-faces demo --out demo
 
+# The suite on TEST_WORKERS pytest-xdist workers: most of its time is waiting (outages held on
+# private stacks), so the `soak` tests start first, each on a worker of its own, while the
+# others share the cores (tests/support/schedule.py). TEST_WORKERS=0: one process, in order.
+TEST_WORKERS ?= 8
 test: install
-	$(BIN)/python -m pytest -q -rs
+	$(BIN)/python -m pytest -q -rs -n $(TEST_WORKERS) --dist loadscope
 
 bench: install
 	$(BIN)/aftertrip-faces bench all

@@ -1,8 +1,8 @@
 """aftertrip_job rows: a job queued, started, finished or failed; its heartbeat; stalled jobs.
 
 Each function commits what it did, except the reads (`get_job`, `find_queued_or_running_job`,
-`job_stored_photos`, `job_last_stored`, `job_is_running`), which leave their transaction to
-the caller.
+`finished_job`, `job_stored_photos`, `job_last_stored`, `job_is_running`), which leave their
+transaction to the caller.
 
 A worker renews `aftertrip_job.heartbeat_at` every few seconds while it runs a job. A row
 still `running` whose heartbeat is older than the stall limit has lost its worker (killed,
@@ -47,6 +47,17 @@ def find_queued_or_running_job(*, session: Session, trip_id: int) -> Job | None:
     stmt = (
         select(Job).where(Job.trip_id == trip_id, Job.status.in_(pending)).order_by(Job.id).limit(1)
     )
+    return session.scalars(stmt).first()
+
+
+def finished_job(*, session: Session, task_id: str) -> Job | None:
+    """The job of this task id if it has ended for good (`succeeded` or `skipped`), else None.
+
+    A task delivered again after its job ended (Redis putting back a message whose
+    acknowledgement it lost, a second copy queued beside a redelivery) is a duplicate: the
+    worker returns this row's result instead of running the job again."""
+    done = [JobStatus.SUCCEEDED, JobStatus.SKIPPED]
+    stmt = select(Job).where(Job.celery_task_id == task_id, Job.status.in_(done)).limit(1)
     return session.scalars(stmt).first()
 
 

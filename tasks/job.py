@@ -19,7 +19,15 @@ import sqlalchemy.exc
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.common import TripDeleted, TripNotFound
-from db.jobs import fail_job, finish_job, job_stored_photos, skip_job, start_job
+from db.jobs import (
+    fail_job,
+    finish_job,
+    finished_job,
+    job_stored_photos,
+    skip_job,
+    start_job,
+)
+from db.models import JobStatus
 from db.photos import photos_to_analyze, trip_thumbnail_keys
 from db.requests import record_progress
 from db.schemas import PhotoOutcome
@@ -273,6 +281,19 @@ def _recording_progress(
                 logger.warning("job progress not stored: %s", exc, extra={"job_id": job_id})
 
     return report
+
+
+def finished_result(sessions: sessionmaker[Session], task_id: str) -> dict[str, Any] | None:
+    """What `run_trip_job` returned for this task id, if its job has already ended
+    (succeeded or skipped); None if it has not (or never started). Read under the trip's
+    lock, so no delivery of the task is writing meanwhile."""
+    with sessions() as session:
+        job = finished_job(session=session, task_id=task_id)
+        if job is None:
+            return None
+        if job.status == JobStatus.SKIPPED.value:
+            return {"trip_id": job.trip_id, "job_id": job.id, "skipped": job.error or ""}
+        return {"trip_id": job.trip_id, "job_id": job.id, **(job.counts or {})}
 
 
 def _skipped(session: Session, job_id: int, why: TripDeleted) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from tasks.app import app
 from tasks.compose import Services
 from tasks.fanout import FanOut, analyze_chunk_body
 from tasks.guard import SOFT_LIMIT
-from tasks.job import InvalidJobArguments, check_job_arguments, run_trip_job
+from tasks.job import InvalidJobArguments, check_job_arguments, finished_result, run_trip_job
 from tasks.locks import Lease, TripLock, chunk_lease_name
 from tasks.names import ANALYZE_CHUNK, GROUP_TRIP, PROGRESS, TAKE_REQUESTS
 from tasks.retry import (
@@ -200,29 +200,44 @@ def _run_job(
     """`run_trip_job` with the process's services, holding the trip's `lock`."""
     services = task.services
     settings = services.settings
-    count_delivery(
-        services, task_id=task_id, retries=task.request.retries, trip_id=trip_id, mode=mode
-    )
-    return run_trip_job(
-        sessions=services.sessions,
-        store=services.store,
-        pipeline=services.pipeline,
-        settings=settings,
-        trip_id=trip_id,
-        mode=mode,
-        task_id=task_id,
-        thumbnail_prefix=settings.s3_thumbnail_prefix,
-        on_progress=_progress_reporter(task),
-        will_retry=lambda exc: _retry_delay(task, exc, since) is not None,
-        guard=services.guard(lock),
-        fan_out=FanOut(
-            chunk_photos=settings.chunk_photos,
-            redis=services.redis,
-            owner=task_id,
-            lease_ttl=settings.lock_ttl,
-            send=partial(_send_chunks, queue=settings.queue),
-        ),
-    )
+    guard = services.guard(lock)
+    try:
+        guard.start()  # the lock is renewed from now on, through the models' loading
+        done = finished_result(services.sessions, task_id)
+        if done is not None:
+            # A duplicate of a job that has ended (e.g. a message Redis put back): its
+            # work is done and recorded; running it again would count a delivery and
+            # rewrite the folders for nothing.
+            logger.warning(
+                "job already done: this delivery is a duplicate, its result returned",
+                extra={"trip_id": trip_id, "task_id": task_id, "job_id": done["job_id"]},
+            )
+            return done
+        count_delivery(
+            services, task_id=task_id, retries=task.request.retries, trip_id=trip_id, mode=mode
+        )
+        return run_trip_job(
+            sessions=services.sessions,
+            store=services.store,
+            pipeline=services.pipeline,
+            settings=settings,
+            trip_id=trip_id,
+            mode=mode,
+            task_id=task_id,
+            thumbnail_prefix=settings.s3_thumbnail_prefix,
+            on_progress=_progress_reporter(task),
+            will_retry=lambda exc: _retry_delay(task, exc, since) is not None,
+            guard=guard,
+            fan_out=FanOut(
+                chunk_photos=settings.chunk_photos,
+                redis=services.redis,
+                owner=task_id,
+                lease_ttl=settings.lock_ttl,
+                send=partial(_send_chunks, queue=settings.queue),
+            ),
+        )
+    finally:
+        guard.stop()
 
 
 def _retry(

@@ -202,6 +202,7 @@ def _stored_batches(log: Path) -> tuple[int, int]:
     return chunk, total - chunk
 
 
+@pytest.mark.faults  # a chunk's worker SIGKILLed; a minute of work: scheduled early
 def test_two_workers_share_a_big_trip_and_a_killed_chunk_costs_only_that_chunk(
     stack: Stack, photos: list[bytes]
 ) -> None:

@@ -200,6 +200,7 @@ def faulty(
             (hold / "hold").unlink(missing_ok=True)
 
 
+@pytest.mark.soak  # ten pool processes started again, each after a lock's time to live
 def test_pool_process_sigkilled_mid_job_ten_times(faulty: Faulty) -> None:
     """Ten jobs, each one's pool process SIGKILLed while it holds its trip's lock and row:
     each is delivered again (acks_late + reject_on_worker_lost) and completes once."""
@@ -221,6 +222,34 @@ def test_worker_log_lines_carry_the_structured_fields(faulty: Faulty) -> None:
     result = faulty.stack.wait(faulty.stack.enqueue(trip_id), timeout=JOB_TIMEOUT)
     lines = [line for line in faulty.worker.text().splitlines() if f"trip_id={trip_id}" in line]
     assert any(f"job_id={result['job_id']}" in line for line in lines), faulty.worker.tail()
+
+
+def test_a_duplicate_of_a_finished_job_returns_its_result(faulty: Faulty) -> None:
+    """The same task delivered again after its job succeeded (as when Redis puts back a
+    message whose acknowledgement it lost): the recorded result comes back, the job does not
+    run again and no delivery is counted. It used to run again and count one: a way for the
+    SIGKILL test's job to end with `attempts` 3, as it once did in CI."""
+    from tasks.client import enqueue_trip
+
+    trip_id, _ids = faulty.stack.add_trip(faulty.photos)
+    first = faulty.stack.enqueue(trip_id, mode="all")
+    result = faulty.stack.wait(first, timeout=JOB_TIMEOUT)
+    mark = len(faulty.worker.text())
+    again = enqueue_trip(
+        trip_id, mode="all", app=faulty.stack.app, queue=faulty.stack.queue, task_id=first.id
+    )
+
+    def answered() -> str:
+        """The duplicate's log line: its answer, or the start of a second run."""
+        text = faulty.worker.text()[mark:]
+        return next((line for line in text.splitlines() if "job started" in line), "") or (
+            "duplicate" if "this delivery is a duplicate" in text else ""
+        )
+
+    wait_for(lambda: bool(answered()), f"the duplicate\n{faulty.worker.tail()}", JOB_TIMEOUT)
+    assert answered() == "duplicate", faulty.worker.tail()  # not run again
+    assert faulty.stack.wait(again, timeout=JOB_TIMEOUT) == result
+    faulty.check_completed_once(trip_id, result, attempts=1)
 
 
 def test_redis_restarted_mid_job(faulty: Faulty) -> None:
@@ -259,10 +288,12 @@ def _outage_mid_job(faulty: Faulty, link: TcpProxy) -> None:
 # Both pass with `max_retries=None` on the `aftertrip.group_trip` decorator (tried: 60.7 s and
 # 61 s); without it Celery's `self.retry(max_retries=None)` falls back to the task's default
 # of 3, so the job fails on its 4th retry, ~10 s into the outage, whatever the time budget.
+@pytest.mark.soak
 def test_database_down_60s_mid_job(faulty: Faulty) -> None:
     _outage_mid_job(faulty, faulty.stack.postgres)
 
 
+@pytest.mark.soak
 def test_s3_down_60s_mid_job(faulty: Faulty) -> None:
     _outage_mid_job(faulty, faulty.stack.s3)
 

@@ -16,10 +16,11 @@ from pathlib import Path
 import pytest
 
 from tasks.flowerauth import REFUSAL, is_flower_command, login_problems
+from tests.support.services import REDIS_URL
 
 ROOT = Path(__file__).resolve().parents[1]
 CELERY = str(Path(sys.executable).parent / "celery")
-BROKER = "redis://127.0.0.1:6379/14"  # Flower answers HTTP before (and without) its broker
+BROKER = REDIS_URL  # Flower answers HTTP before (and without) its broker
 
 
 def _env(**extra: str) -> dict[str, str]:

@@ -511,6 +511,7 @@ def _held_fault_job(
     return worker, pending, trip_id
 
 
+@pytest.mark.faults
 def test_redis_restarted_mid_job_the_job_completes(
     tmp_path: Path, players_jpg: bytes, yaoming_jpg: bytes, gdp_jpg: bytes
 ) -> None:
@@ -538,6 +539,7 @@ def test_redis_restarted_mid_job_the_job_completes(
         stack.assert_settled(trip_id)
 
 
+@pytest.mark.faults
 def test_database_down_mid_job_is_retried_until_it_is_back(
     tmp_path: Path, players_jpg: bytes, yaoming_jpg: bytes, gdp_jpg: bytes
 ) -> None:

@@ -77,3 +77,47 @@ def test_fixtures_come_from_registered_plugins_not_imports() -> None:
         if name in fixtures.get(module, set())
     ]
     assert imported == [], "ask for a fixture by name instead: " + "; ".join(imported)
+
+
+class _Item:
+    """A stand-in for a pytest item: a node id and marker names."""
+
+    def __init__(self, nodeid: str, *marks: str) -> None:
+        self.nodeid = nodeid
+        self.marks = set(marks)
+
+    def get_closest_marker(self, name: str) -> object | None:
+        return name if name in self.marks else None
+
+
+def test_xdist_schedule_starts_soak_tests_first_each_followed_by_a_quick_module() -> None:
+    from tests.support.schedule import schedule
+
+    items = [
+        _Item("tests/test_a.py::test_1", "services"),
+        _Item("tests/test_a.py::test_2", "services"),
+        _Item("tests/test_a.py::test_long", "faults", "soak"),
+        _Item("tests/test_b.py::test_1"),
+        _Item("tests/test_b.py::test_2"),
+        _Item("tests/test_b.py::test_3"),
+        _Item("tests/test_c.py::test_fault", "faults"),
+        _Item("tests/test_c.py::test_1"),
+        _Item("tests/test_d.py::test_long", "soak"),
+        _Item("tests/test_e.py::test_1"),
+        _Item("tests/test_f.py::test_1", "shared"),
+    ]
+    units = schedule(items, workers=4)
+    names = [[item.nodeid for item in unit.items] for unit in units]
+    assert names[:2] == [["tests/test_a.py::test_long"], ["tests/test_d.py::test_long"]]
+    assert names[2] == ["tests/test_c.py::test_fault"]  # then the other fault tests
+    # the two units after the first four (one per worker) wait behind the soak tests: the
+    # smallest modules with nothing but plain tests
+    assert names[4:6] == [["tests/test_c.py::test_1"], ["tests/test_e.py::test_1"]]
+    # a module's other tests stay together, in order; every test is scheduled once
+    assert [
+        "tests/test_b.py::test_1",
+        "tests/test_b.py::test_2",
+        "tests/test_b.py::test_3",
+    ] in names
+    assert sorted(n for unit in names for n in unit) == sorted(i.nodeid for i in items)
+    assert len({unit.group for unit in units}) == len(units)

@@ -672,6 +672,10 @@ def fault_stack(tmp: Path, *, detector: str = "scrfd") -> Iterator[FaultStack]:
         stack.callback(engine.dispose)
         app = client_app(redis.url(0))
         app.conf.result_backend = redis.url(1)
+        # The test waits on results through the Redis it restarts: reads that meet it down
+        # or still loading its data (BusyLoadingError, longer on a loaded machine) are tried
+        # again instead of failing the wait.
+        app.conf.update(result_backend_always_retry=True, result_backend_max_retries=60)
         faults = FaultStack(
             tmp=tmp,
             redis=redis,

@@ -18,6 +18,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 import pytest
@@ -26,8 +27,32 @@ from PIL import Image
 
 from tests.support.files import ROOT
 
-REDIS_URL = os.environ.get("AFTERTRIP_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
-"""The Redis database the service tests use (not the default 0, so no one's data is touched)."""
+
+def _test_redis_url(base: str, worker: str | None) -> str:
+    """`base` in a plain run; under pytest-xdist (`worker` = PYTEST_XDIST_WORKER, "gw<n>"),
+    the database below it numbered for the worker (base - 1 - n), so that two test processes
+    never share trip locks (`aftertrip:trip:<id>`: every process's databases number their
+    trips from 1), queues or results."""
+    if not worker:
+        return base
+    number = int(worker.removeprefix("gw"))
+    url = urlsplit(base)
+    first = int(url.path.strip("/") or 0)
+    db = first - 1 - number
+    if db < 1:  # 0 is everyone's default database
+        raise RuntimeError(
+            f"xdist worker {worker} has no Redis database of its own below {base}: run fewer "
+            "workers (-n) or set AFTERTRIP_TEST_REDIS_URL to a higher database"
+        )
+    return urlunsplit(url._replace(path=f"/{db}"))
+
+
+REDIS_URL = _test_redis_url(
+    os.environ.get("AFTERTRIP_TEST_REDIS_URL", "redis://127.0.0.1:6379/13"),
+    os.environ.get("PYTEST_XDIST_WORKER"),
+)
+"""The Redis database the service tests use (not the default 0, so no one's data is touched):
+db 13, or under pytest-xdist one per worker (12 for gw0, 11 for gw1, ...)."""
 
 
 def require_redis(url: str = REDIS_URL) -> None:
