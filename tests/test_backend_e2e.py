@@ -50,7 +50,7 @@ from tests.plugins.databases import (
     require_webapp_schema,
 )
 from tests.plugins.s3 import MOTO_ENV, moto_client
-from tests.support.files import ROOT
+from tests.support.files import ROOT, client_build_lock
 from tests.support.services import (
     REDIS_URL,
     free_port,
@@ -150,7 +150,8 @@ def client_env() -> ClientEnv:
     # (a run under pytest-xdist once failed here with exit status 2 and no word of why)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     before = _freeze(python)
-    _pip(python, str(ROOT / "client"))
+    with client_build_lock():
+        _pip(python, str(ROOT / "client"))
     pinned = {
         line.partition("==")[0].strip().lower().replace("_", "-")
         for line in pins.splitlines()

