@@ -371,6 +371,46 @@ def run_groupshots(
         "rounds": rounds,
         "rows": rows,
         "scenery_12mp": scenery,
+        "portraits": portraits(data, pipelines, rounds),
+    }
+
+
+PORTRAITS = ("faces-dev/celeba", 300)
+"""The portrait album timed beside the group shots: the InsightFace comparison's CelebA set
+(bench/compare_insightface.py), photos of about 0.2 Mpx that the closer look never sees."""
+
+
+def portraits(
+    data: Path, pipelines: dict[str, FacePipeline], rounds: int
+) -> dict[str, dict[str, Any]]:
+    """Each pipeline on the portrait album (`PORTRAITS`), read into memory first, taking
+    turns as the group shots do: photos, faces found, best wall and CPU ms per photo, and
+    the wall time's ratio to today's (issue 17: portrait albums no slower)."""
+    folder, count = PORTRAITS
+    paths = _photos(data / folder)[:count]
+    photos = [PhotoSource(p.name, p.name, _reader(p.read_bytes())) for p in paths]
+    seconds: dict[str, float] = {}
+    cpu: dict[str, float] = {}
+    faces: dict[str, int] = {}
+    names = list(pipelines)
+    for turn in range(max(1, rounds)):
+        for name in names if turn % 2 == 0 else names[::-1]:
+            start, start_cpu = time.perf_counter(), time.process_time()
+            found = sum(len(p.detections) for p in pipelines[name].analyze(photos))
+            wall, used = time.perf_counter() - start, time.process_time() - start_cpu
+            seconds[name] = min(seconds.get(name, np.inf), wall)
+            cpu[name] = min(cpu.get(name, np.inf), used)
+            faces[name] = found
+    per_photo = 1000 / max(len(photos), 1)
+    return {
+        name: {
+            "photos": len(photos),
+            "faces": faces[name],
+            "ms_per_photo": round(per_photo * seconds[name], 1),
+            "ratio": round(seconds[name] / seconds["today"], 3),
+            "cpu_ms_per_photo": round(per_photo * cpu[name], 1),
+        }
+        for name in names
     }
 
 
@@ -389,7 +429,22 @@ def table(result: dict[str, Any]) -> list[str]:
             f"{r.get('cpu_ms_per_photo', '')} | {r.get('detect_ms_per_photo', '')} |"
         )
     scenery = ", ".join(f"{k} {v['faces']}" for k, v in result["scenery_12mp"].items())
-    return [*out, "", f"Faces found in the 9 scenery photos scaled to 12 MP: {scenery}."]
+    out += ["", f"Faces found in the 9 scenery photos scaled to 12 MP: {scenery}."]
+    if result.get("portraits"):
+        first = next(iter(result["portraits"].values()))
+        out += [
+            "",
+            f"Portrait album ({PORTRAITS[0]}, first {first['photos']} photos), same process:",
+            "",
+            "| pipeline | faces | ms / photo | × today | CPU ms / photo |",
+            "|---|---|---|---|---|",
+            *(
+                f"| {name} | {r['faces']} | {r['ms_per_photo']} | {r['ratio']} | "
+                f"{r['cpu_ms_per_photo']} |"
+                for name, r in result["portraits"].items()
+            ),
+        ]
+    return out
 
 
 def write_groupshots(out_dir: Path, result: dict[str, Any]) -> Path:
