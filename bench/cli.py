@@ -32,6 +32,12 @@ def register(subparsers: Any) -> None:
         choices=["held-out", "tune"],
         help="groupshots: the held-out photos (idols, five largest g20) or the tuning ones",
     )
+    bench.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="groupshots: times each pipeline analyses the canvases, taking turns (best time)",
+    )
     bench.add_argument("--sets", nargs="*", default=None, help="quality: which faces-dev sets")
     bench.add_argument("--albums", type=int, default=20, help="quality: albums per set")
     bench.add_argument("--cache", type=Path, default=None, help="quality: embedding cache")

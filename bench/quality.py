@@ -174,7 +174,8 @@ class FaceCache:
             # "noenlarge": SCRFD stopped enlarging photos smaller than its input (17610ec).
             detection += f"-verify{s.verify_threshold}-noenlarge"
         if s.detector == "scrfd" and s.closer_look_min_face > 0:
-            detection += f"-closer{s.closer_look_min_face}-zoom"
+            # "-ov48lin": tiles sharing 48 px, the view resized bilinearly (worker/closer.py)
+            detection += f"-closer{s.closer_look_min_face}-zoom-ov48lin"
         if s.retry_margin > 0 or s.retry_rotated:
             detection += f"-retry{s.retry_margin}{'-rotated' if s.retry_rotated else ''}"
         if s.detector == "mtcnn" and s.retry_margin > 0:

@@ -133,7 +133,9 @@ def run_bench(args: argparse.Namespace, settings: PipelineSettings, console: Con
         from bench.groupshots import run_groupshots, write_groupshots
 
         console.print("groupshots: group photos shrunk onto 12-MP canvases …")
-        shots = run_groupshots(data, settings, split=args.split, limit=args.limit)
+        shots = run_groupshots(
+            data, settings, split=args.split, limit=args.limit, rounds=args.rounds
+        )
         console.print(f"wrote {write_groupshots(args.out, shots)}")
     if args.what in ("quality", "all"):
         from bench.quality import run_quality
