@@ -159,7 +159,9 @@ def test_the_trip_folder_plan_applies_the_rule(on: bool) -> None:
         base = np.mean([vectors[k], vectors[5 + k]], axis=0)
         v = _unit(base + 0.2 * _unit(rng.standard_normal(DIM)))
         faces.append(
-            TripFace(photo_id=110 + k, embedding=v.astype(np.float32), score=0.9, box=(0, 0, 90, 90))
+            TripFace(
+                photo_id=110 + k, embedding=v.astype(np.float32), score=0.9, box=(0, 0, 90, 90)
+            )
         )
     rule = GroupingRule(
         method="default", embedder="w600k_mbf", threshold=0.34, small_face=40, near_duplicates=on
