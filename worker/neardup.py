@@ -58,7 +58,10 @@ AGREEMENT = 0.75
 NEAREST = True
 """A small face follows only into the group whose mean it is closest to."""
 
-CANDIDATE_PHOTOS = 8
+CANDIDATE_PHOTOS = 4
+
+NEAREST_BLOCK = 1024
+"""Small faces whose nearest large face is looked up at once."""
 """Other photos tried per photo: those sharing the most people (or nearest faces) with it."""
 
 
@@ -208,11 +211,12 @@ def follow_near_duplicates(
         partners[int(x)].add(int(y))
         partners[int(y)].add(int(x))
 
+    nearest = _nearest_anchors(vectors, labels, photos, small)
     proposals: dict[int, set[tuple[int, int]]] = defaultdict(set)  # face -> {(group, via)}
     for p, faces in by_photo.items():
         if len(faces) < MIN_MATCHED or not (small[faces] & (labels[faces] < 0)).any():
             continue
-        for q in _candidates(p, faces, labels, photos, photos_of_group, vectors, small):
+        for q in _candidates(p, faces, labels, photos_of_group, nearest):
             other = by_photo[q]
             if len(other) < MIN_MATCHED:
                 continue
@@ -254,26 +258,44 @@ def follow_near_duplicates(
     return Clustering(out, matched, similarity)
 
 
+def _nearest_anchors(
+    vectors: NDArray[np.float64],
+    labels: NDArray[np.int64],
+    photos: NDArray[np.int64],
+    small: NDArray[np.bool_],
+) -> dict[int, int]:
+    """For each small face in "others", the photo of the large grouped face of another photo
+    nearest it (a block of faces at a time: memory grows with the block, not faces squared)."""
+    loose = np.flatnonzero(small & (labels < 0))
+    anchors = np.flatnonzero((labels >= 0) & ~small)
+    out: dict[int, int] = {}
+    if not len(loose) or not len(anchors):
+        return out
+    for lo in range(0, len(loose), NEAREST_BLOCK):
+        block = loose[lo : lo + NEAREST_BLOCK]
+        cos = vectors[block] @ vectors[anchors].T
+        cos[photos[block][:, None] == photos[anchors][None, :]] = -np.inf
+        nearest = anchors[np.argmax(cos, axis=1)]
+        out.update(zip(block.tolist(), photos[nearest].tolist(), strict=True))
+    return out
+
+
 def _candidates(
     photo: int,
     faces: NDArray[np.int64],
     labels: NDArray[np.int64],
-    photo_index: NDArray[np.int64],
     photos_of_group: dict[int, set[int]],
-    vectors: NDArray[np.float64],
-    small: NDArray[np.bool_],
+    nearest: dict[int, int],
 ) -> list[int]:
     """Other photos worth a layout match: those holding the most of this photo's grouped
-    people, then those of the large grouped faces nearest its faces in `others`."""
+    people, then those of the large grouped faces nearest its small faces in "others"."""
     votes: dict[int, int] = defaultdict(int)
     for g in labels[faces][labels[faces] >= 0]:
         for q in photos_of_group[int(g)]:
             if q != photo:
                 votes[q] += 1
-    loose = faces[labels[faces] < 0]
-    anchors = np.flatnonzero((labels >= 0) & ~small & (photo_index != photo))
-    if len(loose) and len(anchors):
-        nearest = anchors[np.argmax(vectors[loose] @ vectors[anchors].T, axis=1)]
-        for q in photo_index[nearest]:
-            votes[int(q)] += 1
+    for f in faces.tolist():
+        q = nearest.get(f, photo)
+        if q != photo:
+            votes[q] += 1
     return sorted(votes, key=lambda q: (-votes[q], q))[:CANDIDATE_PHOTOS]
