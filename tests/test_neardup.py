@@ -10,7 +10,9 @@ import pytest
 from worker.cluster import Clustering
 from worker.folders import plan_folders
 from worker.neardup import follow_near_duplicates, layout_match
-from worker.types import GroupingRule, SharedFolders, TripFace
+from worker.pipeline import AnalyzedPhoto, StageTimer, assemble_album
+from worker.settings import PipelineSettings
+from worker.types import Detections, GroupingRule, PhotoStatus, SharedFolders, TripFace
 
 DIM = 64
 SHARED = SharedFolders(no_face=1, others=2)
@@ -178,3 +180,58 @@ def test_the_trip_folder_plan_applies_the_rule(on: bool) -> None:
     assert person3 != SHARED.others
     assert (plan.folders[13] == person3) is on
     assert plan.folders[15] == SHARED.others
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_the_result_file_applies_the_rule(on: bool) -> None:
+    _, vectors, photos, boxes, _ = _album(weak=0.3)
+    analyzed = []
+    rng = np.random.default_rng(6)
+    for p in range(3):
+        mine = photos == p
+        analyzed.append(
+            AnalyzedPhoto(
+                photo_id=f"p{p}",
+                name=f"p{p}.jpg",
+                status=PhotoStatus.OK,
+                error=None,
+                width=4000,
+                height=3000,
+                detections=Detections(
+                    boxes[mine],
+                    np.full(int(mine.sum()), 0.9, np.float32),
+                    np.zeros((int(mine.sum()), 5, 2), np.float32),
+                ),
+                embeddings=vectors[mine],
+                working_scale=0.7 if p == 2 else 1.0,  # the far shot's faces: 19 px, tiny
+            )
+        )
+    for k in range(5):  # a third photo of each person
+        v = _unit(vectors[k] + vectors[5 + k] + 0.3 * _unit(rng.standard_normal(DIM)))
+        analyzed.append(
+            AnalyzedPhoto(
+                photo_id=f"q{k}",
+                name=f"q{k}.jpg",
+                status=PhotoStatus.OK,
+                error=None,
+                width=400,
+                height=300,
+                detections=Detections(
+                    np.array([[10, 10, 100, 100]], np.float32),
+                    np.array([0.9], np.float32),
+                    np.zeros((1, 5, 2), np.float32),
+                ),
+                embeddings=v[None].astype(np.float32),
+            )
+        )
+    album = assemble_album(
+        analyzed,
+        PipelineSettings(near_duplicates=on),
+        models=[],
+        timer=StageTimer(),
+        embedder="w600k_mbf",
+        dim=DIM,
+    )
+    assert album.faces[3].group >= 0
+    assert (album.faces[13].group == album.faces[3].group) is on
+    assert album.faces[15].group < 0
