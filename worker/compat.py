@@ -23,6 +23,7 @@ from PIL import Image
 
 from worker.cluster import MIN_DETECTION_SCORE, Clustering, cluster_faces, seed_grouping
 from worker.errors import PhotoUnreadable
+from worker.neardup import follow_near_duplicates
 from worker.pipeline import AnalyzedPhoto, FacePipeline, album_small_faces
 from worker.rules import photo_groups
 from worker.settings import PipelineSettings
@@ -80,19 +81,26 @@ def run_face_recog(
         groups = _seed_groups(embeddings, settings)
     else:
         small, tiny = album_small_faces(analyzed, settings.small_face)
-        groups = _default_groups(
-            cluster_faces(
+        clustering = cluster_faces(
+            embeddings,
+            np.asarray(face_photo, np.int64),
+            method=settings.grouping,
+            threshold=settings.similarity_threshold,
+            embedder=pipeline.embedder.name,
+            quality=np.concatenate([p.detections.scores for p in analyzed]),
+            min_quality=MIN_DETECTION_SCORE.get(settings.detector),
+            small=small,
+            tiny=tiny,
+        )
+        if settings.near_duplicates:
+            clustering = follow_near_duplicates(
+                clustering,
                 embeddings,
                 np.asarray(face_photo, np.int64),
-                method=settings.grouping,
-                threshold=settings.similarity_threshold,
-                embedder=pipeline.embedder.name,
-                quality=np.concatenate([p.detections.scores for p in analyzed]),
-                min_quality=MIN_DETECTION_SCORE.get(settings.detector),
-                small=small,
-                tiny=tiny,
+                np.concatenate([p.detections.boxes for p in analyzed]),
+                small,
             )
-        )
+        groups = _default_groups(clustering)
     return _prototype_structure(groups, face_photo, chips, crop_paths, analyzed, out_images)
 
 

@@ -40,6 +40,7 @@ from scipy.optimize import linear_sum_assignment
 from worker.boxes import box_iou, cover_score
 from worker.cluster import Clustering, ConstraintConflict, cluster_faces
 from worker.errors import AfterTripError
+from worker.neardup import follow_near_duplicates
 from worker.rules import cover_faces, photo_groups, small_faces
 from worker.types import (
     NO_FACE_GROUP,
@@ -198,16 +199,18 @@ def plan_folders(
     resolver = _Resolver(faces, vectors, directions, rule.threshold)
     outcome = resolver.resolve(usable)
     if n:
+        chip_sizes = np.asarray(
+            [np.nan if f.chip_size is None else f.chip_size for f in faces], np.float32
+        )
+        constraints = resolver.constraints()
         try:
             clustering = clusterer(
                 vectors,
                 photo_index,
                 np.asarray([f.score for f in faces], np.float32),
-                resolver.constraints(),
+                constraints,
                 rule,
-                np.asarray(
-                    [np.nan if f.chip_size is None else f.chip_size for f in faces], np.float32
-                ),
+                chip_sizes,
             )
         except ConstraintConflict as exc:
             raise CorrectionsUnresolved(
@@ -215,6 +218,15 @@ def plan_folders(
                 "written. `aftertrip-faces status --trip ID` lists them; `aftertrip-faces rerun "
                 "--trip ID --forget-corrections` drops them and regroups"
             ) from exc
+        if rule.near_duplicates:
+            clustering = follow_near_duplicates(
+                clustering,
+                vectors,
+                photo_index,
+                np.asarray([f.box for f in faces], np.float64),
+                small_faces(chip_sizes, rule.small_face)[0],
+                cannot_link=constraints.cannot_link,
+            )
         labels = clustering.labels.copy()
         matched, similarity = clustering.matched_face, clustering.similarity
     else:

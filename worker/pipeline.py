@@ -30,6 +30,7 @@ from worker.embed import ArcFaceEmbedder
 from worker.errors import PhotoError
 from worker.images import decode_image, encode_jpeg
 from worker.models import RemoteFetcher
+from worker.neardup import follow_near_duplicates
 from worker.rules import cover_faces, photo_groups, small_faces
 from worker.runtime import (
     TRIM_EVERY_PHOTOS,
@@ -418,11 +419,18 @@ def assemble_album(
             small=small,
             tiny=tiny,
         )
+        boxes = np.concatenate(
+            [p.detections.boxes for p in analyzed] or [np.zeros((0, 4), np.float32)]
+        )
+        if settings.near_duplicates:
+            clustering = follow_near_duplicates(
+                clustering, embeddings, np.asarray(photo_index, np.int64), boxes, small
+            )
     _apply_clustering(faces, clustering)
     covers = cover_faces(
         clustering.labels,
         np.concatenate([p.detections.scores for p in analyzed] or [np.zeros(0, np.float32)]),
-        np.concatenate([p.detections.boxes for p in analyzed] or [np.zeros((0, 4), np.float32)]),
+        boxes,
     )
     groups = _person_groups(faces, covers)
     by_photo: dict[str, list[FaceResult]] = {}

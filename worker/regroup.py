@@ -53,6 +53,7 @@ def grouping_rule(settings: PipelineSettings, embedder: str) -> GroupingRule:
         explicit_threshold=threshold,
         min_quality=MIN_DETECTION_SCORE.get(settings.detector),
         small_face=settings.small_face,
+        near_duplicates=settings.near_duplicates,
     )
 
 

@@ -149,6 +149,13 @@ class PipelineSettings(BaseSettings):
         "under 0.6 of this alone joins a person only above the grouping's cut, not the lower "
         "attach bar; blurred faces look alike whoever they are (docs/pipeline.md). 0 = off.",
     )
+    near_duplicates: bool = Field(
+        True,
+        description="A small face left in others follows the folder of the large face at its "
+        "place in a near-duplicate shot (the same faces standing the same way, up to scale and "
+        "shift), when its own embedding is closest to that folder (docs/pipeline.md). "
+        "false = off.",
+    )
     similarity_threshold: float | None = Field(
         None, description="Cosine threshold; empty = the value calibrated for the embedder."
     )

@@ -339,6 +339,9 @@ class GroupingRule:
     small_face: int = 0
     """`AFTERTRIP_SMALL_FACE`: faces under it (`FoundFace.chip_size`) never found a person
     (0: off)."""
+    near_duplicates: bool = False
+    """`AFTERTRIP_NEAR_DUPLICATES`: small faces in "others" follow the large face at their place
+    in a near-duplicate shot (`worker.neardup.follow_near_duplicates`)."""
 
 
 @dataclass
