@@ -83,20 +83,12 @@ class JobGuard:
                 keep_task_id=task_id,
             )
 
-    def start(self, job_id: int | None = None) -> None:
-        """Beat until `stop()`: the lock from now on, the job row's heartbeat once `job_id`
-        is given (call again with it when the row exists; the same thread goes on).
-
-        The Celery task starts the beat as soon as it holds the trip's lock: loading the
-        models on a pool process's first job takes seconds, more than the lock lives unrenewed
-        on a busy machine (1 s beats, a 6 s lock, 7 s of loading under load), and a lock
-        that lapsed then could go to another delivery of the same job."""
-        if job_id is not None:
-            self.job_id = job_id
+    def start(self, job_id: int) -> None:
+        """Beat for this job until `stop()`."""
+        self.job_id = job_id
         self.beat()
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
-            self._thread.start()
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{job_id}", daemon=True)
+        self._thread.start()
 
     def stop(self) -> None:
         """End the heartbeat (the lock is released by its owner)."""

@@ -98,12 +98,15 @@ def group_trip(self: GroupTripTask, trip_id: int, mode: str = "missing") -> dict
     task_id = self.request.id or f"local-{uuid.uuid4()}"
     since = retry_since(self.request)
     try:
+        # The models first (seconds, on a pool process's first job): the lock is renewed only
+        # once the job row exists, and loading them with the lock held let it lapse (a 6 s
+        # lock with 1 s beats, 7 s of loading on a busy machine), free for another delivery.
+        pipeline = services.pipeline
+        _ = pipeline.models  # loads the detector and the embedder
         lock = TripLock(services.redis, trip_id, owner=task_id, ttl=settings.lock_ttl)
         if not lock.acquire():
             _wait_for_turn(self, trip_id, mode, holder=lock.holder(), retry_since=since)
-        guard = services.guard(lock)
         try:
-            guard.start()  # the lock is renewed from now on, through the models' loading
             done = finished_result(services.sessions, task_id)
             if done is not None:
                 # A duplicate of a job that has ended (e.g. a message Redis put back): its
@@ -120,7 +123,7 @@ def group_trip(self: GroupTripTask, trip_id: int, mode: str = "missing") -> dict
             return run_trip_job(
                 sessions=services.sessions,
                 store=services.store,
-                pipeline=services.pipeline,
+                pipeline=pipeline,
                 settings=settings,
                 trip_id=trip_id,
                 mode=mode,
@@ -128,7 +131,7 @@ def group_trip(self: GroupTripTask, trip_id: int, mode: str = "missing") -> dict
                 thumbnail_prefix=settings.s3_thumbnail_prefix,
                 on_progress=_progress_reporter(self),
                 will_retry=lambda exc: _retry_delay(self, exc, since) is not None,
-                guard=guard,
+                guard=services.guard(lock),
                 fan_out=FanOut(
                     chunk_photos=settings.chunk_photos,
                     redis=services.redis,
@@ -138,7 +141,6 @@ def group_trip(self: GroupTripTask, trip_id: int, mode: str = "missing") -> dict
                 ),
             )
         finally:
-            guard.stop()
             lock.release()
     except RETRYABLE_ERRORS as exc:
         delay = _retry_delay(self, exc, since)
