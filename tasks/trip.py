@@ -98,28 +98,33 @@ def group_trip(self: GroupTripTask, trip_id: int, mode: str = "missing") -> dict
     task_id = self.request.id or f"local-{uuid.uuid4()}"
     since = retry_since(self.request)
     try:
-        # The models first (seconds, on a pool process's first job): the lock is renewed only
-        # once the job row exists, and loading them with the lock held let it lapse (a 6 s
-        # lock with 1 s beats, 7 s of loading on a busy machine), free for another delivery.
-        pipeline = services.pipeline
-        _ = pipeline.models  # loads the detector and the embedder
         lock = TripLock(services.redis, trip_id, owner=task_id, ttl=settings.lock_ttl)
         if not lock.acquire():
             _wait_for_turn(self, trip_id, mode, holder=lock.holder(), retry_since=since)
         try:
-            done = finished_result(services.sessions, task_id)
-            if done is not None:
-                # A duplicate of a job that has ended (e.g. a message Redis put back): its
-                # work is done and recorded; running it again would count a delivery and
-                # rewrite the folders for nothing.
-                logger.warning(
-                    "job already done: this delivery is a duplicate, its result returned",
-                    extra={"trip_id": trip_id, "task_id": task_id, "job_id": done["job_id"]},
+            # Renewed until the job's guard takes over: the models load here on a pool
+            # process's first job, and a 6 s lock (1 s beats) lapsed under 7 s of loading on
+            # a busy machine, free for another delivery of the same job.
+            with lock.kept_alive(every=settings.heartbeat_seconds):
+                pipeline = services.pipeline
+                _ = pipeline.models  # loads the detector and the embedder
+                done = finished_result(services.sessions, task_id)
+                if done is not None:
+                    # A duplicate of a job that has ended (e.g. a message Redis put back):
+                    # its work is done and recorded; running it again would count a
+                    # delivery and rewrite the folders for nothing.
+                    logger.warning(
+                        "job already done: this delivery is a duplicate, its result returned",
+                        extra={"trip_id": trip_id, "task_id": task_id, "job_id": done["job_id"]},
+                    )
+                    return done
+                count_delivery(
+                    services,
+                    task_id=task_id,
+                    retries=self.request.retries,
+                    trip_id=trip_id,
+                    mode=mode,
                 )
-                return done
-            count_delivery(
-                services, task_id=task_id, retries=self.request.retries, trip_id=trip_id, mode=mode
-            )
             return run_trip_job(
                 sessions=services.sessions,
                 store=services.store,
