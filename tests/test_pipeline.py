@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
 
 import numpy as np
 import pillow_heif
@@ -325,10 +326,15 @@ def test_a_failed_read_starts_none_of_the_photos_queued_behind_it(
 ) -> None:
     """Photos are read ahead; once a read has failed the job, the photos queued behind it
     are not read at all (only a read already under way finishes)."""
+    import threading
     import time
 
     small = FacePipeline(SETTINGS.model_copy(update={"decode_workers": 1, "prefetch": 4}))
     late_reads: list[str] = []
+    # Set when the pipeline asks for the photo after the first four: it has analysed p0 and
+    # turns to p1's failure. A read waits for it, so that it is still under way when the
+    # failure reaches the pipeline however long p0 took (seconds, on a loaded machine).
+    turned_to_p1 = threading.Event()
 
     def outage() -> bytes:
         raise ConnectionError("storage is down")
@@ -336,6 +342,7 @@ def test_a_failed_read_starts_none_of_the_photos_queued_behind_it(
     def slow(name: str) -> PhotoSource:
         def read() -> bytes:
             late_reads.append(name)
+            turned_to_p1.wait(timeout=120)
             time.sleep(1.0)  # still reading when the failure reaches the pipeline
             return yaoming_jpg
 
@@ -343,7 +350,14 @@ def test_a_failed_read_starts_none_of_the_photos_queued_behind_it(
 
     photos = [source("p0.jpg", players_jpg), PhotoSource(id="p1.jpg", name="p1.jpg", read=outage)]
     photos += [slow(f"p{i}.jpg") for i in range(2, 7)]
+
+    def handed_out() -> Iterator[PhotoSource]:
+        for n, photo in enumerate(photos):
+            if n == 4:
+                turned_to_p1.set()
+            yield photo
+
     with pytest.raises(ConnectionError, match="storage is down"):
-        list(small.analyze(photos))
+        list(small.analyze(handed_out()))
     # p2 is read if the one decode thread took it before the failure arrived; never more.
     assert set(late_reads) <= {"p2.jpg"}, late_reads

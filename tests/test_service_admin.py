@@ -234,37 +234,32 @@ def test_trip_lock_one_holder_renewed_and_gone_with_its_holder() -> None:
         redis.delete(name)
 
 
-def test_the_guard_renews_the_trip_lock_before_the_job_row_exists() -> None:
-    """The task starts the guard as soon as it holds the trip's lock, before the models
-    load and the job row exists: the lock outlives its time to live many times over, then
-    lapses once the guard stops (the flaky SIGKILL test's lock had lapsed while a fresh pool
-    process loaded its models)."""
+def test_a_lock_kept_alive_outlives_its_time_to_live_then_lapses() -> None:
+    """What a job does between taking its trip's lock and its guard's first beat (loading
+    the models): the lock is renewed all along, and lapses once the block is left (the
+    SIGKILL fault test's redelivery had loaded its models for longer than the lock lived)."""
     require_redis()
     from redis import Redis
 
-    from tasks.guard import JobGuard
     from tasks.locks import TripLock, trip_lock_name
 
     redis = Redis.from_url(REDIS_URL)
     trip_id = int(uuid.uuid4().int % 10**9) + 10**9  # no real trip has it
     lock = TripLock(redis, trip_id, owner="task-a", ttl=2)
-    guard = JobGuard(None, heartbeat_seconds=0.25, stall_seconds=60, lock=lock)  # type: ignore[arg-type]
+    other = TripLock(redis, trip_id, owner="task-b", ttl=2)
     try:
         assert lock.acquire()
-        guard.start()  # no job id: the lock only
-        deadline = time.monotonic() + 7  # three times the lock's time to live
-        while time.monotonic() < deadline:
-            assert lock.holder() == "task-a"
-            time.sleep(0.1)
-        assert lock.held and not TripLock(redis, trip_id, owner="task-b", ttl=2).acquire()
-        guard.stop()
-        other = TripLock(redis, trip_id, owner="task-b", ttl=2)
+        with lock.kept_alive(every=0.25):
+            deadline = time.monotonic() + 7  # over three times the lock's time to live
+            while time.monotonic() < deadline:
+                assert lock.holder() == "task-a"
+                time.sleep(0.1)
+            assert not other.acquire()
         deadline = time.monotonic() + 30
         while not other.acquire():
-            assert time.monotonic() < deadline, "the lock outlived its guard"
+            assert time.monotonic() < deadline, "the lock outlived its block"
             time.sleep(0.1)
     finally:
-        guard.stop()
         redis.delete(trip_lock_name(trip_id))
 
 
