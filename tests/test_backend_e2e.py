@@ -43,7 +43,7 @@ from db.models import Job, PhotoAnalysis
 from db.session import make_engine
 from db.webapp import NO_FACE_TAG_ID, OTHERS_TAG_ID, TagFace
 from tests.plugins.databases import (
-    WEBAPP_SCHEMA_DIR,
+    backend_pins,
     cli_db_upgrade,
     fresh_database,
     load_webapp_schema,
@@ -112,15 +112,7 @@ class ClientEnv:
 @pytest.fixture(scope="session")
 def client_env() -> ClientEnv:
     """A virtualenv with the backend's pins (celery and redis switched on), then the client."""
-    pins_file = WEBAPP_SCHEMA_DIR / "backend-requirements.txt"
-    if not pins_file.is_file():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true but the backend's pins are missing at {pins_file}")
-        pytest.skip(f"needs the backend's pinned requirements at {pins_file}")
-    pins = "".join(
-        line.removeprefix("# ") if line.startswith(("# celery==", "# redis==")) else line
-        for line in pins_file.read_text().splitlines(keepends=True)
-    )
+    pins = backend_pins()
     assert "celery==5.2.7" in pins
     key = hashlib.sha256((pins + sys.version).encode()).hexdigest()[:12]
     venv = ROOT / ".cache" / f"backend-venv-{key}"

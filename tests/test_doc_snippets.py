@@ -33,7 +33,7 @@ from sqlalchemy.engine import make_url
 
 import aftertrip_client
 from tests.plugins.databases import (
-    WEBAPP_SCHEMA_DIR,
+    backend_pins,
     fresh_database,
     load_webapp_schema,
     require_webapp_schema,
@@ -122,15 +122,7 @@ def test_doc_snippets_import_what_the_client_exports() -> None:
 def backend_python() -> Path:
     """A virtualenv with the backend's pins (celery and redis switched on) and the client
     from client/, on Python 3.8 where there is one."""
-    pins_file = WEBAPP_SCHEMA_DIR / "backend-requirements.txt"
-    if not pins_file.is_file():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true but the backend's pins are missing at {pins_file}")
-        pytest.skip(f"needs the backend's pinned requirements at {pins_file}")
-    pins = "".join(
-        line.removeprefix("# ") if line.startswith(("# celery==", "# redis==")) else line
-        for line in pins_file.read_text().splitlines(keepends=True)
-    )
+    pins = backend_pins()
     base = find_python38() or sys.executable
     key = hashlib.sha256((pins + base).encode()).hexdigest()[:12]
     venv = ROOT / ".cache" / f"docs-backend-venv-{key}"
