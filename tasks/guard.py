@@ -87,15 +87,25 @@ class JobGuard:
                 keep_task_id=task_id,
             )
 
-    def start(self, job_id: int) -> None:
-        """Beat for this job until `stop()`: the leases and the row, each on its own thread."""
-        self.job_id = job_id
+    def start(self, job_id: int | None = None) -> None:
+        """Beat until `stop()`: the leases from now on, the job row's heartbeat once `job_id`
+        is given (call again with it when the row exists; the same threads go on), each on
+        its own thread.
+
+        The Celery task starts the beat as soon as it holds the trip's lock: loading the
+        models on a pool process's first job takes seconds, more than the lock lives
+        unrenewed on a busy machine (1 s beats, a 6 s lock, 7 s of loading under load), and a
+        lock that lapsed then could go to another delivery of the same job."""
+        if job_id is not None:
+            self.job_id = job_id
         self.beat()
+        if self._threads:
+            return
         self._threads = [
             threading.Thread(target=self._every_beat, args=(action,), name=name, daemon=True)
             for action, name in (
-                (self.renew_leases, f"leases-{job_id}"),
-                (self.record_heartbeat, f"heartbeat-{job_id}"),
+                (self.renew_leases, "leases"),
+                (self.record_heartbeat, "heartbeat"),
             )
         ]
         for thread in self._threads:

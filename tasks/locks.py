@@ -13,10 +13,7 @@ alive at once); it waits for that lock to be renewed no more, like any other job
 from __future__ import annotations
 
 import logging
-import threading
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 from redis import Redis
 from redis.exceptions import LockError, RedisError
@@ -72,29 +69,6 @@ class Lease:
         self.held = False
         logger.error("lease %s lost to %s while task %s ran", self.name, self.holder(), self.owner)
         return False
-
-    @contextmanager
-    def kept_alive(self, every: float) -> Iterator[None]:
-        """Renew the lease every `every` seconds on a thread of its own while the block runs:
-        for the work between taking a trip's lock and the job's guard taking over (a pool
-        process's first job loads its models there: seconds, more than the lock lives
-        unrenewed on a busy machine). Redis errors are logged and tried again."""
-        stop = threading.Event()
-
-        def renew() -> None:
-            while not stop.wait(every):
-                try:
-                    self.renew()
-                except RedisError as exc:
-                    logger.warning("%s not renewed (tried again): %s", self.name, exc)
-
-        thread = threading.Thread(target=renew, name=f"keep-{self.name}", daemon=True)
-        thread.start()
-        try:
-            yield
-        finally:
-            stop.set()
-            thread.join(timeout=every + 10)
 
     def holder(self) -> str | None:
         """The task id holding the lock now, if any."""

@@ -200,12 +200,11 @@ def _run_job(
     """`run_trip_job` with the process's services, holding the trip's `lock`."""
     services = task.services
     settings = services.settings
-    # Renewed until the job's guard takes over: the models load here on a pool process's
-    # first job, and a 6 s lock (1 s beats) lapsed under 7 s of loading on a busy machine,
-    # free for another delivery of the same job.
-    with lock.kept_alive(every=settings.heartbeat_seconds):
-        pipeline = services.pipeline
-        _ = pipeline.models  # loads the detector and the embedder
+    guard = services.guard(lock)
+    # The lock is renewed from here on, through the models' loading in `run_trip_job` (the
+    # job row's heartbeat joins once the row exists): see `JobGuard.start`.
+    guard.start()
+    try:
         done = finished_result(services.sessions, task_id)
         if done is not None:
             # A duplicate of a job that has ended (e.g. a message Redis put back): its work
@@ -219,26 +218,28 @@ def _run_job(
         count_delivery(
             services, task_id=task_id, retries=task.request.retries, trip_id=trip_id, mode=mode
         )
-    return run_trip_job(
-        sessions=services.sessions,
-        store=services.store,
-        pipeline=pipeline,
-        settings=settings,
-        trip_id=trip_id,
-        mode=mode,
-        task_id=task_id,
-        thumbnail_prefix=settings.s3_thumbnail_prefix,
-        on_progress=_progress_reporter(task),
-        will_retry=lambda exc: _retry_delay(task, exc, since) is not None,
-        guard=services.guard(lock),
-        fan_out=FanOut(
-            chunk_photos=settings.chunk_photos,
-            redis=services.redis,
-            owner=task_id,
-            lease_ttl=settings.lock_ttl,
-            send=partial(_send_chunks, queue=settings.queue),
-        ),
-    )
+        return run_trip_job(
+            sessions=services.sessions,
+            store=services.store,
+            pipeline=services.pipeline,
+            settings=settings,
+            trip_id=trip_id,
+            mode=mode,
+            task_id=task_id,
+            thumbnail_prefix=settings.s3_thumbnail_prefix,
+            on_progress=_progress_reporter(task),
+            will_retry=lambda exc: _retry_delay(task, exc, since) is not None,
+            guard=guard,
+            fan_out=FanOut(
+                chunk_photos=settings.chunk_photos,
+                redis=services.redis,
+                owner=task_id,
+                lease_ttl=settings.lock_ttl,
+                send=partial(_send_chunks, queue=settings.queue),
+            ),
+        )
+    finally:
+        guard.stop()
 
 
 def _retry(

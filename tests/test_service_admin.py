@@ -234,13 +234,16 @@ def test_trip_lock_one_holder_renewed_and_gone_with_its_holder() -> None:
         redis.delete(name)
 
 
-def test_a_lock_kept_alive_outlives_its_time_to_live_then_lapses() -> None:
-    """What a job does between taking its trip's lock and its guard's first beat (loading
-    the models): the lock is renewed all along, and lapses once the block is left (the
-    SIGKILL fault test's redelivery had loaded its models for longer than the lock lived)."""
+def test_a_guard_started_before_its_job_row_keeps_the_lock_then_lets_it_lapse() -> None:
+    """What a job does between taking its trip's lock and having a job row (loading the
+    models): its guard, started without a job id, renews the lock all along, and the lock
+    lapses once the guard stops (the SIGKILL fault test's redelivery had loaded its models
+    for longer than the lock lived)."""
     require_redis()
     from redis import Redis
 
+    from db.session import make_engine, make_sessionmaker
+    from tasks.guard import JobGuard
     from tasks.locks import TripLock, trip_lock_name
 
     redis = Redis.from_url(REDIS_URL)
@@ -249,12 +252,17 @@ def test_a_lock_kept_alive_outlives_its_time_to_live_then_lapses() -> None:
     other = TripLock(redis, trip_id, owner="task-b", ttl=2)
     try:
         assert lock.acquire()
-        with lock.kept_alive(every=0.25):
+        sessions = make_sessionmaker(make_engine("sqlite://"))  # no row: never written to
+        guard = JobGuard(sessions, heartbeat_seconds=0.25, stall_seconds=60, lock=lock)
+        guard.start()
+        try:
             deadline = time.monotonic() + 7  # over three times the lock's time to live
             while time.monotonic() < deadline:
                 assert lock.holder() == "task-a"
                 time.sleep(0.1)
             assert not other.acquire()
+        finally:
+            guard.stop()
         deadline = time.monotonic() + 30
         while not other.acquire():
             assert time.monotonic() < deadline, "the lock outlived its block"
