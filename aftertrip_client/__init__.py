@@ -36,6 +36,7 @@ from aftertrip_client.names import (
     TAKE_REQUESTS,
 )
 from aftertrip_client.trips import (
+    DEFAULT_BROKER_URL,
     TripState,
     check_request,
     notify_worker,
@@ -69,14 +70,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_RESULT_BACKEND = "redis://127.0.0.1:6379/1"
 
 _app_lock = threading.Lock()
 _default_app: Celery | None = None
-
-
-_setting = setting
 
 
 def client_app(broker_url: str | None = None, result_backend: str | None = None) -> Celery:
@@ -85,8 +82,8 @@ def client_app(broker_url: str | None = None, result_backend: str | None = None)
 
     app = Celery(
         "aftertrip-client",
-        broker=broker_url or _setting("AFTERTRIP_BROKER_URL", DEFAULT_BROKER_URL),
-        backend=result_backend or _setting("AFTERTRIP_RESULT_BACKEND", DEFAULT_RESULT_BACKEND),
+        broker=broker_url or setting("AFTERTRIP_BROKER_URL", DEFAULT_BROKER_URL),
+        backend=result_backend or setting("AFTERTRIP_RESULT_BACKEND", DEFAULT_RESULT_BACKEND),
         set_as_current=False,
     )
     app.conf.update(
@@ -94,7 +91,7 @@ def client_app(broker_url: str | None = None, result_backend: str | None = None)
         result_serializer="json",
         accept_content=["json"],
         result_accept_content=["json"],
-        task_routes={GROUP_TRIP: {"queue": _setting("AFTERTRIP_QUEUE", FACES_QUEUE)}},
+        task_routes={GROUP_TRIP: {"queue": setting("AFTERTRIP_QUEUE", FACES_QUEUE)}},
         broker_connection_retry_on_startup=True,
     )
     return app
@@ -115,10 +112,7 @@ def _configured_queue(app: Celery) -> str:
     route = routes.get(GROUP_TRIP) if isinstance(routes, dict) else None
     if route and route.get("queue"):
         return str(route["queue"])
-    return _setting("AFTERTRIP_QUEUE", FACES_QUEUE)
-
-
-_check = check_request
+    return setting("AFTERTRIP_QUEUE", FACES_QUEUE)
 
 
 def enqueue_trip(
@@ -139,7 +133,7 @@ def enqueue_trip(
     one). Call it only after the photos are committed (see `enqueue_trip_on_commit`), or the
     worker may not see them.
     """
-    _check(trip_id, mode)
+    check_request(trip_id, mode)
     celery_app = _app(app)
     return celery_app.send_task(
         GROUP_TRIP,
