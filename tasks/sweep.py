@@ -82,12 +82,9 @@ class RequestSweep:
             with self._sessions() as session:
                 trips = trips_with_waiting_requests(session=session, grace_seconds=self.interval)
             now = time.monotonic()
+            due = [t for t in trips if now - self._sent.get(t, -RESEND_SECONDS) >= RESEND_SECONDS]
             queued = []
-            for trip_id in trips:
-                if now - self._sent.get(trip_id, -RESEND_SECONDS) < RESEND_SECONDS:
-                    continue
-                if self._trip_busy(trip_id):
-                    continue
+            for trip_id in self._not_busy(due):
                 self.send(trip_id)
                 self._sent[trip_id] = now
                 queued.append(trip_id)
@@ -106,11 +103,14 @@ class RequestSweep:
             logger.info("requests queued by the sweep", extra={"trips": queued})
         return queued
 
-    def _trip_busy(self, trip_id: int) -> bool:
+    def _not_busy(self, trips: list[int]) -> list[int]:
+        """Those of `trips` whose lock no job holds (one Redis connection for the round)."""
+        if not trips:
+            return []
         from redis import Redis
 
         redis = Redis.from_url(self.settings.effective_lock_url, socket_connect_timeout=2)
         try:
-            return bool(redis.exists(trip_lock_name(trip_id)))
+            return [t for t in trips if not redis.exists(trip_lock_name(t))]
         finally:
             redis.close()
